@@ -1,0 +1,31 @@
+"""lpconvert: late-phase weights (von Oswald, Kobayashi et al., ICLR 2021) for pretrained vision models.
+
+>>> model = lpconvert.convert(timm.create_model("resnet50", pretrained=True), K=10)   # T0 = the checkpoint
+>>> engine = lpconvert.LatePhaseEngine(model, partial(torch.optim.SGD, lr=1e-3, momentum=0.9))
+>>> for xs, ys in lpconvert.iterate_members(loader, K=10): engine.step(xs, ys)          # Algorithm 1
+>>> averaged = lpconvert.collapse(model)                                                # Eq. 1: original architecture
+"""
+
+from .collapse import collapse, ensemble_predict, recalibrate_batch_norm, unload
+from .engine import LatePhaseEngine, iterate_members
+from .errors import LatePhaseError
+from .surgery import KINDS, Plan, convert, late_phase_layers, num_members, plan, select_members
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "KINDS",
+    "LatePhaseEngine",
+    "LatePhaseError",
+    "Plan",
+    "collapse",
+    "convert",
+    "ensemble_predict",
+    "iterate_members",
+    "late_phase_layers",
+    "num_members",
+    "plan",
+    "recalibrate_batch_norm",
+    "select_members",
+    "unload",
+]

@@ -1,0 +1,263 @@
+"""Algorithm 1 of the paper, exactly, for any training loop (no I/O).
+
+One iteration trains every member once::
+
+    for k in members:                                  # sequential, or G members per forward (vectorized)
+        Δθ_k = ∇θ L(M_k, θ, φ_k)                       # accumulated in θ.grad, θ unchanged
+        φ_k ← U_φ(φ_k, ∇φ_k L(M_k, θ, φ_k))            # LatePhaseEngine.step_member: member k moves at once
+    θ ← U_θ(θ, γθ Σ_k Δθ_k)                            # LatePhaseEngine.step_theta
+
+U_φ and U_θ are ordinary torch optimizers. Each member has its own U_φ instance over views of its row of the stacked
+(K, …) parameters, so optimizer state is per member and a member that is not trained in a step does not move at all
+(no momentum coasting, no weight decay).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import LatePhaseError
+from .surgery import late_phase_layers, select_members
+
+OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
+EXECUTION_MODES = ("sequential", "vectorized")
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    """The model inside a DistributedDataParallel / DataParallel wrapper."""
+    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
+
+
+def shared_batch_norms(model: nn.Module) -> list[str]:
+    """BatchNorm layers that are NOT late-phase: in training they mix the statistics of stacked members."""
+    from .layers import LatePhaseLayer
+
+    late = {id(m) for layer in late_phase_layers(model).values() for m in layer.modules()}
+    return [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, LatePhaseLayer) and id(m) not in late
+    ]
+
+
+class LatePhaseEngine:
+    """Runs Algorithm 1 on a model converted by :func:`lpconvert.convert`.
+
+    Args:
+        model: the converted model (optionally wrapped in DistributedDataParallel).
+        theta_optimizer: U_θ, a factory ``params -> Optimizer`` for the shared weights θ,
+            e.g. ``functools.partial(torch.optim.SGD, lr=1e-3, momentum=0.9, nesterov=True)``.
+        member_optimizer: U_φ, a factory called once per member with that member's parameters
+            (defaults to `theta_optimizer`; give it its own weight decay, e.g. the paper's 5e-4·K).
+        gamma_theta: γθ scaling Σ_k Δθ_k (default 1/K, the usual step size; the paper's CIFAR runs use 1).
+        mode: ``"sequential"`` (one member per forward, lowest memory) or ``"vectorized"`` (G members' minibatches
+            stacked in one forward, each late-phase layer running member g on slice g). Both give the same result.
+        group_size: G in vectorized mode (default K).
+        loss_fn: ``loss_fn(logits, targets)``, a mean over the minibatch.
+        autocast_dtype: run forward passes under ``torch.autocast`` with this dtype (bf16/fp16).
+        grad_scaler: a ``torch.amp.GradScaler`` for fp16.
+
+    >>> engine = LatePhaseEngine(model, partial(torch.optim.SGD, lr=0.1, momentum=0.9))
+    >>> losses = engine.step([x_1, …, x_K], [y_1, …, y_K])   # one iteration: K minibatches, K member steps, one θ step
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        theta_optimizer: OptimizerFactory,
+        member_optimizer: OptimizerFactory | None = None,
+        *,
+        gamma_theta: float | None = None,
+        mode: str = "sequential",
+        group_size: int | None = None,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
+        autocast_dtype: torch.dtype | None = None,
+        grad_scaler: torch.amp.GradScaler | None = None,
+    ) -> None:
+        self.model = model
+        self.base = _unwrap(model)
+        layers = late_phase_layers(self.base)
+        if not layers:
+            raise LatePhaseError("the engine needs a converted model; run lpconvert.convert(model, K=...) first")
+        self.num_members = next(iter(layers.values())).num_members
+        if mode not in EXECUTION_MODES:
+            raise LatePhaseError(f"unknown execution mode {mode!r}; choose from {', '.join(EXECUTION_MODES)}")
+        if mode == "vectorized" and (shared := shared_batch_norms(self.base)):
+            raise LatePhaseError(
+                f"vectorized mode would mix the members' batch statistics in {len(shared)} shared BatchNorm layer(s) "
+                f"(e.g. {shared[0]}); convert them too (targets include 'batchnorm') or use mode='sequential'"
+            )
+        self.mode = mode
+        self.group_size = min(group_size or self.num_members, self.num_members)
+        if self.group_size < 1:
+            raise LatePhaseError(f"group_size must be >= 1, got {group_size}")
+        self.gamma_theta = 1.0 / self.num_members if gamma_theta is None else float(gamma_theta)
+        self.loss_fn = loss_fn
+        self.autocast_dtype = autocast_dtype
+        self.grad_scaler = grad_scaler
+
+        stacked_ids = {id(p) for layer in layers.values() for p in layer.late_phase_parameters()}
+        self.stacked = [p for layer in layers.values() for p in layer.late_phase_parameters() if p.requires_grad]
+        self.theta_params = [p for p in self.base.parameters() if p.requires_grad and id(p) not in stacked_ids]
+        self.theta_optimizer = theta_optimizer(self.theta_params) if self.theta_params else None
+        # member k's parameters are leaf views of row k of the stacked parameters: in-place optimizer updates on
+        # them update the model, and each member gets an optimizer (and optimizer state) of its own
+        self.member_params = [[nn.Parameter(p.data[k]) for p in self.stacked] for k in range(self.num_members)]
+        factory = member_optimizer or theta_optimizer
+        self.member_optimizers = [factory(params) for params in self.member_params]
+
+    @property
+    def optimizers(self) -> list[torch.optim.Optimizer]:
+        """U_θ followed by the K member optimizers (for learning-rate schedulers)."""
+        return ([self.theta_optimizer] if self.theta_optimizer else []) + self.member_optimizers
+
+    # -- Algorithm 1 ----------------------------------------------------------------------------------------------
+    def step(
+        self,
+        inputs: Sequence[torch.Tensor],
+        targets: Sequence[torch.Tensor],
+        members: Sequence[int] | None = None,
+    ) -> torch.Tensor:
+        """One iteration of Algorithm 1: minibatch ``inputs[i], targets[i]`` trains member ``members[i]``
+        (default: every member, in order), then θ steps once. Returns the members' losses (detached, no host sync)."""
+        members = list(range(self.num_members)) if members is None else list(members)
+        if len(inputs) != len(members) or len(targets) != len(members):
+            raise LatePhaseError(
+                f"one iteration needs one minibatch per member: got {len(inputs)} inputs and {len(targets)} "
+                f"targets for {len(members)} members"
+            )
+        self._check_views()
+        self.zero_grad()
+        losses = []
+        position = {k: i for i, k in enumerate(members)}
+        groups = self.groups(members)
+        for g, group in enumerate(groups):
+            x = torch.cat([inputs[position[k]] for k in group]) if len(group) > 1 else inputs[position[group[0]]]
+            y = torch.cat([targets[position[k]] for k in group]) if len(group) > 1 else targets[position[group[0]]]
+            if len(group) > 1 and len({inputs[position[k]].shape[0] for k in group}) > 1:
+                raise LatePhaseError("vectorized mode needs minibatches of equal size for the members of a group")
+            losses.append(self.forward_backward(group, x, y, sync=g == len(groups) - 1))
+            for k in group:
+                self.step_member(k)
+        self.step_theta()
+        return torch.cat(losses)
+
+    def groups(self, members: Sequence[int]) -> list[tuple[int, ...]]:
+        """The members run together in one forward pass: singletons (sequential) or chunks of G (vectorized)."""
+        size = 1 if self.mode == "sequential" else self.group_size
+        return [tuple(members[i : i + size]) for i in range(0, len(members), size)]
+
+    def forward_backward(self, group: Sequence[int], x: torch.Tensor, y: torch.Tensor, sync: bool = True) -> torch.Tensor:
+        """Forward the members of `group` on their stacked minibatches and back-propagate Σ_g L(M_g, θ, φ_g).
+
+        θ's gradient accumulates; under DDP it is all-reduced only when `sync` (the last group of an iteration)
+        while the members' gradients, needed at once, are all-reduced here every time."""
+        select_members(self.base, group)
+        ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
+        context = self.model.no_sync() if ddp and not sync else contextlib.nullcontext()
+        with context:
+            with self._autocast(x):
+                logits = self.model(x)
+                member_losses = torch.stack(
+                    [self.loss_fn(out, target) for out, target in zip(logits.chunk(len(group)), y.chunk(len(group)))]
+                )
+            loss = member_losses.sum()
+            (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
+        if ddp and not sync:
+            self._all_reduce_member_grads()
+        return member_losses.detach().float()
+
+    def step_member(self, k: int) -> None:
+        """U_φ for member k alone: φ_k ← U_φ(φ_k, ∇φ_k L), with member k's own optimizer state."""
+        for view, stacked in zip(self.member_params[k], self.stacked):
+            view.grad = None if stacked.grad is None else stacked.grad[k]
+        if self.grad_scaler:
+            self.grad_scaler.step(self.member_optimizers[k])
+        else:
+            self.member_optimizers[k].step()
+
+    def step_theta(self) -> None:
+        """U_θ on γθ · Σ_k Δθ_k, the gradients accumulated over the iteration's members."""
+        if self.theta_optimizer is not None:
+            if self.gamma_theta != 1.0:
+                grads = [p.grad for p in self.theta_params if p.grad is not None]
+                if grads:
+                    torch._foreach_mul_(grads, self.gamma_theta)
+            if self.grad_scaler:
+                self.grad_scaler.step(self.theta_optimizer)
+            else:
+                self.theta_optimizer.step()
+        if self.grad_scaler:
+            self.grad_scaler.update()
+
+    def zero_grad(self) -> None:
+        for p in self.theta_params + self.stacked:
+            p.grad = None
+
+    # -- internals --------------------------------------------------------------------------------------------------
+    def _autocast(self, x: torch.Tensor):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=x.device.type, dtype=self.autocast_dtype)
+
+    def _check_views(self) -> None:
+        for stacked, view in zip(self.stacked, self.member_params[0]):
+            if view.data_ptr() != stacked.data_ptr():
+                raise LatePhaseError(
+                    "the model's parameters were re-allocated after the engine was built (e.g. model.to(device)); "
+                    "move the model first, then build the LatePhaseEngine"
+                )
+
+    def _all_reduce_member_grads(self) -> None:
+        import torch.distributed as dist
+
+        grads = [p.grad for p in self.stacked if p.grad is not None]
+        if not grads:
+            return
+        flat = torch._utils._flatten_dense_tensors(grads)
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
+            grad.copy_(reduced)
+
+    # -- checkpointing ----------------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Optimizer states of U_θ and of every member (and the grad scaler)."""
+        return {
+            "theta_optimizer": self.theta_optimizer.state_dict() if self.theta_optimizer else None,
+            "member_optimizers": [opt.state_dict() for opt in self.member_optimizers],
+            "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler else None,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["member_optimizers"]) != self.num_members:
+            raise LatePhaseError(
+                f"the optimizer state holds {len(state['member_optimizers'])} members but the model has "
+                f"{self.num_members}; resume with the same K"
+            )
+        if self.theta_optimizer and state["theta_optimizer"] is not None:
+            self.theta_optimizer.load_state_dict(state["theta_optimizer"])
+        for opt, opt_state in zip(self.member_optimizers, state["member_optimizers"]):
+            opt.load_state_dict(opt_state)
+        if self.grad_scaler and state.get("grad_scaler"):
+            self.grad_scaler.load_state_dict(state["grad_scaler"])
+
+
+def iterate_members(batches: Iterable, K: int) -> Iterable[tuple[list, list]]:
+    """Group a stream of ``(x, y)`` minibatches into iterations of K: the minibatches M_1..M_K of Algorithm 1.
+
+    A last incomplete iteration is yielded with fewer minibatches (train it with ``members=range(len(xs))``)."""
+    xs, ys = [], []
+    for x, y in batches:
+        xs.append(x)
+        ys.append(y)
+        if len(xs) == K:
+            yield xs, ys
+            xs, ys = [], []
+    if xs:
+        yield xs, ys

@@ -1,0 +1,215 @@
+"""Machinery shared by every late-phase layer.
+
+A late-phase layer holds K members of a few low-dimensional weights φ_1..φ_K (paper §2) stacked along a new leading
+dimension, so a member is selected with a tensor index (one compiled graph for every member) and DDP sees one
+parameter that receives a gradient at every step.
+
+Which members run is decided by a :class:`MemberSelection` shared by all late-phase layers of one model. With G
+selected members the batch is read as G equal slices, slice g running member ``members[g]``: G = 1 is the sequential
+mode of Algorithm 1, G > 1 the vectorized mode (the members' minibatches stacked in one forward pass).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..errors import LatePhaseError
+
+
+class MemberSelection:
+    """The members that the next forward pass runs, shared by all late-phase layers of a model."""
+
+    def __init__(self, num_members: int) -> None:
+        self.num_members = num_members
+        self.members: tuple[int, ...] = (0,)
+        self._index_cache: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+
+    def select(self, members: Sequence[int]) -> None:
+        members = tuple(int(k) for k in members)
+        if not members or any(not 0 <= k < self.num_members for k in members):
+            raise LatePhaseError(
+                f"member indices must lie in [0, {self.num_members - 1}], got {list(members)}"
+            )
+        self.members = members
+
+    def index(self, device: torch.device) -> torch.Tensor:
+        """The selected members as a long tensor on `device` (cached: no host-to-device copy per layer)."""
+        key = (self.members, device)
+        index = self._index_cache.get(key)
+        if index is None:
+            index = torch.tensor(self.members, dtype=torch.long, device=device)
+            self._index_cache[key] = index
+        return index
+
+
+def split_members(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
+    """The G equal batch slices of `x`, one per selected member."""
+    if groups == 1:
+        return (x,)
+    if x.shape[0] % groups:
+        raise LatePhaseError(
+            f"a batch of {x.shape[0]} cannot be split evenly between {groups} members; "
+            "give every member a minibatch of the same size"
+        )
+    return x.chunk(groups)
+
+
+def _hollow_copy(module: nn.Module, tensor_names: Sequence[str], children: dict[str, nn.Module]) -> nn.Module:
+    """A copy of `module` whose own tensors named `tensor_names` are None, sharing `children` with the caller."""
+    memo = {id(child): child for child in children.values()}
+    hollow = copy.copy(module)
+    hollow._parameters = dict(module._parameters)
+    hollow._buffers = dict(module._buffers)
+    hollow._modules = dict(module._modules)
+    for name in tensor_names:
+        if name in hollow._parameters:
+            hollow._parameters[name] = None
+        else:
+            hollow._buffers[name] = None
+    for name, child in module._modules.items():
+        hollow._modules[name] = memo.get(id(child), child)
+    return hollow
+
+
+class LatePhaseLayer(nn.Module):
+    """Interface of every late-phase layer: K members, a shared :class:`MemberSelection`, a way back."""
+
+    kind: str = ""
+    num_members: int
+    selection: MemberSelection
+
+    def late_phase_parameters(self) -> Iterator[nn.Parameter]:
+        """The stacked (K, ...) late-phase parameters φ of this layer."""
+        raise NotImplementedError
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of this layer that all members share (part of θ)."""
+        return iter(())
+
+    def perturb(self, sigma0: float, generator: torch.Generator | None = None) -> None:
+        raise NotImplementedError
+
+    def collapse(self, **options) -> nn.Module:
+        """Eq. 1: the original module with the members averaged."""
+        raise NotImplementedError
+
+    def unload(self, k: int) -> nn.Module:
+        """The original module holding member k alone."""
+        raise NotImplementedError
+
+    def extra_repr(self) -> str:
+        return f"K={self.num_members}, original={type(self.template).__name__}"
+
+
+class StackedLayer(LatePhaseLayer):
+    """A layer with K members of its own parameters (and buffers), running the original module's forward.
+
+    The original module is kept as a hollow template (its own tensors removed, its submodules shared with this
+    layer), and member g's forward is ``functional_call(template, member_g_tensors, x_g)``: any subclass of the
+    original type (timm's ``BatchNormAct2d``, ``LayerNorm2d`` …) keeps its exact behaviour. Stacked tensors keep the
+    original names, with shape ``(K, *original_shape)``; submodules (e.g. a norm-act layer's ``act``) stay shared.
+    """
+
+    def __init__(
+        self,
+        module: nn.Module,
+        num_members: int,
+        selection: MemberSelection,
+        sigma0: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_members = num_members
+        self.param_names = [n for n, p in module._parameters.items() if p is not None]
+        self.buffer_names = [n for n, b in module._buffers.items() if b is not None]
+        if not self.param_names:
+            raise LatePhaseError(f"{type(module).__name__} has no parameters to turn into late-phase members")
+        self.__dict__["selection"] = selection
+        self._requires_grad = {n: module._parameters[n].requires_grad for n in self.param_names}
+        for name in self.param_names:
+            stacked = self._stack(module._parameters[name].detach())
+            self.register_parameter(name, nn.Parameter(stacked, requires_grad=self._requires_grad[name]))
+        for name in self.buffer_names:
+            self.register_buffer(name, self._stack(module._buffers[name]))
+        for name, child in module.named_children():
+            self.add_module(name, child)
+        self.__dict__["template"] = _hollow_copy(module, self.param_names + self.buffer_names, dict(self.named_children()))
+        self.template.train(module.training)
+        self.train(module.training)
+        if sigma0 > 0:
+            self.perturb(sigma0, generator)
+
+    def _stack(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.detach().unsqueeze(0).repeat(self.num_members, *([1] * tensor.dim())).clone()
+
+    # -- members ------------------------------------------------------------------------------------------------
+    def late_phase_parameters(self) -> Iterator[nn.Parameter]:
+        for name in self.param_names:
+            yield getattr(self, name)
+
+    @torch.no_grad()
+    def perturb(self, sigma0: float, generator: torch.Generator | None = None) -> None:
+        """Eq. 2: φ_k = φ0 + σ0 · ‖φ0‖/√D · ε_k with ε_k ~ N(0, I), φ0 all parameters of this layer (D entries)."""
+        phi0 = torch.cat([getattr(self, n)[0].reshape(-1).float() for n in self.param_names])
+        scale = sigma0 * phi0.norm() / phi0.numel() ** 0.5
+        for name in self.param_names:
+            stacked = getattr(self, name)
+            noise = torch.randn(stacked.shape, generator=generator, dtype=torch.float32)
+            stacked.add_((scale * noise).to(stacked))
+
+    def member_tensors(self, k: int) -> dict[str, torch.Tensor]:
+        """Member k's tensors under the original names."""
+        return {n: getattr(self, n)[k] for n in self.param_names + self.buffer_names}
+
+    def mean_tensors(self) -> dict[str, torch.Tensor]:
+        """Eq. 1: φ̄ = mean_k φ_k (and the mean of the members' buffers)."""
+        out = {}
+        for name in self.param_names + self.buffer_names:
+            stacked = getattr(self, name)
+            if stacked.is_floating_point():
+                out[name] = stacked.mean(0)
+            else:  # integer counters such as num_batches_tracked
+                out[name] = stacked.max(0).values
+        return out
+
+    # -- forward ------------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = self.selection.index(x.device)
+        groups = index.numel()
+        params = {n: getattr(self, n).index_select(0, index) for n in self.param_names}
+        buffers = {n: getattr(self, n).index_select(0, index) for n in self.buffer_names}
+        self.template.training = self.training
+        outs = []
+        for g, x_g in enumerate(split_members(x, groups)):
+            tensors = {n: t[g] for n, t in params.items()}
+            tensors.update({n: t[g] for n, t in buffers.items()})
+            outs.append(functional_call(self.template, tensors, (x_g,)))
+        if self.training and buffers:  # running statistics were updated in the gathered copies: write them back
+            with torch.no_grad():
+                for name, gathered in buffers.items():
+                    getattr(self, name).index_copy_(0, index, gathered)
+        return outs[0] if groups == 1 else torch.cat(outs)
+
+    # -- back to the original type ------------------------------------------------------------------------------
+    def to_original(self, tensors: dict[str, torch.Tensor]) -> nn.Module:
+        """A module of the original class holding `tensors` (original names and shapes) and this layer's children."""
+        module = _hollow_copy(self.template, [], dict(self.named_children()))
+        for name in self.param_names:
+            module._parameters[name] = nn.Parameter(
+                tensors[name].detach().clone(), requires_grad=self._requires_grad[name]
+            )
+        for name in self.buffer_names:
+            module._buffers[name] = tensors[name].detach().clone()
+        module.train(self.training)
+        return module
+
+    def collapse(self, **options) -> nn.Module:
+        return self.to_original(self.mean_tensors())
+
+    def unload(self, k: int) -> nn.Module:
+        return self.to_original(self.member_tensors(k))

@@ -1,0 +1,105 @@
+"""Rank-1 multiplicative late-phase weights for Linear and Conv layers (paper §2.2, after Wen et al. 2020).
+
+Member k uses W_k = W ∘ (u_k v_kᵀ) with the full weight W (and bias) shared; it is computed without forming W_k as
+y = (W (x ∘ v_k)) ∘ u_k + b. Members average to W̄ = W ∘ mean_k(u_k v_kᵀ) (Eq. 1).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from ..errors import LatePhaseError
+from .base import LatePhaseLayer, MemberSelection, _hollow_copy, split_members
+
+
+class Rank1Layer(LatePhaseLayer):
+    """Wraps an ``nn.Linear`` or ``nn.Conv{1,2,3}d`` (or a subclass): shared W, b; K × (u ∈ R^out, v ∈ R^in)."""
+
+    kind = "rank1"
+
+    def __init__(
+        self,
+        module: nn.Module,
+        num_members: int,
+        selection: MemberSelection,
+        sigma0: float = 0.0,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        if isinstance(module, nn.Linear):
+            out_features, in_features, self.groups = module.out_features, module.in_features, 1
+        elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
+            out_features, in_features, self.groups = module.out_channels, module.in_channels, module.groups
+        else:
+            raise LatePhaseError(f"rank-1 late-phase weights need a Linear or Conv layer, not {type(module).__name__}")
+        self.num_members = num_members
+        self.__dict__["selection"] = selection
+        self.weight = module.weight
+        self.bias = module.bias
+        factory = {"dtype": module.weight.dtype, "device": module.weight.device}
+        self.rank1_u = nn.Parameter(torch.ones(num_members, out_features, **factory))
+        self.rank1_v = nn.Parameter(torch.ones(num_members, in_features, **factory))
+        self.__dict__["template"] = _hollow_copy(module, ["weight", "bias"], {})
+        if sigma0 > 0:
+            self.perturb(sigma0, generator)
+
+    def late_phase_parameters(self) -> Iterator[nn.Parameter]:
+        yield self.rank1_u
+        yield self.rank1_v
+
+    def shared_parameters(self) -> Iterator[nn.Parameter]:
+        yield self.weight
+        if self.bias is not None:
+            yield self.bias
+
+    @torch.no_grad()
+    def perturb(self, sigma0: float, generator: torch.Generator | None = None) -> None:
+        """Eq. 2 with φ0 = 1 (so ‖φ0‖/√D = 1): u_k, v_k = 1 + σ0 ε_k."""
+        for stacked in (self.rank1_u, self.rank1_v):
+            noise = torch.randn(stacked.shape, generator=generator, dtype=torch.float32)
+            stacked.add_((sigma0 * noise).to(stacked))
+
+    def _scale_shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        # features sit last for Linear, at dim 1 for convolutions
+        return (-1,) if isinstance(self.template, nn.Linear) else (-1,) + (1,) * (x.dim() - 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        index = self.selection.index(x.device)
+        u, v = self.rank1_u.index_select(0, index), self.rank1_v.index_select(0, index)
+        slices = split_members(x, index.numel())
+        scaled = torch.cat([x_g * v[g].view(self._scale_shape(x_g)) for g, x_g in enumerate(slices)])
+        y = functional_call(self.template, {"weight": self.weight, "bias": None}, (scaled,))
+        y = torch.cat([y_g * u[g].view(self._scale_shape(y_g)) for g, y_g in enumerate(split_members(y, len(slices)))])
+        if self.bias is not None:
+            y = y + self.bias.view(self._scale_shape(y))
+        return y
+
+    def _original(self, multiplier: torch.Tensor) -> nn.Module:
+        """The original layer with W ∘ multiplier, multiplier of shape (out, in)."""
+        out_features = multiplier.shape[0]
+        if self.groups > 1:  # a grouped weight only holds the block diagonal of the (out, in) multiplier
+            out_g, in_g = out_features // self.groups, multiplier.shape[1] // self.groups
+            blocks = multiplier.view(self.groups, out_g, self.groups, in_g)
+            multiplier = torch.stack([blocks[g, :, g] for g in range(self.groups)]).reshape(out_features, in_g)
+        extra = (1,) * (self.weight.dim() - 2)
+        module = _hollow_copy(self.template, [], {})
+        module.weight = nn.Parameter(
+            (self.weight * multiplier.view(*multiplier.shape, *extra)).detach().clone(),
+            requires_grad=self.weight.requires_grad,
+        )
+        if self.bias is not None:
+            module.bias = nn.Parameter(self.bias.detach().clone(), requires_grad=self.bias.requires_grad)
+        module.train(self.training)
+        return module
+
+    def collapse(self, **options) -> nn.Module:
+        """W̄ = W ∘ mean_k(u_k v_kᵀ)."""
+        multiplier = torch.einsum("ko,ki->oi", self.rank1_u, self.rank1_v) / self.num_members
+        return self._original(multiplier)
+
+    def unload(self, k: int) -> nn.Module:
+        return self._original(torch.outer(self.rank1_u[k], self.rank1_v[k]))

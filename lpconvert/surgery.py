@@ -1,0 +1,412 @@
+"""Model surgery: discover the late-phase targets of any ``nn.Module`` and swap them in place by qualified name.
+
+torch.fx is used to *discover and validate*, never to rebuild: the model is traced (with timm's notrace leaf modules
+and autowrapped functions, every candidate layer kept as a leaf) in train and eval mode to find the classifier feeding
+the output, layers called more than once and functional ``F.batch_norm``/``F.layer_norm`` calls that a module swap
+would miss. The swap then happens on the original object, so the host keeps its class, methods and attributes
+(``pretrained_cfg`` …) and every shared parameter keeps its name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .errors import LatePhaseError
+from .layers import (
+    LatePhaseBatchNorm,
+    LatePhaseGroupNorm,
+    LatePhaseLayer,
+    LatePhaseLayerNorm,
+    LatePhaseLinear,
+    MemberSelection,
+    Rank1Layer,
+)
+
+logger = logging.getLogger(__name__)
+
+KINDS = ("batchnorm", "classifier", "layernorm", "groupnorm", "rank1")
+KIND_ALIASES = {
+    "bn": ("batchnorm",),
+    "ln": ("layernorm",),
+    "gn": ("groupnorm",),
+    "norm": ("batchnorm", "layernorm", "groupnorm"),
+    "head": ("classifier",),
+    "fc": ("classifier",),
+    **{kind: (kind,) for kind in KINDS},
+}
+LAYER_TYPES = {
+    "batchnorm": LatePhaseBatchNorm,
+    "classifier": LatePhaseLinear,
+    "layernorm": LatePhaseLayerNorm,
+    "groupnorm": LatePhaseGroupNorm,
+    "rank1": Rank1Layer,
+}
+_NORM_TYPES: dict[str, tuple[type, ...]] = {
+    "batchnorm": (nn.modules.batchnorm._BatchNorm,),
+    "layernorm": (nn.LayerNorm, nn.RMSNorm),
+    "groupnorm": (nn.GroupNorm,),
+}
+_RANK1_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_FUNCTIONAL_NORMS = {
+    F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.rms_norm,
+    torch.batch_norm, torch.layer_norm, torch.group_norm, torch.instance_norm,
+}
+
+
+def resolve_kinds(targets: str | Iterable[str]) -> tuple[str, ...]:
+    """Kinds named by `targets` (aliases such as ``bn``, ``norm``, ``head`` expanded), in canonical order."""
+    if isinstance(targets, str):
+        targets = [t for t in targets.split(",") if t.strip()]
+    kinds: set[str] = set()
+    for target in targets:
+        name = target.strip().lower()
+        if name not in KIND_ALIASES:
+            raise LatePhaseError(
+                f"unknown late-phase target {target!r}; choose from {', '.join(sorted(KIND_ALIASES))}"
+            )
+        kinds.update(KIND_ALIASES[name])
+    if not kinds:
+        raise LatePhaseError(f"no late-phase targets given; choose from {', '.join(KINDS)}")
+    return tuple(k for k in KINDS if k in kinds)
+
+
+def _own_parameter_count(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters(recurse=False))
+
+
+def _kind_of(module: nn.Module) -> str | None:
+    """The norm kind of `module`, when it has affine parameters to replicate."""
+    for kind, types in _NORM_TYPES.items():
+        if isinstance(module, types) and _own_parameter_count(module) > 0:
+            return kind
+    return None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# discovery with torch.fx
+# --------------------------------------------------------------------------------------------------------------------
+class _DiscoveryTracer(fx.Tracer):
+    """Keeps candidate layers and timm's notrace modules as leaves so they appear as ``call_module`` nodes."""
+
+    def __init__(self, leaf_types: tuple[type, ...], notrace_modules: tuple[type, ...], autowrap: tuple) -> None:
+        super().__init__(autowrap_functions=autowrap)
+        self.leaf_types = leaf_types
+        self.notrace_modules = notrace_modules
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if isinstance(m, self.leaf_types) or isinstance(m, self.notrace_modules):
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
+    try:
+        from timm.models import get_notrace_functions, get_notrace_modules
+    except ImportError:  # pragma: no cover - timm is a dependency, but keep surgery usable without it
+        return (), ()
+    return tuple(get_notrace_modules()), tuple(get_notrace_functions())
+
+
+@dataclass
+class _Trace:
+    calls: Counter = field(default_factory=Counter)  # qualified name -> call_module count
+    functional: list[str] = field(default_factory=list)
+    output_linears: list[str] = field(default_factory=list)
+
+
+def _trace(model: nn.Module, training: bool) -> _Trace:
+    notrace_modules, autowrap = _timm_notrace()
+    leaf_types = tuple(t for types in _NORM_TYPES.values() for t in types) + _RANK1_TYPES
+    tracer = _DiscoveryTracer(leaf_types, notrace_modules, autowrap)
+    was_training = model.training
+    model.train(training)
+    try:
+        graph = tracer.trace(model)
+    finally:
+        model.train(was_training)
+    modules = dict(model.named_modules())
+    result = _Trace()
+    for node in graph.nodes:
+        if node.op == "call_module":
+            result.calls[node.target] += 1
+        elif node.op == "call_function" and node.target in _FUNCTIONAL_NORMS:
+            stack = node.meta.get("nn_module_stack") or {}
+            where = next(reversed(stack.values()))[0] if stack else "the model's forward"
+            result.functional.append(f"{node.target.__name__} in {where or 'the model forward'}")
+    # the classifier: linear modules reached from the output through parameter-free operations only
+    seen, frontier = set(), [n for n in graph.nodes if n.op == "output"]
+    while frontier:
+        node = frontier.pop()
+        for arg in node.all_input_nodes:
+            if arg in seen:
+                continue
+            seen.add(arg)
+            if arg.op == "call_module":
+                if isinstance(modules.get(arg.target), nn.Linear):
+                    result.output_linears.append(arg.target)
+                elif not any(True for _ in modules[arg.target].parameters()):
+                    frontier.append(arg)
+            elif arg.op in ("call_function", "call_method"):
+                frontier.append(arg)
+    return result
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the plan
+# --------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Plan:
+    """What :func:`convert` would do to a model (see :func:`plan`)."""
+
+    num_members: int
+    kinds: tuple[str, ...]
+    layers: dict[str, str]  # qualified name -> kind, in module order
+    params_per_member: int
+    model_params: int
+    available: dict[str, int]  # kind -> layers of that kind in the model (before include/exclude)
+    traced: bool
+    functional_calls: list[str] = field(default_factory=list)
+    reused: list[str] = field(default_factory=list)
+    uncalled: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    def counts(self) -> dict[str, int]:
+        return dict(Counter(self.layers.values()))
+
+    @property
+    def fraction(self) -> float:
+        """Late-phase parameters of one member as a fraction of the original model's parameters."""
+        return self.params_per_member / max(self.model_params, 1)
+
+    def __str__(self) -> str:
+        lines = [f"late-phase plan: K={self.num_members}, targets={','.join(self.kinds)}"]
+        for kind, count in self.counts().items():
+            lines.append(f"  {kind:<11} {count:>4} layers")
+        lines.append(
+            f"  late-phase parameters per member: {self.params_per_member:,} "
+            f"({100 * self.fraction:.3f}% of {self.model_params:,}); "
+            f"after conversion {self.model_params + (self.num_members - 1) * self.params_per_member:,} parameters"
+        )
+        if not self.traced:
+            lines.append("  torch.fx could not trace the model: layers were found by type only")
+        for title, items in (
+            ("functional norm calls a module swap misses", self.functional_calls),
+            ("layers called more than once per forward", self.reused),
+            ("target layers never called by forward", self.uncalled),
+            ("warnings", self.warnings),
+        ):
+            if items:
+                lines.append(f"  {title}: {len(items)}")
+                lines.extend(f"    - {item}" for item in items[:10])
+                if len(items) > 10:
+                    lines.append(f"    … and {len(items) - 10} more")
+        return "\n".join(lines)
+
+
+def _matches(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) or name == p for p in patterns)
+
+
+def _as_patterns(patterns: str | Sequence[str] | None) -> list[str]:
+    if patterns is None:
+        return []
+    return [patterns] if isinstance(patterns, str) else list(patterns)
+
+
+def _find_classifier(model: nn.Module, traces: list[_Trace], modules: dict[str, nn.Module]) -> str | None:
+    get_classifier = getattr(model, "get_classifier", None)
+    if callable(get_classifier):
+        head = get_classifier()
+        if isinstance(head, nn.Linear):
+            return next(name for name, m in modules.items() if m is head)
+    for trace in traces:
+        if len(set(trace.output_linears)) == 1:
+            return trace.output_linears[0]
+    if not traces:  # untraceable: the last linear layer in module order
+        linears = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
+        return linears[-1] if linears else None
+    return None
+
+
+def plan(
+    model: nn.Module,
+    K: int = 10,
+    targets: str | Iterable[str] = ("batchnorm", "classifier"),
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+) -> Plan:
+    """Report what :func:`convert` would replace, without changing `model`.
+
+    >>> print(lpconvert.plan(timm.create_model("resnet50"), K=10))
+    """
+    _check_members(K)
+    kinds = resolve_kinds(targets)
+    include, exclude = _as_patterns(include), _as_patterns(exclude)
+    modules = dict(model.named_modules())
+    if any(isinstance(m, LatePhaseLayer) for m in modules.values()):
+        raise LatePhaseError("this model is already late-phase (converted); collapse it before converting again")
+
+    traces, warn = [], []
+    for training in (True, False):
+        try:
+            traces.append(_trace(model, training))
+        except Exception as exc:  # fx fails on data-dependent control flow and friends
+            warn.append(
+                f"torch.fx could not trace {type(model).__name__} in {'train' if training else 'eval'} mode "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); converting by module type, "
+                "so functional norm calls and the classifier position were not checked"
+            )
+            break
+    if len(traces) < 2:
+        traces = []
+
+    classifier = _find_classifier(model, traces, modules)
+    candidates: dict[str, str] = {}
+    for name, module in modules.items():
+        kind = _kind_of(module)
+        if kind is not None:
+            candidates[name] = kind
+        elif name == classifier:
+            candidates[name] = "classifier"
+        elif isinstance(module, _RANK1_TYPES) and name:
+            candidates[name] = "rank1"
+    available = dict(Counter(candidates.values()))
+
+    selected = {n: k for n, k in candidates.items() if k in kinds}
+    if "classifier" in kinds and "rank1" in kinds and classifier in selected:
+        selected[classifier] = "classifier"
+    if "classifier" in kinds and classifier is None:
+        warn.append("no linear classifier feeding the output was found (the head may be a convolution or absent)")
+    for pattern in include:
+        if not any(_matches(n, [pattern]) for n in selected):
+            raise LatePhaseError(f"--include pattern {pattern!r} matches no {'/'.join(kinds)} layer")
+    for pattern in exclude:
+        if not any(_matches(n, [pattern]) for n in selected):
+            raise LatePhaseError(f"--exclude pattern {pattern!r} matches no {'/'.join(kinds)} layer")
+    if include:
+        selected = {n: k for n, k in selected.items() if _matches(n, include)}
+    selected = {n: k for n, k in selected.items() if not _matches(n, exclude)}
+
+    calls: Counter = Counter()
+    functional: list[str] = []
+    for trace in traces:
+        for name, count in trace.calls.items():
+            calls[name] = max(calls[name], count)
+        functional.extend(f for f in trace.functional if f not in functional)
+
+    def params_of(name: str, kind: str) -> int:
+        module = modules[name]
+        if kind == "rank1":
+            weight = module.weight
+            return weight.shape[0] + weight.shape[1] * getattr(module, "groups", 1)
+        return _own_parameter_count(module)
+
+    return Plan(
+        num_members=K,
+        kinds=kinds,
+        layers=selected,
+        params_per_member=sum(params_of(n, k) for n, k in selected.items()),
+        model_params=sum(p.numel() for p in model.parameters()),
+        available=available,
+        traced=bool(traces),
+        functional_calls=functional,
+        reused=[n for n in selected if calls[n] > 1],
+        uncalled=[n for n in selected if traces and calls[n] == 0],
+        warnings=warn,
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# convert
+# --------------------------------------------------------------------------------------------------------------------
+def _check_members(K: object) -> None:
+    if isinstance(K, bool) or not isinstance(K, int) or K < 1:
+        raise LatePhaseError(f"K (the number of late-phase members) must be an integer >= 1, got {K!r}")
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)
+
+
+def convert(
+    model: nn.Module,
+    K: int = 10,
+    targets: str | Iterable[str] = ("batchnorm", "classifier"),
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    sigma0: float = 0.0,
+    seed: int | None = None,
+) -> nn.Module:
+    """Turn `model` into its late-phase form at T0 = its current weights, in place, and return it.
+
+    Each target layer becomes a late-phase layer with K members initialised by Eq. 2,
+    φ_k = φ0 + σ0 · ‖φ0‖/√D · ε_k (σ0 = 0: identical members, the output is unchanged). `targets` are kinds
+    (``batchnorm``, ``classifier``, ``layernorm``, ``groupnorm``, ``rank1``; aliases ``bn``, ``norm``, ``head``);
+    `include`/`exclude` are glob patterns on qualified names (``"layer4.*"``). All-or-nothing: on any error the model
+    is left as it was.
+
+    >>> model = lpconvert.convert(timm.create_model("resnet50", pretrained=True), K=10)
+    """
+    if not isinstance(sigma0, (int, float)) or sigma0 < 0:
+        raise LatePhaseError(f"sigma0 must be a number >= 0, got {sigma0!r}")
+    report = plan(model, K, targets, include=include, exclude=exclude)
+    for message in report.warnings:
+        warnings.warn(message, stacklevel=2)
+    if report.functional_calls:
+        warnings.warn(
+            f"{len(report.functional_calls)} functional norm call(s) stay shared (a module swap cannot reach them): "
+            + "; ".join(report.functional_calls[:3]),
+            stacklevel=2,
+        )
+    if not report.layers:
+        present = ", ".join(f"{k} ({report.available[k]})" for k in KINDS if k in report.available) or "none"
+        raise LatePhaseError(
+            f"{type(model).__name__} has no {'/'.join(report.kinds)} layers to convert; kinds present: {present}"
+        )
+    generator = torch.Generator().manual_seed(seed) if seed is not None else None
+    selection = MemberSelection(K)
+    replacements = {
+        name: LAYER_TYPES[kind](model.get_submodule(name), K, selection, float(sigma0), generator)
+        for name, kind in report.layers.items()
+    }
+    # every replacement is built before the first swap, so a failure above leaves the model untouched
+    for name, layer in replacements.items():
+        _set_submodule(model, name, layer)
+    logger.info("converted %d layers to K=%d late-phase layers", len(replacements), K)
+    return model
+
+
+def late_phase_layers(model: nn.Module) -> dict[str, LatePhaseLayer]:
+    """The late-phase layers of a converted model by qualified name (empty for a model never converted)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, LatePhaseLayer)}
+
+
+def num_members(model: nn.Module) -> int:
+    """K of a converted model."""
+    layers = late_phase_layers(model)
+    if not layers:
+        raise LatePhaseError("this model has no late-phase layers; run lpconvert.convert(model, K=...) first")
+    return next(iter(layers.values())).num_members
+
+
+def select_members(model: nn.Module, members: int | Sequence[int]) -> None:
+    """Choose the member(s) that the next forward runs: one index, or G indices for a batch of G equal slices."""
+    layers = late_phase_layers(model)
+    if not layers:
+        raise LatePhaseError("this model has no late-phase layers; run lpconvert.convert(model, K=...) first")
+    members = [members] if isinstance(members, int) else list(members)
+    for selection in {id(layer.selection): layer.selection for layer in layers.values()}.values():
+        selection.select(members)

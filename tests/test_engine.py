@@ -1,0 +1,220 @@
+"""The engine equals a plain, hand-written Algorithm 1 with K separate model copies sharing θ by hand."""
+
+import copy
+from functools import partial
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lpconvert
+from lpconvert import LatePhaseEngine
+
+K = 3
+BATCH = 6
+ITERATIONS = 5
+
+
+class SmallNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(8)
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        x = F.relu(self.bn2(self.conv2(x)))
+        return self.fc(x.mean((2, 3)))
+
+
+OPTIMIZERS = {
+    "sgd-nesterov": (
+        partial(torch.optim.SGD, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+        partial(torch.optim.SGD, lr=0.1, momentum=0.9, nesterov=True, weight_decay=5e-3),
+    ),
+    "adam": (
+        partial(torch.optim.Adam, lr=1e-2, weight_decay=1e-3),
+        partial(torch.optim.Adam, lr=2e-2),
+    ),
+    "sgd": (partial(torch.optim.SGD, lr=0.1), partial(torch.optim.SGD, lr=0.1)),
+}
+LATE = ("bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias", "fc.weight", "fc.bias")
+STATS = ("bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var")
+
+
+def data(iterations=ITERATIONS, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [
+        (
+            [torch.randn(BATCH, 3, 6, 6, generator=g, dtype=torch.float64) for _ in range(K)],
+            [torch.randint(0, 5, (BATCH,), generator=g) for _ in range(K)],
+        )
+        for _ in range(iterations)
+    ]
+
+
+def reference_algorithm1(members, batches, theta_factory, phi_factory, gamma):
+    """Algorithm 1 written plainly: K model copies (one per member, starting from its own weights); θ is kept apart
+    and copied into copy k before its minibatch."""
+    theta = {n: p.detach().clone().requires_grad_(True) for n, p in members[0].named_parameters() if n not in LATE}
+    theta_opt = theta_factory(list(theta.values()))
+    phi_opts = [phi_factory([p for n, p in m.named_parameters() if n in LATE]) for m in members]
+    for xs, ys in batches:
+        accumulated = {n: torch.zeros_like(p) for n, p in theta.items()}
+        for k, m in enumerate(members):
+            with torch.no_grad():
+                for n, p in m.named_parameters():
+                    if n in theta:
+                        p.copy_(theta[n])
+            m.zero_grad()
+            F.cross_entropy(m(xs[k]), ys[k]).backward()
+            for n, p in m.named_parameters():
+                if n in theta:
+                    accumulated[n] += p.grad  # Δθ_k, θ not changed yet
+            phi_opts[k].step()  # φ_k updated immediately
+        for n, p in theta.items():
+            p.grad = gamma * accumulated[n]
+        theta_opt.step()
+    return theta, members
+
+
+def converted(model, sigma0=0.05):
+    return lpconvert.convert(copy.deepcopy(model), K=K, targets=("batchnorm", "classifier"), sigma0=sigma0, seed=3)
+
+
+@pytest.mark.parametrize("optim", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("gamma", [1.0 / K, 1.0])
+@pytest.mark.parametrize("mode", ["sequential", "vectorized"])
+def test_engine_equals_reference_algorithm1(optim, gamma, mode):
+    torch.manual_seed(0)
+    base = SmallNet().double().train()
+    lp = converted(base)
+    # the reference starts from the same perturbed members
+    start = [lpconvert.unload(lp, k) for k in range(K)]
+    assert not torch.equal(start[0].fc.weight, start[1].fc.weight)
+    theta_factory, phi_factory = OPTIMIZERS[optim]
+    batches = data()
+
+    engine = LatePhaseEngine(lp, theta_factory, phi_factory, gamma_theta=gamma, mode=mode)
+    for xs, ys in batches:
+        engine.step(xs, ys)
+
+    theta, members = reference_algorithm1(start, batches, theta_factory, phi_factory, gamma)
+
+    state = lp.state_dict()
+    for n, p in theta.items():
+        torch.testing.assert_close(state[n], p.detach(), atol=1e-6, rtol=0, msg=f"θ {n}")
+        assert not torch.equal(state[n], base.state_dict()[n]), f"θ {n} did not move"
+    for k, m in enumerate(members):
+        ref = m.state_dict()
+        for n in LATE + STATS:
+            torch.testing.assert_close(state[n][k], ref[n], atol=1e-6, rtol=0, msg=f"member {k} {n}")
+        assert state["bn1.num_batches_tracked"][k] == ITERATIONS
+
+
+def test_reference_with_identical_members_matches_sigma0_zero():
+    """σ0 = 0: the reference built from the plain model and the engine agree too (members start identical)."""
+    torch.manual_seed(1)
+    base = SmallNet().double().train()
+    lp = converted(base, sigma0=0.0)
+    theta_factory, phi_factory = OPTIMIZERS["sgd-nesterov"]
+    batches = data(3, seed=1)
+    engine = LatePhaseEngine(lp, theta_factory, phi_factory)
+    for xs, ys in batches:
+        engine.step(xs, ys)
+    copies = [copy.deepcopy(base) for _ in range(K)]
+    theta, members = reference_algorithm1(copies, batches, theta_factory, phi_factory, 1.0 / K)
+    state = lp.state_dict()
+    for n, p in theta.items():
+        torch.testing.assert_close(state[n], p.detach(), atol=1e-6, rtol=0)
+    for k, m in enumerate(members):
+        torch.testing.assert_close(state["fc.weight"][k], m.fc.weight.detach(), atol=1e-6, rtol=0)
+    # different minibatches drove the members apart
+    assert (state["fc.weight"][0] - state["fc.weight"][1]).abs().max() > 1e-4
+
+
+def test_inactive_members_do_not_move_at_all():
+    torch.manual_seed(2)
+    lp = converted(SmallNet().train())
+    engine = LatePhaseEngine(lp, *OPTIMIZERS["sgd-nesterov"])
+    (xs, ys), (xs2, ys2) = data(2, seed=2)
+    engine.step([x.float() for x in xs], ys)  # every member has momentum now
+    before = {n: t.clone() for n, t in lp.state_dict().items()}
+    engine.step([xs2[1].float()], [ys2[1]], members=[1])
+    after = lp.state_dict()
+    for n in LATE + STATS:
+        for k in (0, 2):
+            assert torch.equal(after[n][k], before[n][k]), f"inactive member {k} moved in {n}"
+        assert not torch.equal(after[n][1], before[n][1]), f"member 1 did not move in {n}"
+
+
+def test_member_views_share_storage_with_the_model():
+    lp = converted(SmallNet())
+    engine = LatePhaseEngine(lp, partial(torch.optim.SGD, lr=0.1))
+    with torch.no_grad():
+        engine.member_params[2][0].add_(1.0)
+    assert torch.equal(engine.member_params[2][0], engine.stacked[0][2])
+    assert len(engine.member_optimizers) == K
+    assert sum(p.numel() for p in engine.theta_params) == sum(
+        p.numel() for n, p in SmallNet().named_parameters() if n not in LATE
+    )
+
+
+def test_engine_is_deterministic_and_refuses_moved_parameters():
+    def run():
+        torch.manual_seed(5)
+        lp = converted(SmallNet().train())
+        engine = LatePhaseEngine(lp, partial(torch.optim.SGD, lr=0.1, momentum=0.9), mode="vectorized")
+        for xs, ys in data(2, seed=5):
+            losses = engine.step([x.float() for x in xs], ys)
+        return lp.state_dict(), losses
+
+    (a, la), (b, lb) = run(), run()
+    assert torch.equal(la, lb) and la.shape == (K,)
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+    lp = converted(SmallNet())
+    engine = LatePhaseEngine(lp, partial(torch.optim.SGD, lr=0.1))
+    lp.double()  # re-allocates every parameter
+    xs, ys = data(1)[0]
+    with pytest.raises(lpconvert.LatePhaseError, match="build the LatePhaseEngine"):
+        engine.step(xs, ys)
+
+
+def test_engine_bad_input():
+    lp = converted(SmallNet())
+    with pytest.raises(lpconvert.LatePhaseError, match="execution mode"):
+        LatePhaseEngine(lp, partial(torch.optim.SGD, lr=0.1), mode="parallel")
+    with pytest.raises(lpconvert.LatePhaseError, match="converted model"):
+        LatePhaseEngine(SmallNet(), partial(torch.optim.SGD, lr=0.1))
+    engine = LatePhaseEngine(lp, partial(torch.optim.SGD, lr=0.1))
+    xs, ys = data(1)[0]
+    with pytest.raises(lpconvert.LatePhaseError, match="one minibatch per member"):
+        engine.step(xs[:2], ys[:2])
+    only_head = lpconvert.convert(SmallNet(), K=K, targets="classifier")
+    with pytest.raises(lpconvert.LatePhaseError, match="shared BatchNorm"):
+        LatePhaseEngine(only_head, partial(torch.optim.SGD, lr=0.1), mode="vectorized")
+
+
+def test_engine_state_dict_round_trip():
+    torch.manual_seed(6)
+    lp = converted(SmallNet().train())
+    engine = LatePhaseEngine(lp, *OPTIMIZERS["adam"])
+    batches = data(3, seed=6)
+    engine.step([x.float() for x in batches[0][0]], batches[0][1])
+    saved_model, saved_engine = copy.deepcopy(lp.state_dict()), copy.deepcopy(engine.state_dict())
+    for xs, ys in batches[1:]:
+        engine.step([x.float() for x in xs], ys)
+    expected = lp.state_dict()
+
+    lp2 = converted(SmallNet())
+    lp2.load_state_dict(saved_model)
+    engine2 = LatePhaseEngine(lp2, *OPTIMIZERS["adam"])
+    engine2.load_state_dict(saved_engine)
+    for xs, ys in batches[1:]:
+        engine2.step([x.float() for x in xs], ys)
+    assert all(torch.equal(expected[n], lp2.state_dict()[n]) for n in expected)

@@ -1,0 +1,163 @@
+"""Discovery (torch.fx), plan and convert: what is found, what is refused, all-or-nothing."""
+
+import copy
+import warnings
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import lpconvert
+from lpconvert import LatePhaseError
+from lpconvert.layers import LatePhaseBatchNorm, LatePhaseLinear
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.block = nn.Sequential(nn.Conv2d(4, 4, 3), nn.BatchNorm2d(4), nn.ReLU())
+        self.proj = nn.Linear(4, 6)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = self.block(self.stem(x)).mean((2, 3))
+        return self.head(F.relu(self.proj(x)))
+
+
+class FunctionalNorm(Tiny):
+    """Calls F.layer_norm itself: a module swap cannot reach that."""
+
+    def forward(self, x):
+        x = self.block(self.stem(x)).mean((2, 3))
+        x = F.layer_norm(x, (4,))
+        return self.head(F.relu(self.proj(x)))
+
+
+class ReusedNorm(Tiny):
+    def forward(self, x):
+        x = self.stem(x)
+        x = self.stem[1](x)  # the stem's BN reached twice
+        return self.head(F.relu(self.proj(self.block(x).mean((2, 3)))))
+
+
+class Untraceable(Tiny):
+    def forward(self, x):
+        if x.sum() > 0:  # data-dependent control flow: fx cannot trace it
+            x = x * 1.0
+        return super().forward(x)
+
+
+def test_plan_counts_and_classifier_found_by_fx():
+    report = lpconvert.plan(Tiny(), K=4)
+    assert report.layers == {"stem.1": "batchnorm", "block.1": "batchnorm", "head": "classifier"}
+    assert report.params_per_member == 8 + 8 + 6 * 3 + 3
+    assert report.model_params == sum(p.numel() for p in Tiny().parameters())
+    assert report.traced and not report.functional_calls and not report.reused
+    text = str(report)
+    assert "batchnorm" in text and "2 layers" in text and f"{report.params_per_member:,}" in text
+
+
+def test_plan_reports_functional_calls_reuse_and_untraceable_models():
+    assert any("layer_norm" in f for f in lpconvert.plan(FunctionalNorm()).functional_calls)
+    assert lpconvert.plan(ReusedNorm()).reused == ["stem.1"]
+    report = lpconvert.plan(Untraceable())
+    assert not report.traced and report.layers  # still converts by module type
+    with pytest.warns(UserWarning, match="could not trace"):
+        lpconvert.convert(Untraceable(), K=2)
+    with pytest.warns(UserWarning, match="functional norm call"):
+        lpconvert.convert(FunctionalNorm(), K=2)
+
+
+def test_timm_norm_act_layers_stay_modules_and_keep_their_activation():
+    model = timm.create_model("efficientnet_b0", num_classes=5).eval()
+    x = torch.randn(1, 3, 32, 32)
+    expected = model(x)
+    pretrained_cfg = model.pretrained_cfg
+    lpconvert.convert(model, K=2)
+    layers = lpconvert.late_phase_layers(model)
+    assert sum(isinstance(m, LatePhaseBatchNorm) for m in layers.values()) == 49
+    assert type(model.bn1.template).__name__ == "BatchNormAct2d" and isinstance(model.bn1.act, nn.SiLU)
+    assert model.pretrained_cfg is pretrained_cfg and callable(model.get_classifier)
+    assert isinstance(model.get_classifier(), LatePhaseLinear)
+    torch.testing.assert_close(model(x), expected)
+
+
+def test_shared_parameters_keep_names_and_identity():
+    model = Tiny()
+    conv_weight = model.stem[0].weight
+    lpconvert.convert(model, K=3)
+    assert model.stem[0].weight is conv_weight
+    state = model.state_dict()
+    assert state["stem.1.weight"].shape == (3, 4) and state["head.weight"].shape == (3, 3, 6)
+    assert set(state) == set(Tiny().state_dict())
+
+
+def test_include_exclude_patterns_and_kinds():
+    report = lpconvert.plan(Tiny(), targets="bn", include="block.*")
+    assert report.layers == {"block.1": "batchnorm"}
+    report = lpconvert.plan(Tiny(), targets=("norm", "head"), exclude=["stem.*"])
+    assert report.layers == {"block.1": "batchnorm", "head": "classifier"}
+    report = lpconvert.plan(Tiny(), targets="rank1,classifier")
+    assert report.layers == {"stem.0": "rank1", "block.0": "rank1", "proj": "rank1", "head": "classifier"}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"K": 0}, "integer >= 1"),
+        ({"K": 2.0}, "integer >= 1"),
+        ({"K": True}, "integer >= 1"),
+        ({"targets": "batchnrom"}, "unknown late-phase target 'batchnrom'"),
+        ({"targets": "layernorm"}, r"no layernorm layers to convert; kinds present: batchnorm \(2\), classifier \(1\), rank1 \(3\)"),
+        ({"include": "nothing.*"}, "matches no"),
+        ({"exclude": ["stem.1", "nope"]}, "'nope' matches no"),
+        ({"sigma0": -1.0}, "sigma0"),
+    ],
+)
+def test_convert_bad_input_leaves_model_untouched(kwargs, message):
+    model = Tiny()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(LatePhaseError, match=message):
+        lpconvert.convert(model, **{"K": 2, **kwargs})
+    assert not lpconvert.late_phase_layers(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_convert_twice_is_refused():
+    model = lpconvert.convert(Tiny(), K=2)
+    with pytest.raises(LatePhaseError, match="already late-phase"):
+        lpconvert.convert(model, K=2)
+
+
+def test_convert_is_all_or_nothing(monkeypatch):
+    model = Tiny()
+    real_init = LatePhaseLinear.__init__
+
+    def failing_init(self, *args, **kwargs):
+        raise RuntimeError("simulated failure while building the classifier")
+
+    monkeypatch.setattr(LatePhaseLinear, "__init__", failing_init)
+    with pytest.raises(RuntimeError, match="simulated"):
+        lpconvert.convert(model, K=2)
+    monkeypatch.setattr(LatePhaseLinear, "__init__", real_init)
+    assert not lpconvert.late_phase_layers(model)
+    assert isinstance(model.stem[1], nn.BatchNorm2d) and type(model.stem[1]) is nn.BatchNorm2d
+
+
+def test_select_members_validates_indices():
+    model = lpconvert.convert(Tiny(), K=2)
+    with pytest.raises(LatePhaseError, match=r"\[0, 1\]"):
+        lpconvert.select_members(model, 2)
+    with pytest.raises(LatePhaseError, match="no late-phase layers"):
+        lpconvert.select_members(Tiny(), 0)
+
+
+def test_convert_reports_missing_classifier_for_conv_head():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lpconvert.convert(model, K=2)
+    assert any("no linear classifier" in str(w.message) for w in caught)
