@@ -6,6 +6,7 @@
 >>> averaged = lpconvert.collapse(model)                                                # Eq. 1: original architecture
 """
 
+from . import models  # registers lpconvert's architectures (cifar_resnet20, digits_cnn, …) with timm
 from .collapse import collapse, ensemble_predict, recalibrate_batch_norm, unload
 from .engine import LatePhaseEngine, iterate_members
 from .errors import LatePhaseError

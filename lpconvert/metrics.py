@@ -1,0 +1,372 @@
+"""Evaluation metrics: accuracy, NLL, calibration, OOD detection and the flatness score of the late-phase paper.
+
+Conventions (N examples, C classes, ``probs`` of shape (N, C), integer ``labels`` of shape (N,)):
+
+* Metrics take *probabilities*, because an ensemble's prediction is the mean of its members' softmax outputs; only
+  :func:`topk_accuracy` also accepts logits (it only ranks). Rows must be non-negative and sum to 1 (±1e-2).
+* Accuracies are percentages; NLL and entropies are in nats; ECE and AUROC are fractions in [0, 1].
+* Top-k with k ≥ C is clamped to k = C (the label is then always among the top k, so top-5 on a 3-class problem is
+  100 %). Ties in the ranking are broken as :func:`torch.topk` breaks them.
+* Log-probabilities are taken of ``max(p, 1e-12)``, so one example contributes at most −log(1e-12) ≈ 27.6 nats.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from contextlib import nullcontext
+from itertools import chain
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lpconvert.errors import LatePhaseError
+
+PROB_FLOOR = 1e-12
+ECE_BINS = 15
+_SUM_TOLERANCE = 1e-2
+
+__all__ = [
+    "ClassificationMeter",
+    "auroc",
+    "ece",
+    "evaluate_model",
+    "flatness",
+    "nll",
+    "ood_auroc",
+    "predictive_entropy",
+    "topk_accuracy",
+]
+
+
+def _check_shapes(probs: Tensor, labels: Tensor | None = None) -> None:
+    if probs.ndim != 2 or probs.shape[1] == 0:
+        raise LatePhaseError(f"predictions must have shape (N, C) with C >= 1, got {tuple(probs.shape)}")
+    if labels is None:
+        return
+    if labels.ndim != 1 or labels.shape[0] != probs.shape[0]:
+        raise LatePhaseError(f"labels must have shape ({probs.shape[0]},), got {tuple(labels.shape)}")
+    if labels.dtype.is_floating_point or labels.dtype.is_complex or labels.dtype == torch.bool:
+        raise LatePhaseError(f"labels must be integer class indices, got dtype {labels.dtype}")
+
+
+def _bad_labels(labels: Tensor, num_classes: int) -> Tensor:
+    return (labels < 0) | (labels >= num_classes)
+
+
+def _bad_rows(probs: Tensor) -> Tensor:
+    """Rows that are not probability vectors: a negative or non-finite entry, or a sum off 1 by more than 1e-2."""
+    return ~torch.isfinite(probs).all(1) | (probs < 0).any(1) | ((probs.sum(1) - 1).abs() > _SUM_TOLERANCE)
+
+
+def _floating(probs: Tensor) -> Tensor:
+    """Detached probabilities in float32, or float64 when given in float64."""
+    return probs.detach() if probs.dtype == torch.float64 else probs.detach().float()
+
+
+def _validated(probs: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Check shapes and values (this synchronises with the device) and return float probabilities and labels."""
+    _check_shapes(probs, labels)
+    probs = _floating(probs)
+    if probs.numel() == 0:
+        raise LatePhaseError("no examples: predictions are empty")
+    bad = int(_bad_labels(labels, probs.shape[1]).sum())
+    if bad:
+        raise LatePhaseError(f"{bad} labels are outside [0, {probs.shape[1]})")
+    bad = int(_bad_rows(probs).sum())
+    if bad:
+        raise LatePhaseError(f"{bad} rows are not probability vectors; pass softmax outputs, not logits")
+    return probs, labels.to(probs.device)
+
+
+def topk_accuracy(scores: Tensor, labels: Tensor, k: int = 1) -> float:
+    """Top-k accuracy in percent: 100 · mean_i 1[y_i ∈ top-k(scores_i)], with k clamped to C.
+
+    ``scores`` may be probabilities or logits.
+    """
+    _check_shapes(scores, labels)
+    if k < 1:
+        raise LatePhaseError(f"k must be at least 1, got {k}")
+    if scores.shape[0] == 0:
+        raise LatePhaseError("no examples: predictions are empty")
+    bad = int(_bad_labels(labels, scores.shape[1]).sum())
+    if bad:
+        raise LatePhaseError(f"{bad} labels are outside [0, {scores.shape[1]})")
+    top = scores.detach().topk(min(k, scores.shape[1]), dim=1).indices
+    return 100.0 * top.eq(labels.to(top.device)[:, None]).any(1).double().mean().item()
+
+
+def nll(probs: Tensor, labels: Tensor) -> float:
+    """Negative log-likelihood, mean over examples: −(1/N) Σ_i log max(p_{i, y_i}, 1e-12)."""
+    probs, labels = _validated(probs, labels)
+    p_true = probs.gather(1, labels[:, None]).squeeze(1)
+    return -p_true.double().clamp_min(PROB_FLOOR).log().mean().item()
+
+
+def _bin_index(confidence: Tensor, n_bins: int) -> Tensor:
+    """Bin b = 0..n_bins−1 holds confidences in (b/n_bins, (b+1)/n_bins]; bin 0 also holds 0."""
+    edges = torch.arange(1, n_bins, device=confidence.device, dtype=confidence.dtype) / n_bins
+    return torch.bucketize(confidence.contiguous(), edges, right=False)
+
+
+def _calibration_sums(confidence: Tensor, correct: Tensor, n_bins: int, dtype: torch.dtype) -> Tensor:
+    """(3, n_bins) in ``dtype``: per bin the number of examples, the sum of confidences and the number correct.
+
+    Bins are found in the confidences' own dtype, so a float32 confidence of 0.8 lands in (11/15, 12/15].
+    """
+    index = _bin_index(confidence, n_bins)
+    sums = torch.zeros(3, n_bins, device=confidence.device, dtype=dtype)
+    sums[0].index_add_(0, index, torch.ones_like(confidence, dtype=dtype))
+    sums[1].index_add_(0, index, confidence.to(dtype))
+    sums[2].index_add_(0, index, correct.to(dtype))
+    return sums
+
+
+def ece(probs: Tensor, labels: Tensor, n_bins: int = ECE_BINS) -> float:
+    """Expected calibration error: Σ_b |B_b|/N · |acc(B_b) − conf(B_b)| over ``n_bins`` equal-width bins.
+
+    The confidence of an example is max_c p_ic, its prediction the arg-max; bin b covers (b/M, (b+1)/M] (bin 0
+    includes 0). Returned as a fraction in [0, 1].
+    """
+    if n_bins < 1:
+        raise LatePhaseError(f"n_bins must be at least 1, got {n_bins}")
+    probs, labels = _validated(probs, labels)
+    confidence, prediction = probs.max(1)
+    _, conf_sum, correct_sum = _calibration_sums(confidence, prediction == labels, n_bins, torch.float64)
+    return ((correct_sum - conf_sum).abs().sum() / probs.shape[0]).item()
+
+
+def predictive_entropy(probs: Tensor) -> Tensor:
+    """Per-example predictive entropy in nats, shape (N,): H_i = −Σ_c p_ic log p_ic, with 0 log 0 = 0."""
+    _check_shapes(probs)
+    return torch.special.entr(_floating(probs)).sum(1)
+
+
+def auroc(negatives: Tensor, positives: Tensor) -> float:
+    """Area under the ROC curve for "higher score = positive", by the Mann-Whitney statistic.
+
+    AUROC = (R₊ − n₊(n₊+1)/2) / (n₊ n₋), with R₊ the sum of the ranks of the positives among all scores; tied scores
+    get their average rank, so a tie between a positive and a negative counts ½.
+    """
+    neg = negatives.detach().flatten().double().cpu()
+    pos = positives.detach().flatten().double().cpu()
+    if neg.numel() == 0 or pos.numel() == 0:
+        raise LatePhaseError(f"AUROC needs both classes, got {neg.numel()} negatives and {pos.numel()} positives")
+    scores = torch.cat([neg, pos])
+    if not torch.isfinite(scores).all():
+        raise LatePhaseError("AUROC scores must be finite")
+    ordered, order = scores.sort()
+    _, group, size = torch.unique_consecutive(ordered, return_inverse=True, return_counts=True)
+    last_rank = size.cumsum(0).double()
+    ranks = torch.empty_like(scores)
+    ranks[order] = (last_rank - (size - 1) / 2)[group]
+    n_pos, n_neg = pos.numel(), neg.numel()
+    return ((ranks[n_neg:].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).item()
+
+
+def ood_auroc(in_scores: Tensor, ood_scores: Mapping[str, Tensor]) -> dict[str, float]:
+    """OOD-detection AUROC per OOD set, in-distribution = negative, OOD = positive, plus their mean under "mean".
+
+    Scores are typically :func:`predictive_entropy` values (higher = more likely OOD).
+    """
+    if not ood_scores:
+        raise LatePhaseError("no OOD sets given")
+    if "mean" in ood_scores:
+        raise LatePhaseError('an OOD set may not be called "mean"; rename it')
+    result = {name: auroc(in_scores, scores) for name, scores in ood_scores.items()}
+    result["mean"] = sum(result.values()) / len(result)
+    return result
+
+
+class ClassificationMeter:
+    """Streaming top-1/top-5 accuracy, NLL, ECE (15 bins) and predictive entropy over batches of probabilities.
+
+    :meth:`update` does not synchronise with the device: per-batch sums (and the per-example entropies, for AUROC)
+    stay where the probabilities are until :meth:`compute`, which also reports invalid labels or non-probability rows
+    seen in any batch.
+    """
+
+    def __init__(self) -> None:
+        self._sums: list[Tensor] = []
+        self._entropies: list[Tensor] = []
+        self._num_classes: int | None = None
+
+    def update(self, probs: Tensor, labels: Tensor) -> None:
+        """Add a batch: ``probs`` (B, C) probabilities, ``labels`` (B,) class indices."""
+        _check_shapes(probs, labels)
+        if self._num_classes is not None and probs.shape[1] != self._num_classes:
+            raise LatePhaseError(f"batches disagree on the number of classes: {self._num_classes} vs {probs.shape[1]}")
+        self._num_classes = probs.shape[1]
+        if probs.shape[0] == 0:
+            return
+        probs = probs.detach().float()
+        labels = labels.to(probs.device)
+        bad_labels = _bad_labels(labels, self._num_classes)
+        labels = labels.clamp(0, self._num_classes - 1)  # invalid labels are counted and reported by compute()
+        top_p, top_i = probs.topk(min(5, self._num_classes), dim=1)
+        hits = top_i.eq(labels[:, None])
+        p_true = probs.gather(1, labels[:, None]).squeeze(1)
+        head = [
+            torch.ones_like(p_true).sum(),
+            hits[:, 0].sum(),
+            hits.any(1).sum(),
+            -p_true.clamp_min(PROB_FLOOR).log().sum(),
+            bad_labels.sum(),
+            _bad_rows(probs).sum(),
+        ]
+        bins = _calibration_sums(top_p[:, 0], hits[:, 0], ECE_BINS, torch.float32).flatten()
+        self._sums.append(torch.cat([torch.stack([value.float() for value in head]), bins]))
+        self._entropies.append(predictive_entropy(probs))
+
+    def compute(self) -> dict[str, float]:
+        """{"count", "top1", "top5" (percent), "nll", "ece", "entropy" (mean predictive entropy)} over all batches."""
+        if not self._sums:
+            raise LatePhaseError("no examples to evaluate")
+        sums = torch.stack(self._sums).to("cpu", torch.float64).sum(0)
+        n, top1, top5, nll_sum, bad_labels, bad_rows = sums[:6].tolist()
+        if bad_labels:
+            raise LatePhaseError(f"{int(bad_labels)} labels are outside [0, {self._num_classes})")
+        if bad_rows:
+            raise LatePhaseError(f"{int(bad_rows)} rows are not probability vectors; pass softmax outputs, not logits")
+        _, conf_sum, correct_sum = sums[6:].view(3, ECE_BINS)
+        return {
+            "count": int(n),
+            "top1": 100.0 * top1 / n,
+            "top5": 100.0 * top5 / n,
+            "nll": nll_sum / n,
+            "ece": ((correct_sum - conf_sum).abs().sum() / n).item(),
+            "entropy": self.entropies().double().mean().item(),
+        }
+
+    def entropies(self) -> Tensor:
+        """Predictive entropy of every example seen so far, on the CPU, shape (N,)."""
+        if not self._entropies:
+            return torch.empty(0)
+        return torch.cat(self._entropies).cpu()
+
+
+def _model_device(model: nn.Module | None) -> torch.device:
+    tensor = next(chain(model.parameters(), model.buffers()), None) if model is not None else None
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _inputs(batch: object, need_labels: bool) -> tuple[Tensor, Tensor | None]:
+    if isinstance(batch, Tensor) and not need_labels:
+        return batch, None
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    expected = "(x, y) pairs" if need_labels else "(x, y) pairs or input tensors"
+    raise LatePhaseError(f"the loader must yield {expected}, got {type(batch).__name__}")
+
+
+def evaluate_model(
+    model: nn.Module | None,
+    loader: Iterable,
+    *,
+    device: torch.device | str | None = None,
+    amp_dtype: torch.dtype | None = None,
+    ood_loaders: Mapping[str, Iterable] | None = None,
+    predict_fn: Callable[[Tensor], Tensor] | None = None,
+) -> dict[str, float]:
+    """Evaluate a classifier: :class:`ClassificationMeter` metrics, "auroc/<name>" per OOD set and "auroc/mean".
+
+    Runs under ``torch.no_grad`` with every module in eval mode (each module's mode is restored afterwards) and, with
+    ``amp_dtype``, under ``torch.autocast``. Probabilities are ``softmax(model(x))`` in float32, or ``predict_fn(x)``
+    when given (e.g. the mean of the members' softmax outputs of an ensemble; ``model`` may then be None). ``device``
+    defaults to the model's; when given, the model is moved there. ``loader`` yields (x, y); OOD loaders yield (x, y)
+    or x, and their labels are ignored. The OOD score is the predictive entropy (OOD = positive class).
+    """
+    if model is None and predict_fn is None:
+        raise LatePhaseError("pass a model or a predict_fn")
+    device = _model_device(model) if device is None else torch.device(device)
+    if model is not None:
+        model.to(device)
+    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
+
+    def predict(x: Tensor) -> Tensor:
+        x = x.to(device, non_blocking=True)
+        with autocast():
+            return predict_fn(x).float() if predict_fn is not None else model(x).float().softmax(-1)
+
+    modes = [(module, module.training) for module in model.modules()] if model is not None else []
+    if model is not None:
+        model.eval()
+    try:
+        with torch.no_grad():
+            meter = ClassificationMeter()
+            for batch in loader:
+                x, y = _inputs(batch, need_labels=True)
+                meter.update(predict(x), y.to(device, non_blocking=True))
+            result: dict[str, float] = meter.compute()
+            if ood_loaders:
+                ood = {}
+                for name, ood_loader in ood_loaders.items():
+                    scores = [predictive_entropy(predict(_inputs(batch, need_labels=False)[0])) for batch in ood_loader]
+                    if not scores:
+                        raise LatePhaseError(f"OOD loader {name!r} yielded no batches")
+                    ood[name] = torch.cat(scores)
+                result.update({f"auroc/{name}": value for name, value in ood_auroc(meter.entropies(), ood).items()})
+    finally:
+        for module, training in modes:
+            module.training = training
+    return result
+
+
+def flatness(
+    model: nn.Module,
+    batches: Iterable[Sequence[Tensor]],
+    sigmas: Iterable[float],
+    *,
+    draws: int = 10,
+    seed: int = 0,
+) -> dict[float, dict[str, float]]:
+    """Flatness score of Fig. 3: δL(σz) = E_z[L(w + z) − L(w)], z_i ~ N(0, w_i² σz²), for each σz in ``sigmas``.
+
+    Every parameter entry is perturbed multiplicatively, w_i ← w_i (1 + σz ε_i) with ε_i ~ N(0, 1); L is the mean
+    cross-entropy over all examples of ``batches`` ((x, y) pairs, read once and kept on the model's device). The same
+    ``draws`` noise draws (from a CPU generator seeded with ``seed``) are used for every σz. Modules are in eval mode
+    (BatchNorm uses its running statistics). Returns {σz: {"mean": δL averaged over draws, "std": its sample std over
+    draws (0 for one draw)}}; the model's weights and modes are restored exactly.
+    """
+    sigmas = [float(s) for s in sigmas]
+    if not sigmas or any(not (s >= 0 and s < float("inf")) for s in sigmas):
+        raise LatePhaseError(f"sigmas must be a non-empty list of finite values >= 0, got {sigmas}")
+    if draws < 1:
+        raise LatePhaseError(f"draws must be at least 1, got {draws}")
+    params = [p for p in model.parameters()]
+    if not params:
+        raise LatePhaseError("the model has no parameters to perturb")
+    device = params[0].device
+    data = [tuple(t.to(device) for t in _inputs(batch, need_labels=True)) for batch in batches]
+    if not data:
+        raise LatePhaseError("flatness needs at least one batch")
+
+    def loss() -> float:
+        total, count = 0.0, 0
+        for x, y in data:
+            total += F.cross_entropy(model(x).float(), y, reduction="sum").item()
+            count += y.shape[0]
+        return total / count
+
+    generator = torch.Generator().manual_seed(seed)
+    original = [p.detach().clone() for p in params]
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    deltas = torch.zeros(draws, len(sigmas), dtype=torch.float64)
+    try:
+        with torch.no_grad():
+            base = loss()
+            for d in range(draws):
+                noise = [torch.randn(p.shape, generator=generator).to(device=p.device, dtype=p.dtype) for p in params]
+                for j, sigma in enumerate(sigmas):
+                    for p, w, eps in zip(params, original, noise):
+                        p.copy_(w * (sigma * eps + 1))
+                    deltas[d, j] = loss() - base
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, original):
+                p.copy_(w)
+        for module, training in modes:
+            module.training = training
+    std = deltas.std(0) if draws > 1 else torch.zeros(len(sigmas), dtype=torch.float64)
+    return {s: {"mean": deltas[:, j].mean().item(), "std": std[j].item()} for j, s in enumerate(sigmas)}

@@ -1,0 +1,206 @@
+"""Publishing with lpconvert.hub.push against the in-memory Hub server, using the real huggingface_hub client."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+
+import pytest
+import timm
+import torch
+
+from hub_server import TEST_TOKEN, HubServer, configure_client
+from lpconvert.checkpoint import load_model, save_pretrained
+from lpconvert.errors import LatePhaseError
+from lpconvert.hub import push
+
+EXPECTED_FILES = {"model.safetensors", "config.json", "README.md", "lpconvert.json"}
+BOB_TOKEN = "hf_bob_token"
+METRICS = {"base": {"top1": 70.25, "top5": 89.5, "nll": 1.25}, "final": {"top1": 71.5, "top5": 90.0, "nll": 1.125},
+           "protocol": "held-out validation split"}
+
+
+@pytest.fixture
+def hub(monkeypatch, tmp_path):
+    with HubServer(tokens={TEST_TOKEN: "alice", BOB_TOKEN: "bob"}, orgs={"alice": {"lpw-org"}}) as server:
+        configure_client(monkeypatch, server, tmp_path)
+        yield server
+
+
+@pytest.fixture(scope="module")
+def model():
+    net, source = load_model("test_resnet", num_classes=5, pretrained=False)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for tensor in net.state_dict().values():
+            if tensor.is_floating_point():
+                tensor.copy_(torch.rand(tensor.shape, generator=gen) * 0.5 + 0.25)
+    return net.eval(), source
+
+
+def saved(tmp_path: Path, model, name: str = "out", metrics=METRICS) -> Path:
+    net, source = model
+    return save_pretrained(net, tmp_path / name, source=source, metrics=metrics, hparams={"K": 4})
+
+
+def one_line(err: pytest.ExceptionInfo) -> str:
+    assert "\n" not in str(err.value)
+    return str(err.value)
+
+
+def test_push_then_timm_loads_the_same_model(hub, tmp_path, model):
+    folder = saved(tmp_path, model)
+    url = push(folder, "lpw-org/test-resnet-lpw", token=TEST_TOKEN)
+
+    commits = hub.commits("lpw-org/test-resnet-lpw")
+    assert len(commits) == 2  # the repository's initial commit, then exactly one upload commit
+    assert url.endswith(f"/lpw-org/test-resnet-lpw/commit/{commits[-1].oid}")
+    assert set(commits[-1].changed) == EXPECTED_FILES and not commits[-1].deleted
+    files = hub.files("lpw-org/test-resnet-lpw")
+    assert set(files) == EXPECTED_FILES | {".gitattributes"}
+    assert files["model.safetensors"] == (folder / "model.safetensors").read_bytes()
+    assert 'timm.create_model("hf-hub:lpw-org/test-resnet-lpw", pretrained=True)' in files["README.md"].decode()
+
+    net, _ = model
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    reloaded = timm.create_model("hf-hub:lpw-org/test-resnet-lpw", pretrained=True).eval()
+    assert any(path.startswith("/lfs-cdn/") for _, path in hub.requests)  # weights came the LFS way
+    with torch.no_grad():
+        assert torch.equal(net(x), reloaded(x))
+    for key, value in net.state_dict().items():
+        assert torch.equal(value, reloaded.state_dict()[key]), key
+
+    again, source = load_model("hf-hub:lpw-org/test-resnet-lpw")
+    with torch.no_grad():
+        assert torch.equal(net(x), again.eval()(x))
+    assert source.origin == "hf-hub" and source.base_model == "lpw-org/test-resnet-lpw"
+
+
+def test_missing_hub_model_is_a_one_line_error(hub):
+    with pytest.raises(LatePhaseError) as err:
+        load_model("hf-hub:alice/missing")
+    assert "does not exist" in one_line(err) and "--weights PATH" in str(err.value)
+
+
+def test_token_from_environment(hub, tmp_path, model, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
+    push(saved(tmp_path, model), "alice/from-env")
+    assert "model.safetensors" in hub.files("alice/from-env")
+
+
+@pytest.mark.parametrize("fault", ["500", "disconnect"])
+def test_failed_commit_leaves_the_repository_unchanged(hub, tmp_path, model, fault):
+    hub.add_repo("lpw-org/existing", files={"README.md": b"previous card\n"})
+    before_files, before_commits = hub.files("lpw-org/existing"), len(hub.commits("lpw-org/existing"))
+    folder = saved(tmp_path, model)
+
+    hub.fail_next_commit = fault
+    with pytest.raises(LatePhaseError) as err:
+        push(folder, "lpw-org/existing", token=TEST_TOKEN)
+    expected = "HTTP 500" if fault == "500" else "the connection to the Hub at"
+    assert expected in one_line(err)
+    assert hub.files("lpw-org/existing") == before_files
+    assert len(hub.commits("lpw-org/existing")) == before_commits
+
+    push(folder, "lpw-org/existing", token=TEST_TOKEN)  # the same push succeeds once the Hub is healthy
+    assert set(hub.files("lpw-org/existing")) == EXPECTED_FILES | {".gitattributes"}
+
+
+@pytest.mark.parametrize("token", ["hf_wrong_token", None])
+def test_bad_or_missing_token(hub, tmp_path, model, token):
+    with pytest.raises(LatePhaseError) as err:
+        push(saved(tmp_path, model), "alice/model", token=token)
+    message = one_line(err)
+    assert "401" in message and "HF_TOKEN" in message
+    assert "alice/model" not in hub.repos
+
+
+@pytest.mark.parametrize("exists", [True, False])
+def test_no_write_permission(hub, tmp_path, model, exists):
+    if exists:
+        hub.add_repo("lpw-org/public-model")
+    with pytest.raises(LatePhaseError) as err:
+        push(saved(tmp_path, model), "lpw-org/public-model", token=BOB_TOKEN)
+    assert "no write permission on lpw-org/public-model (403)" in one_line(err)
+    if exists:
+        assert set(hub.files("lpw-org/public-model")) == {".gitattributes"}
+    else:
+        assert "lpw-org/public-model" not in hub.repos
+
+
+def test_unknown_revision(hub, tmp_path, model):
+    with pytest.raises(LatePhaseError) as err:
+        push(saved(tmp_path, model), "alice/model", token=TEST_TOKEN, revision="no-such-branch")
+    assert "revision 'no-such-branch' does not exist" in one_line(err)
+
+
+def test_unreachable_endpoint(tmp_path, model):
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    with pytest.raises(LatePhaseError) as err:
+        push(saved(tmp_path, model), "alice/model", token=TEST_TOKEN, endpoint=f"http://127.0.0.1:{port}")
+    assert "cannot reach the Hub" in one_line(err)
+
+
+def test_create_pr_leaves_main_alone(hub, tmp_path, model):
+    hub.add_repo("lpw-org/reviewed")
+    url = push(saved(tmp_path, model), "lpw-org/reviewed", token=TEST_TOKEN, create_pr=True)
+    assert url.endswith("/lpw-org/reviewed/discussions/1")
+    assert set(hub.files("lpw-org/reviewed")) == {".gitattributes"}
+    assert set(hub.files("lpw-org/reviewed", "refs/pr/1")) == EXPECTED_FILES | {".gitattributes"}
+
+
+def test_uncollapsed_folders_are_refused(hub, tmp_path, model):
+    folder = saved(tmp_path, model)
+    info = json.loads((folder / "lpconvert.json").read_text())
+    (folder / "lpconvert.json").write_text(json.dumps({**info, "collapsed": False}))
+    with pytest.raises(LatePhaseError, match="lpconvert collapse"):
+        push(folder, "alice/model", token=TEST_TOKEN)
+
+    other = saved(tmp_path, model, "other")
+    (other / "late_phase_members.safetensors").write_bytes(b"members")
+    with pytest.raises(LatePhaseError) as err:
+        push(other, "alice/model", token=TEST_TOKEN)
+    assert "late_phase_members.safetensors" in one_line(err) and "lpconvert collapse" in str(err.value)
+    assert hub.requests == []
+
+
+def test_not_an_output_dir(hub, tmp_path):
+    (tmp_path / "random").mkdir()
+    with pytest.raises(LatePhaseError, match="not an lpconvert output directory: .* is missing lpconvert.json"):
+        push(tmp_path / "random", "alice/model", token=TEST_TOKEN)
+
+
+def test_regression_needs_explicit_permission(hub, tmp_path, model):
+    worse = {"base": {"top1": 76.5}, "final": {"top1": 75.25}}
+    folder = saved(tmp_path, model, metrics=worse)
+    with pytest.raises(LatePhaseError) as err:
+        push(folder, "alice/worse", token=TEST_TOKEN)
+    assert one_line(err) == (
+        "validation top-1 75.25 is below the base checkpoint's 76.5; pass --allow-regression to publish anyway"
+    )
+    assert hub.requests == []
+    push(folder, "alice/worse", token=TEST_TOKEN, allow_regression=True)
+    assert "model.safetensors" in hub.files("alice/worse")
+
+
+def test_extra_files_only_on_request(hub, tmp_path, model):
+    folder = saved(tmp_path, model)
+    (folder / "training_log.csv").write_text("epoch,loss\n1,0.5\n")
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "tmp.bin").write_bytes(b"x")
+    push(folder, "alice/plain", token=TEST_TOKEN)
+    assert set(hub.files("alice/plain")) == EXPECTED_FILES | {".gitattributes"}
+    push(folder, "alice/extra", token=TEST_TOKEN, include_extra=True)
+    assert set(hub.files("alice/extra")) == EXPECTED_FILES | {".gitattributes", "training_log.csv"}
+
+
+def test_modified_weights_are_refused(hub, tmp_path, model):
+    folder = saved(tmp_path, model)
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    data[-1] ^= 0xFF
+    (folder / "model.safetensors").write_bytes(bytes(data))
+    with pytest.raises(LatePhaseError, match="does not match the checksum"):
+        push(folder, "alice/model", token=TEST_TOKEN)
