@@ -315,7 +315,8 @@ class Trainer:
         self.val_loader = eval_loader(self.data.val, config, runtime)
         self.batches_per_epoch = self.train_loader.batch_sampler.batches_per_epoch
         self.model.to(runtime.device)
-        if resume_state is None:
+        if resume_state is None and runtime.is_main:  # measure the start: epoch 0 of metrics.jsonl
+            create_run_dir(self.run_dir, config)
             self.history.base = evaluate_model(self.model, self.val_loader, device=runtime.device,
                                                amp_dtype=runtime.amp_dtype)
             self.history.epochs.append(_metrics_row(0, self.history.base))
@@ -657,18 +658,18 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # the job
 # --------------------------------------------------------------------------------------------------------------------
-def prepare_run_dir(config: FinetuneConfig, runtime: Runtime) -> tuple[Path, dict[str, Any] | None]:
-    """The run directory (new, or the one being resumed, whose config must match unless --force)."""
+def resolve_run_dir(config: FinetuneConfig) -> tuple[Path, dict[str, Any] | None]:
+    """The run directory (a new one, or the one being resumed, whose settings must match unless --force) and the
+    state to resume from. Nothing is written yet."""
     if config.resume:
         run_dir = Path(config.resume)
         path = run_dir / "checkpoints" / "last.pt"
         if not path.is_file():
             raise LatePhaseError(f"{run_dir} is not an lpconvert run directory (no checkpoints/last.pt); cannot resume")
         state = ckpt.load_run_checkpoint(path)
-        saved = FinetuneConfig.from_dict(state["config"])
-        differing = [k for k, v in config.to_dict().items()
-                     if k not in ("resume", "force", "quiet", "workers", "log_every", "output", "push_to_hub")
-                     and saved.to_dict()[k] != v]
+        saved = state["config"]
+        ignored = ("resume", "force", "quiet", "workers", "log_every", "output", "push_to_hub", "allow_regression")
+        differing = [k for k, v in config.to_dict().items() if k not in ignored and saved.get(k) != v]
         if differing and not config.force:
             raise LatePhaseError(
                 f"--resume {run_dir}: the run was started with different settings ({', '.join(differing[:4])}); "
@@ -677,18 +678,21 @@ def prepare_run_dir(config: FinetuneConfig, runtime: Runtime) -> tuple[Path, dic
         return run_dir, state
     name = config.output or os.path.join("runs", config.model.replace(":", "-").replace("/", "-") + f"-K{config.K}")
     run_dir = Path(name)
-    if runtime.is_main:
-        if run_dir.exists() and any(run_dir.iterdir()) and not config.force:
-            raise LatePhaseError(
-                f"output directory {run_dir} is not empty; choose --output, --resume {run_dir}, or --force to overwrite"
-            )
-        if run_dir.exists() and config.force:
-            import shutil
-
-            shutil.rmtree(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        ckpt.atomic_write_json(run_dir / "config.json", config.to_dict())
+    if run_dir.exists() and (not run_dir.is_dir() or any(run_dir.iterdir())) and not config.force:
+        raise LatePhaseError(
+            f"output directory {run_dir} is not empty; choose --output, --resume {run_dir}, or --force to overwrite"
+        )
     return run_dir, None
+
+
+def create_run_dir(run_dir: Path, config: FinetuneConfig) -> None:
+    """Start a new run directory with the resolved settings (after the model and data loaded without error)."""
+    if run_dir.exists() and config.force:
+        import shutil
+
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.atomic_write_json(run_dir / "config.json", config.to_dict())
 
 
 def run(config: FinetuneConfig, *, stop_after: int | None = None, command: str | None = None) -> dict[str, Any]:
@@ -698,7 +702,7 @@ def run(config: FinetuneConfig, *, stop_after: int | None = None, command: str |
     ``FinetuneConfig(resume=run_dir, …)``."""
     config.validate()
     runtime = init_runtime(config)
-    run_dir, resume_state = prepare_run_dir(config, runtime)
+    run_dir, resume_state = resolve_run_dir(config)
     trainer = Trainer(config, run_dir, runtime)
     previous = {}
     if threading_is_main():

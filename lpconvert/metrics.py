@@ -125,8 +125,8 @@ def _calibration_sums(confidence: Tensor, correct: Tensor, n_bins: int, dtype: t
 def ece(probs: Tensor, labels: Tensor, n_bins: int = ECE_BINS) -> float:
     """Expected calibration error: Σ_b |B_b|/N · |acc(B_b) − conf(B_b)| over ``n_bins`` equal-width bins.
 
-    The confidence of an example is max_c p_ic, its prediction the arg-max; bin b covers (b/M, (b+1)/M] (bin 0
-    includes 0). Returned as a fraction in [0, 1].
+    The confidence of an example is max_c p_ic, its prediction the arg-max; with M = n_bins, bin b covers
+    (b/M, (b+1)/M] (bin 0 includes 0). Returned as a fraction in [0, 1].
     """
     if n_bins < 1:
         raise LatePhaseError(f"n_bins must be at least 1, got {n_bins}")
@@ -333,7 +333,7 @@ def flatness(
         raise LatePhaseError(f"sigmas must be a non-empty list of finite values >= 0, got {sigmas}")
     if draws < 1:
         raise LatePhaseError(f"draws must be at least 1, got {draws}")
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     if not params:
         raise LatePhaseError("the model has no parameters to perturb")
     device = params[0].device

@@ -385,7 +385,7 @@ def convert(
     # every replacement is built before the first swap, so a failure above leaves the model untouched
     for name, layer in replacements.items():
         _set_submodule(model, name, layer)
-    logger.info("converted %d layers to K=%d late-phase layers", len(replacements), K)
+    logger.debug("converted %d layers to K=%d late-phase layers", len(replacements), K)
     return model
 
 

@@ -70,3 +70,9 @@ def pretrained_cifar_resnet(cifar_resnet_weights: dict[int, Path]) -> Callable[[
         return model.eval()
 
     return make
+
+
+@pytest.fixture(scope="session")
+def cifar10_root(shared_dir: Path, lpconvert_cache: Path) -> Path:
+    """A folder holding the shared CIFAR-10 ``train.tar.gz`` and ``test.tar.gz`` (what ``--data`` accepts)."""
+    return shared_dir / "data/cifar10"

@@ -1,0 +1,169 @@
+"""The command line: a real CIFAR-10 fine-tune of the shared ResNet-20, collapse, inspect, and every bad input."""
+
+import json
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import lpconvert
+from lpconvert.cli import main
+from lpconvert.sampler import EpochBatchSampler
+
+DIGITS = ["--data", "sklearn-digits", "--batch-size", "40", "--workers", "0", "--quiet", "--no-pretrained"]
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+def assert_one_line_error(result, *fragments):
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+@pytest.fixture(scope="module")
+def cifar_run(tmp_path_factory, cifar10_root, cifar_resnet_weights, lpconvert_cache):
+    """`lpconvert finetune cifar_resnet20 --weights …` on a CIFAR-10 training subset (1 epoch, K=2)."""
+    out = tmp_path_factory.mktemp("cifar") / "run"
+    result = invoke(
+        "finetune", "cifar_resnet20", "--weights", cifar_resnet_weights[20], "--data", cifar10_root,
+        "--train-subset", 1000, "--val-subset", 500, "--epochs", 1, "--K", 2, "--batch-size", 50, "--lr", 0.01,
+        "--late-phase", "bn,classifier", "--workers", 0, "--quiet", "--output", out,
+        env={"LPCONVERT_CACHE": str(lpconvert_cache)},
+    )
+    assert result.exit_code == 0, result.output
+    return out, result.output
+
+
+def test_cifar_resnet20_fine_tune_through_the_cli(cifar_run, pretrained_cifar_resnet):
+    out, output = cifar_run
+    report = json.loads((out / "report.json").read_text())
+    # the shared checkpoint reaches 91.73 % on the full test set; on a 500-image subset about that, before and after
+    assert 87.0 < report["start_top1"] < 96.0
+    assert 85.0 < report["final_top1"] < 97.0
+    assert f"{report['final_top1']:6.2f}" in output and "change" in output
+    state = safetensors.torch.load_file(str(out / "model" / "model.safetensors"))
+    fresh = timm.create_model("cifar_resnet20", num_classes=10)
+    fresh.load_state_dict(state, strict=True)
+    # fine-tuning moved the weights away from the shared checkpoint
+    start = pretrained_cifar_resnet(20).state_dict()
+    assert not torch.allclose(state["layer1.0.conv1.weight"], start["layer1.0.conv1.weight"])
+
+
+def test_collapse_command_rewrites_the_run_with_another_bn_mode(cifar_run, tmp_path):
+    out, _ = cifar_run
+    result = invoke("collapse", out, "--out", tmp_path / "mean", "--bn-stats", "mean")
+    assert result.exit_code == 0, result.output
+    mean = safetensors.torch.load_file(str(tmp_path / "mean" / "model.safetensors"))
+    fold = safetensors.torch.load_file(str(out / "model" / "model.safetensors"))
+    assert torch.equal(mean["conv1.weight"], fold["conv1.weight"])  # shared weights: the same
+    assert not torch.equal(mean["bn1.running_var"], fold["bn1.running_var"])  # BN statistics: mode-dependent
+    model, _ = lpconvert.checkpoint.load_late_phase(out)
+    expected = lpconvert.collapse(model, bn_stats="mean").state_dict()
+    assert all(torch.equal(expected[k], mean[k]) for k in expected)
+    info = json.loads((tmp_path / "mean" / "lpconvert.json").read_text())
+    assert info["collapsed"] is True and info["metrics"] is None  # measured with fold: no numbers claimed for mean
+    again = invoke("collapse", out, "--out", tmp_path / "mean")
+    assert_one_line_error(again, "not empty", "--force")
+
+
+def test_inspect_reports_the_plan():
+    result = invoke("inspect", "resnet18", "--K", 4, "--list-layers")
+    assert result.exit_code == 0, result.output
+    assert "batchnorm     20 layers" in result.output and "classifier     1 layers" in result.output
+    assert "  classifier  fc" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["finetune", "resnet5O", "--data", "x"], ["resnet5O", "resnet50"]),
+        (["finetune", "digits_cnn", "--K", "0", *DIGITS], ["--K must be a positive integer"]),
+        (["finetune", "digits_cnn", "--epochs", "0", *DIGITS], ["--epochs must be a positive integer"]),
+        (["finetune", "digits_cnn", "--device", "cuda", *DIGITS], ["no CUDA GPU"]),
+        (["finetune", "digits_cnn", "--late-phase", "bn,attention", *DIGITS], ["unknown late-phase target 'attention'"]),
+        (["finetune", "digits_cnn", "--t0", "5", "--epochs", "3", *DIGITS], ["--t0 5 must be smaller"]),
+        (["finetune", "digits_cnn", *DIGITS, "--batch-size", "5000"], ["fewer than one batch", "--batch-size"]),
+        (["finetune", "digits_cnn", "--recipe", "missing.yaml"], ["missing.yaml", "lpconvert zoo"]),
+        (["collapse", ".", "--out", "elsewhere"], ["not an lpconvert run directory"]),
+        (["inspect", "resnet18", "--include", "nothing.*"], ["'nothing.*' matches no"]),
+    ],
+)
+def test_bad_input_is_one_line_with_exit_code_2(tmp_path, monkeypatch, args, fragments):
+    monkeypatch.chdir(tmp_path)
+    result = invoke(*args)
+    assert_one_line_error(result, *fragments)
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "elsewhere").exists()  # nothing written
+
+
+def _image_tree(root, classes, per_class=2):
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            Image.new("RGB", (32, 32), (10 * i, 40, 90)).save(root / name / f"{i}.png")
+
+
+def test_data_errors(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    missing = invoke("finetune", "cifar_resnet20", "--no-pretrained", "--data", tmp_path / "nope", "--quiet")
+    assert_one_line_error(missing, "nope")
+    (tmp_path / "empty" / "train").mkdir(parents=True)
+    (tmp_path / "empty" / "val").mkdir(parents=True)
+    empty = invoke("finetune", "cifar_resnet20", "--no-pretrained", "--data", tmp_path / "empty", "--quiet")
+    assert_one_line_error(empty, "empty")
+    _image_tree(tmp_path / "three" / "train", ["a", "b", "c"])
+    _image_tree(tmp_path / "three" / "val", ["a", "b", "c"])
+    mismatch = invoke("finetune", "cifar_resnet20", "--no-pretrained", "--data", tmp_path / "three", "--quiet")
+    assert_one_line_error(mismatch, "3 classes", "--num-classes 3")
+    assert not (tmp_path / "runs").exists()
+
+
+def test_resume_refuses_other_settings_and_non_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(lpconvert.finetune.RunInterrupted):
+        lpconvert.finetune.run(
+            lpconvert.config.FinetuneConfig(model="digits_cnn", pretrained=False, data="sklearn-digits", K=2,
+                                            epochs=1, batch_size=40, workers=0, quiet=True, output="run"),
+            stop_after=3,
+        )
+    other = invoke("finetune", "digits_cnn", "--K", 3, "--epochs", 1, "--resume", "run", *DIGITS)
+    assert_one_line_error(other, "different settings", "K", "--force")
+    (tmp_path / "plain").mkdir()
+    not_a_run = invoke("finetune", "digits_cnn", "--resume", "plain", *DIGITS)
+    assert_one_line_error(not_a_run, "not an lpconvert run directory")
+    busy = invoke("finetune", "digits_cnn", "--K", 2, "--epochs", 1, "--output", "run", *DIGITS)
+    assert_one_line_error(busy, "not empty", "--resume run")
+
+
+def test_world_size_must_divide_the_batch():
+    with pytest.raises(lpconvert.LatePhaseError, match="multiple of 3"):
+        EpochBatchSampler(100, 40, world_size=3)
+
+
+def test_out_of_memory_is_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    def out_of_memory(self, *args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+
+    monkeypatch.setattr(lpconvert.LatePhaseEngine, "step", out_of_memory)
+    result = invoke("finetune", "digits_cnn", "--K", 2, "--epochs", 1, *DIGITS)
+    assert_one_line_error(result, "out of GPU memory", "--batch-size", "--mode sequential")
+
+
+def test_rank_shards_make_up_the_single_process_batch():
+    whole = EpochBatchSampler(100, 20, seed=3)
+    ranks = [EpochBatchSampler(100, 20, seed=3, rank=r, world_size=2) for r in range(2)]
+    for sampler in (whole, *ranks):
+        sampler.set_position(epoch=2, start_batch=1)
+    for batch, shard0, shard1 in zip(whole, *ranks):
+        assert batch == shard0 + shard1
+    assert len(whole) == 4 and len(list(whole)) == 4
