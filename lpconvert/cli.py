@@ -5,6 +5,7 @@ User errors (:class:`~lpconvert.errors.LatePhaseError`) print one line on stderr
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -45,6 +46,7 @@ def main(verbose: bool) -> None:
     lpconvert collapse RUN_DIR --out DIR          average the members into one model
     lpconvert push DIR --repo ORG/NAME            publish to the Hugging Face Hub
     lpconvert demo                                the whole pipeline offline, in minutes on a CPU
+    lpconvert zoo                                 recipes with the paper's settings and numbers
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
 
@@ -157,8 +159,11 @@ def _show(value: Any) -> str:
 
 
 def build_config(model: str | None, recipe: str | None, flags: dict[str, Any]) -> FinetuneConfig:
-    """Defaults ← recipe file ← flags given on the command line."""
+    """Defaults ← recipe file (or, for a bare --resume, the run's own settings) ← flags given on the command line."""
     values: dict[str, Any] = read_recipe(recipe) if recipe else {}
+    saved = Path(flags["resume"]) / "config.json" if flags.get("resume") else None
+    if model is None and recipe is None and saved is not None and saved.is_file():
+        values = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("resume", "force")}
     if model is not None:
         values["model"] = model
     if "model" not in values:
@@ -220,6 +225,18 @@ def demo(output: str, K: int, seed: int, force: bool) -> None:
     from .demo import run_demo
 
     click.echo(run_demo(Path(output), K=K, seed=seed, force=force))
+
+
+@main.command()
+def zoo() -> None:
+    """List the recipes of zoo/ with the paper's numbers; run one with `lpconvert finetune --recipe FILE`."""
+    from .config import list_recipes
+
+    for recipe in list_recipes():
+        paper = recipe["paper"] or {}
+        numbers = " → ".join(f"{k} {v}" for k, v in paper.items()) or "no paper numbers"
+        click.echo(f"{recipe['name']}\n  {recipe['file']}\n  paper: {numbers}; measured: {recipe['measured'] or '—'}")
+        click.echo(f"  {recipe['description']}")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ A recipe file (YAML or TOML, see ``zoo/``) sets any of these fields; command-lin
 from __future__ import annotations
 
 import dataclasses
-import json
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -164,6 +163,19 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     return {k.replace("-", "_"): v for k, v in settings.items() if k not in ("paper", "measured", "description", "name")}
 
 
-def dump_json(values: Any) -> str:
-    return json.dumps(values, indent=2, sort_keys=True, default=str)
+ZOO = Path(__file__).resolve().parents[1] / "zoo"  # the recipes of a source checkout
+
+
+def list_recipes(folder: Path = ZOO) -> list[dict[str, Any]]:
+    """Name, file, description and the paper's / measured numbers of every recipe in `folder`."""
+    import yaml
+
+    if not folder.is_dir():
+        raise LatePhaseError(f"no recipe folder at {folder}; the zoo ships with the source checkout of lpconvert")
+    recipes = []
+    for path in sorted(folder.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text()) or {}
+        recipes.append({"name": raw.get("name", path.stem), "file": str(path), "paper": raw.get("paper"),
+                        "measured": raw.get("measured"), "description": " ".join(str(raw.get("description", "")).split())})
+    return recipes
 

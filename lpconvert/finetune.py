@@ -320,7 +320,7 @@ class Trainer:
             self.history.base = evaluate_model(self.model, self.val_loader, device=runtime.device,
                                                amp_dtype=runtime.amp_dtype)
             self.history.epochs.append(_metrics_row(0, self.history.base))
-            self._write_metrics_row(self.history.epochs[-1])
+            self._write_metrics()
         K = resume_state["late_phase"]["K"] if resume_state else (1 if config.t0 > 0 else config.K)
         self._convert(K)
         if resume_state is not None:
@@ -486,8 +486,8 @@ class Trainer:
             if improved:
                 self.history.best_epoch = epoch + 1
             self.position = Position(epoch=epoch + 1, iteration=self.position.iteration)
-            self._write_metrics_row(row)
             self.save("last")
+            self._write_metrics()
             if improved:
                 self.save("best")
             if self.runtime.is_main:
@@ -502,12 +502,11 @@ class Trainer:
     def _row(self, epoch: int) -> dict[str, Any]:
         return next(row for row in self.history.epochs if row["epoch"] == epoch)
 
-    def _write_metrics_row(self, row: dict[str, Any]) -> None:
+    def _write_metrics(self) -> None:
+        """metrics.jsonl, rewritten atomically from the history (so a resumed run never repeats a row)."""
         if self.runtime.is_main:
-            with open(self.run_dir / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(row) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
+            lines = "".join(json.dumps(row) + "\n" for row in self.history.epochs)
+            ckpt.atomic_write_bytes(self.run_dir / "metrics.jsonl", lines.encode())
 
     # -- the end --------------------------------------------------------------------------------------------------
     def finish(self, command: str | None) -> dict[str, Any]:

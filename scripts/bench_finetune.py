@@ -49,11 +49,14 @@ def _batches(args, device, size, count):
     return [x.to(device, memory_format=fmt) for x in xs], [y.to(device) for y in ys]
 
 
-def plain_step(model, args, device):
-    """Ordinary fine-tuning: one optimizer step per minibatch."""
+def plain_step(model, args, device, stacked: bool = False):
+    """Ordinary fine-tuning: one optimizer step per minibatch (``stacked``: one step on the K minibatches at once,
+    the batch size a vectorized late-phase forward sees)."""
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, weight_decay=1e-4)
 
     def step(xs, ys):
+        if stacked:
+            xs, ys = [torch.cat(xs)], [torch.cat(ys)]
         for x, y in zip(xs, ys):
             with torch.autocast(device.type, dtype=args.amp_dtype, enabled=args.amp_dtype is not None):
                 loss = F.cross_entropy(model(x), y)
@@ -99,8 +102,8 @@ def measure(name: str, size: int, args, device, modes=("plain", "sequential")) -
     for mode in modes:
         model = copy.deepcopy(base).train()
         _peak_reset(device)
-        if mode == "plain":
-            step = plain_step(model, args, device)
+        if mode.startswith("plain"):
+            step = plain_step(model, args, device, stacked=mode == "plain-stacked")
         else:
             step = late_phase_step(lpconvert.convert(model, K=args.K, targets="batchnorm"), args, device, mode)
         out[mode] = (_timed(step, _repeat(xs, ys, args.warmup + args.steps), device, args.warmup), _peak(device))
@@ -173,12 +176,16 @@ def main() -> None:
     if args.vectorized_model:
         saved = args.batch
         args.batch = args.vectorized_batch
-        vec = measure(args.vectorized_model, args.vectorized_size, args, device, modes=("sequential", "vectorized"))
+        vec = measure(args.vectorized_model, args.vectorized_size, args, device,
+                      modes=("sequential", "vectorized", "plain-stacked"))
         args.batch = saved
         ratio = vec["vectorized"][0] / vec["sequential"][0]
         lines += ["", f"{args.vectorized_model} @ {args.vectorized_size}px, batch {args.vectorized_batch}, "
                       f"K={args.K}: sequential {vec['sequential'][0]:.1f} img/s, vectorized "
-                      f"{vec['vectorized'][0]:.1f} img/s — vectorized / sequential = {ratio:.2f}×"]
+                      f"{vec['vectorized'][0]:.1f} img/s — vectorized / sequential = {ratio:.2f}×; plain fine-tuning "
+                      f"on the same {args.K}×{args.vectorized_batch} stacked batch: {vec['plain-stacked'][0]:.1f} img/s "
+                      f"(vectorized / plain-stacked = {vec['vectorized'][0] / vec['plain-stacked'][0]:.2f}×), "
+                      f"peak memory {vec['sequential'][1]:.2f} / {vec['vectorized'][1]:.2f} GiB"]
     if args.data:
         real = measure_loader(args.model, args, device)
         lines += ["", f"with the real data loader ({args.data}, {args.workers} workers): plain {real['plain']:.1f} "

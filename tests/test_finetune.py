@@ -113,3 +113,56 @@ def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, mode
     for key, value in start.state_dict().items():
         moved += not torch.allclose(value, one[key])
     assert moved > 10  # training really changed the weights that were compared
+
+
+def test_swa_on_top_of_late_phase_training(tmp_path):
+    report = run(_digits_run(tmp_path, "swa", epochs=3, swa_start=1, swa_lr=0.02))
+    assert report["bn_stats"] == "recalibrate"
+    checkpoint = _load(tmp_path / "swa" / "checkpoints" / "last.pt")
+    swa = checkpoint["swa"]["model"]
+    assert swa["n_averaged"].item() == 2  # epochs 2 and 3
+    assert not torch.equal(swa["module.fc.weight"], checkpoint["model"]["fc.weight"])  # an average, not the last
+    assert [json.loads(line)["lr"] for line in (tmp_path / "swa" / "metrics.jsonl").read_text().splitlines()[1:]] == [
+        0.05, 0.02, 0.02]
+
+
+def test_non_finite_loss_stops_with_a_clear_error(tmp_path):
+    with pytest.raises(lpconvert.LatePhaseError, match="non-finite loss.*last good checkpoint"):
+        run(_digits_run(tmp_path, "nan", lr=1e12, epochs=2))
+    assert not (tmp_path / "nan" / "checkpoints" / "last.pt").exists()
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    args = [sys.executable, "-m", "lpconvert", "finetune", "digits_cnn", "--no-pretrained", "--data", DIGITS,
+            "--K", "2", "--epochs", "200", "--batch-size", "40", "--workers", "0", "--quiet",
+            "--output", str(tmp_path / "run")]
+    process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130, err
+    assert "--resume" in err and "Traceback" not in err
+    position = _load(tmp_path / "run" / "checkpoints" / "last.pt")["position"]
+    assert position["epoch"] >= 1 and position["iteration"] >= 15
+
+
+def test_bare_resume_on_the_command_line_continues_the_run(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from lpconvert.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(RunInterrupted):
+        run(_digits_run(tmp_path, "run", epochs=2), stop_after=12)
+    result = CliRunner().invoke(main, ["finetune", "--resume", "run"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]

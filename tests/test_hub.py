@@ -204,3 +204,30 @@ def test_modified_weights_are_refused(hub, tmp_path, model):
     (folder / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(LatePhaseError, match="does not match the checksum"):
         push(folder, "alice/model", token=TEST_TOKEN)
+
+
+def test_finetune_push_to_hub_and_the_push_command(hub, tmp_path, monkeypatch):
+    """`finetune --push-to-hub` publishes the collapsed run; `lpconvert push` errors are one line, exit code 2."""
+    from click.testing import CliRunner
+
+    from lpconvert.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_TOKEN", TEST_TOKEN)
+    runner = CliRunner()
+    args = ["finetune", "digits_cnn", "--no-pretrained", "--data", "sklearn-digits", "--K", "2", "--epochs", "1",
+            "--batch-size", "40", "--workers", "0", "--quiet", "--lr", "0.05", "--output", "run",
+            "--push-to-hub", "lpw-org/digits-lp"]
+    result = runner.invoke(main, args, catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert set(hub.files("lpw-org/digits-lp")) == EXPECTED_FILES | {".gitattributes"}
+    local = timm.create_model(f"local-dir:{tmp_path / 'run' / 'model'}", pretrained=True).eval()
+    remote = timm.create_model("hf-hub:lpw-org/digits-lp", pretrained=True).eval()
+    x = torch.randn(3, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(local(x), remote(x))
+
+    bad = runner.invoke(main, ["push", "run/model", "--repo", "lpw-org/digits-lp", "--token", "hf_wrong"])
+    assert bad.exit_code == 2 and bad.output.startswith("error: ") and len(bad.output.strip().splitlines()) == 1
+    late = runner.invoke(main, ["push", "run", "--repo", "lpw-org/digits-lp"])
+    assert late.exit_code == 2 and "collapse" in late.output
