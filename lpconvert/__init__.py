@@ -4,9 +4,11 @@
 >>> engine = lpconvert.LatePhaseEngine(model, partial(torch.optim.SGD, lr=1e-3, momentum=0.9))
 >>> for xs, ys in lpconvert.iterate_members(loader, K=10): engine.step(xs, ys)          # Algorithm 1
 >>> averaged = lpconvert.collapse(model)                                                # Eq. 1: original architecture
+>>> lpconvert.save_pretrained(averaged, "resnet50-lp")                                 # safetensors, config, card
 """
 
 from . import models  # registers lpconvert's architectures (cifar_resnet20, digits_cnn, …) with timm
+from .checkpoint import load_late_phase, load_model, save_pretrained
 from .collapse import collapse, ensemble_predict, recalibrate_batch_norm, unload
 from .engine import LatePhaseEngine, iterate_members
 from .errors import LatePhaseError
@@ -24,9 +26,12 @@ __all__ = [
     "ensemble_predict",
     "iterate_members",
     "late_phase_layers",
+    "load_late_phase",
+    "load_model",
     "num_members",
     "plan",
     "recalibrate_batch_norm",
+    "save_pretrained",
     "select_members",
     "unload",
 ]

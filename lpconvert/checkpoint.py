@@ -735,7 +735,7 @@ def save_pretrained(
     model: nn.Module,
     out_dir: str | Path,
     *,
-    source: ModelSource,
+    source: ModelSource | None = None,
     metrics: Mapping[str, Any] | None = None,
     hparams: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
@@ -743,6 +743,9 @@ def save_pretrained(
     force: bool = False,
 ) -> Path:
     """Write a collapsed, original-architecture model to ``out_dir`` so timm/torchvision load it without lpconvert.
+
+    ``source`` is what :func:`load_model` returned; for a timm model built in your own code it may be omitted
+    (it is then read from the model's ``pretrained_cfg``).
 
     Files: ``model.safetensors`` (the state dict), ``config.json`` (timm's format, or a torchvision rebuild recipe),
     ``README.md`` (model card) and ``lpconvert.json`` (version, ``"collapsed": true``, source, hparams, metrics and
@@ -756,6 +759,12 @@ def save_pretrained(
         raise LatePhaseError(f"output directory {out_dir} is not empty; choose a new one or pass --force to replace it")
     _check_metrics(metrics)
     model = _unwrap_model(model)
+    if source is None:
+        if not getattr(model, "pretrained_cfg", None):
+            raise LatePhaseError(
+                f"cannot tell how to rebuild a {type(model).__name__}; pass source= (what load_model returns)"
+            )
+        source = _source_from_timm(model.pretrained_cfg.get("architecture", ""), model, "timm", False, None)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

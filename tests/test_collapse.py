@@ -100,3 +100,19 @@ def test_collapse_bad_input(call, message):
 def test_collapse_of_a_model_never_converted():
     with pytest.raises(LatePhaseError, match="never converted"):
         lpconvert.collapse(timm.create_model("resnet10t"))
+
+
+def test_readme_api_convert_engine_collapse_save(tmp_path):
+    """The README's five lines, on a small timm model: the saved directory reloads with timm alone."""
+    from functools import partial
+
+    model = lpconvert.convert(timm.create_model("resnet10t", num_classes=3), K=2)
+    engine = lpconvert.LatePhaseEngine(model, partial(torch.optim.SGD, lr=0.1, momentum=0.9))
+    loader = [(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))) for _ in range(4)]
+    for xs, ys in lpconvert.iterate_members(loader, K=2):
+        engine.step(xs, ys)
+    averaged = lpconvert.collapse(model, bn_stats="fold").eval()
+    lpconvert.save_pretrained(averaged, tmp_path / "resnet10t-lp")
+    reloaded = timm.create_model(f"local-dir:{tmp_path / 'resnet10t-lp'}", pretrained=True).eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(reloaded(x), averaged(x), rtol=0, atol=0)
