@@ -45,6 +45,7 @@ def main(verbose: bool) -> None:
     lpconvert finetune resnet152 --data DIR       Algorithm 1 from the pretrained checkpoint
     lpconvert collapse RUN_DIR --out DIR          average the members into one model
     lpconvert push DIR --repo ORG/NAME            publish to the Hugging Face Hub
+    lpconvert evaluate RUN_OR_MODEL --data DIR    the paper's metrics (accuracy, NLL, ECE, OOD AUROC)
     lpconvert demo                                the whole pipeline offline, in minutes on a CPU
     lpconvert zoo                                 recipes with the paper's settings and numbers
     """
@@ -214,17 +215,51 @@ def _report_table(report: dict[str, Any]) -> str:
 @main.command()
 @click.option("--output", default="runs/demo", show_default=True, help="Where the demo writes its three runs.")
 @click.option("--K", "K", default=4, show_default=True, help="Late-phase members.")
-@click.option("--seed", default=0, show_default=True)
+@click.option("--seeds", default=3, show_default=True, help="Fine-tuning runs per arm (seeds 0, 1, …).")
 @click.option("--force", is_flag=True, help="Overwrite an existing demo output.")
-def demo(output: str, K: int, seed: int, force: bool) -> None:
+def demo(output: str, K: int, seeds: int, force: bool) -> None:
     """The whole pipeline offline on real images (scikit-learn's handwritten digits), in minutes on a CPU.
 
     Trains a small BatchNorm CNN to a 'pretrained' state (T0), then fine-tunes it late-phase and plain side by
-    side through `finetune`, collapses, evaluates and saves safetensors.
+    side through `finetune` (several seeds), collapses, evaluates and saves safetensors.
     """
     from .demo import run_demo
 
-    click.echo(run_demo(Path(output), K=K, seed=seed, force=force))
+    click.echo(run_demo(Path(output), K=K, seeds=seeds, force=force))
+
+
+@main.command("evaluate")
+@click.argument("source")
+@click.option("--data", required=True, help="Dataset root (its val/ or test/ split is used) or one ImageFolder tree/archive.")
+@click.option("--ood", multiple=True, help="Out-of-distribution set (tree or archive), repeatable: AUROC per set + mean.")
+@click.option("--ensemble", is_flag=True, help="Late-phase run: also the non-averaged ensemble (mean of member softmax).")
+@click.option("--bn-stats", type=click.Choice(["fold", "mean", "recalibrate", "all"]),
+              help="Late-phase run: collapse mode(s) to evaluate [default: the run's]; recalibrate uses train/.")
+@click.option("--weights", type=click.Path(dir_okay=False), help="Local weights for a model spec.")
+@click.option("--subset", type=int, help="Evaluate a stratified subset of this many images.")
+@click.option("--flatness", default="", help="Comma-separated σz for the flatness score δL(σz) (paper Fig. 3).")
+@click.option("--flatness-draws", default=10, show_default=True, help="Noise draws per σz.")
+@click.option("--batch-size", default=256, show_default=True)
+@click.option("--workers", default=4, show_default=True)
+@click.option("--device", default="auto", show_default=True, help="auto (GPU when there is one), cpu, cuda, cuda:N.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the rows as JSON.")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the rows as CSV.")
+def evaluate_command(source: str, data: str, ood: tuple, ensemble: bool, bn_stats: str | None, weights: str | None,
+                     subset: int | None, flatness: str, flatness_draws: int, batch_size: int, workers: int,
+                     device: str, json_path: str | None, csv_path: str | None) -> None:
+    """Top-1/top-5, NLL, ECE and OOD AUROC of SOURCE: a model spec, an output directory or a late-phase run."""
+    from .checkpoint import atomic_write_bytes
+    from .evaluate import evaluate, format_table, to_csv, to_json
+
+    sigmas = [float(v) for v in flatness.split(",") if v.strip()]
+    rows = evaluate(source, data, ood=ood, ensemble=ensemble, bn_stats=bn_stats, weights=weights, subset=subset,
+                    batch_size=batch_size, workers=workers, device=device, flatness_sigmas=sigmas,
+                    flatness_draws=flatness_draws)
+    click.echo(format_table(rows))
+    if json_path:
+        atomic_write_bytes(json_path, to_json(rows).encode())
+    if csv_path:
+        atomic_write_bytes(csv_path, to_csv(rows).encode())
 
 
 @main.command()

@@ -167,3 +167,36 @@ def test_rank_shards_make_up_the_single_process_batch():
     for batch, shard0, shard1 in zip(whole, *ranks):
         assert batch == shard0 + shard1
     assert len(whole) == 4 and len(list(whole)) == 4
+
+
+def test_evaluate_a_run_every_collapse_mode_and_the_ensemble(cifar_run, cifar10_root, shared_dir, tmp_path,
+                                                              lpconvert_cache, monkeypatch):
+    monkeypatch.setenv("LPCONVERT_CACHE", str(lpconvert_cache))
+    out, _ = cifar_run
+    result = invoke("evaluate", out, "--data", cifar10_root, "--subset", 500, "--bn-stats", "all", "--ensemble",
+                    "--ood", shared_dir / "data/cifar100/test.tar.gz", "--workers", 0, "--json", tmp_path / "e.json",
+                    "--csv", tmp_path / "e.csv")
+    assert result.exit_code == 0, result.output
+    rows = {row["variant"]: row for row in json.loads((tmp_path / "e.json").read_text())}
+    assert set(rows) == {"averaged (fold)", "averaged (mean)", "averaged (recalibrate)", "ensemble (K=2, not averaged)"}
+    report = json.loads((out / "report.json").read_text())
+    # the same 500 validation images as the run: the fold-collapsed model scores what the run recorded
+    assert rows["averaged (fold)"]["top1"] == pytest.approx(report["final_top1"], abs=1e-9)
+    for row in rows.values():
+        assert 85.0 < row["top1"] < 97.0 and 0.0 < row["ece"] < 0.2 and row["nll"] < 0.6
+        assert 0.7 < row["auroc/test"] < 1.0  # CIFAR-100 is told apart from CIFAR-10 by predictive entropy
+    assert (tmp_path / "e.csv").read_text().splitlines()[0].startswith("variant,top1,top5,nll,ece")
+
+
+def test_evaluate_a_pretrained_checkpoint(cifar10_root, cifar_resnet_weights, lpconvert_cache, monkeypatch):
+    monkeypatch.setenv("LPCONVERT_CACHE", str(lpconvert_cache))
+    result = invoke("evaluate", "cifar_resnet20", "--weights", cifar_resnet_weights[20], "--data", cifar10_root,
+                    "--subset", 500, "--workers", 0, "--flatness", "0.05,0.2", "--flatness-draws", 2)
+    assert result.exit_code == 0, result.output
+    header, model_row = result.output.splitlines()[:2]
+    values = dict(zip(header.split(), map(float, model_row.split()[1:])))
+    assert 88.0 < values["top1"] < 96.0  # 91.73 % on the full test set
+    assert 0.0 < values["flatness/0.05"] < values["flatness/0.2"]  # more weight noise, more loss
+    no_run = invoke("evaluate", "cifar_resnet20", "--weights", cifar_resnet_weights[20], "--data", cifar10_root,
+                    "--ensemble")
+    assert_one_line_error(no_run, "late-phase run")

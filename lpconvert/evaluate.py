@@ -1,0 +1,135 @@
+"""`lpconvert evaluate`: the paper's metrics for a model, an output directory or a late-phase run.
+
+Top-1/top-5, NLL, ECE, OOD AUROC (predictive entropy; per OOD set and their mean), optionally the flatness score
+δL(σz) of Fig. 3; for a late-phase run also the non-averaged ensemble (``--ensemble``, mean of the members' softmax)
+and every collapse mode side by side (``--bn-stats all``).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+import timm.data
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from .checkpoint import load_late_phase, load_model
+from .collapse import collapse, ensemble_predict
+from .data import build_datasets, resolve_data_dirs
+from .errors import LatePhaseError
+from .layers import BN_STATS_MODES
+from .metrics import evaluate_model, flatness
+
+COLUMNS = ("top1", "top5", "nll", "ece")
+
+
+def _is_run(path: str) -> bool:
+    p = Path(path)
+    return (p / "checkpoints").is_dir() or (p.is_file() and p.suffix == ".pt")
+
+
+def _split_dir(data: str, split: str) -> Path:
+    """The `split` ("train" or "val") folder of a dataset root, or `data` itself when it is one ImageFolder tree."""
+    try:
+        train, val = resolve_data_dirs(data=data)
+    except LatePhaseError:  # not a root with train/ and val/: a single tree (or an archive of one)
+        return resolve_data_dirs(val_dir=data)[1]
+    found = train if split == "train" else val
+    if found is None:
+        raise LatePhaseError(f"no {split} split in {data}; pass a root with train/ and val/ (or test/)")
+    return found
+
+
+def _eval_set(model: nn.Module, data: str, *, split: str, subset: int | None, batch_size: int, workers: int,
+              num_classes: int | None) -> DataLoader:
+    """Evaluation-transform loader (the model's timm data config) over a split of `data`."""
+    config = timm.data.resolve_data_config(model=model)
+    _, dataset = build_datasets(None, _split_dir(data, split), data_config=config, num_classes=num_classes,
+                                val_subset=subset)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
+
+
+def evaluate(
+    source: str,
+    data: str,
+    *,
+    ood: Sequence[str] = (),
+    ensemble: bool = False,
+    bn_stats: str | None = None,
+    weights: str | None = None,
+    subset: int | None = None,
+    batch_size: int = 256,
+    workers: int = 4,
+    device: str = "auto",
+    flatness_sigmas: Sequence[float] = (),
+    flatness_draws: int = 10,
+) -> list[dict[str, Any]]:
+    """One row of metrics per evaluated variant of `source` (a model spec, output directory or late-phase run)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device_ = torch.device(device)
+    rows: list[tuple[str, nn.Module | None, Any]] = []
+    if _is_run(source):
+        late, state = load_late_phase(source)
+        late.to(device_)
+        modes = BN_STATS_MODES if bn_stats == "all" else (bn_stats or state["config"].get("bn_stats", "fold"),)
+        for mode in modes:
+            recal = None
+            if mode == "recalibrate":
+                recal = _eval_set(late, data, split="train", subset=subset, batch_size=batch_size, workers=workers,
+                                  num_classes=None)
+            rows.append((f"averaged ({mode})", collapse(late, bn_stats=mode, data=recal), None))
+        if ensemble:
+            rows.append((f"ensemble (K={state['late_phase']['K']}, not averaged)", None,
+                         partial(ensemble_predict, late)))
+        reference = late
+    else:
+        if ensemble or bn_stats:
+            raise LatePhaseError("--ensemble and --bn-stats need a late-phase run (a `lpconvert finetune` output folder)")
+        model, _ = load_model(source, weights=weights, pretrained=weights is None)
+        rows.append(("model", model.to(device_), None))
+        reference = model
+    num_classes = getattr(reference, "num_classes", None)
+    val = _eval_set(reference, data, split="val", subset=subset, batch_size=batch_size, workers=workers,
+                    num_classes=num_classes)
+    ood_loaders = {Path(p).name.split(".")[0] or p: _eval_set(reference, p, split="val", subset=subset,
+                                                             batch_size=batch_size, workers=workers,
+                                                             num_classes=None) for p in ood}
+    results = []
+    for name, model, predict in rows:
+        metrics = evaluate_model(model, val, device=device_, ood_loaders=ood_loaders or None, predict_fn=predict)
+        row = {"variant": name, **{k: metrics[k] for k in COLUMNS}, "count": metrics["count"]}
+        row.update({k: v for k, v in metrics.items() if k.startswith("auroc/")})
+        if flatness_sigmas and model is not None:
+            batches = [batch for _, batch in zip(range(4), val)]
+            for sigma, value in flatness(model, batches, list(flatness_sigmas), draws=flatness_draws).items():
+                row[f"flatness/{sigma:g}"] = value["mean"]
+        results.append(row)
+    return results
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    keys = [k for k in rows[0] if k not in ("variant", "count")]
+    width = max(len(r["variant"]) for r in rows)
+    lines = [f"{'':<{width}}  " + "  ".join(f"{k:>12}" for k in keys)]
+    for row in rows:
+        lines.append(f"{row['variant']:<{width}}  " + "  ".join(f"{row.get(k, float('nan')):>12.4f}" for k in keys))
+    return "\n".join(lines) + f"\n({rows[0]['count']} images; top-1/top-5 in %, ECE and AUROC as fractions)"
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def to_json(rows: list[dict[str, Any]]) -> str:
+    return json.dumps(rows, indent=2)
