@@ -134,23 +134,28 @@ class LatePhaseEngine:
         self._check_views()
         self.zero_grad()
         losses = []
-        position = {k: i for i, k in enumerate(members)}
         groups = self.groups(members)
         for g, group in enumerate(groups):
-            x = torch.cat([inputs[position[k]] for k in group]) if len(group) > 1 else inputs[position[group[0]]]
-            y = torch.cat([targets[position[k]] for k in group]) if len(group) > 1 else targets[position[group[0]]]
-            if len(group) > 1 and len({inputs[position[k]].shape[0] for k in group}) > 1:
+            if len({inputs[i].shape[0] for i in group}) > 1:
                 raise LatePhaseError("vectorized mode needs minibatches of equal size for the members of a group")
-            losses.append(self.forward_backward(group, x, y, sync=g == len(groups) - 1))
-            for k in group:
-                self.step_member(k)
+            x = torch.cat([inputs[i] for i in group]) if len(group) > 1 else inputs[group[0]]
+            y = torch.cat([targets[i] for i in group]) if len(group) > 1 else targets[group[0]]
+            losses.append(self.forward_backward([members[i] for i in group], x, y, sync=g == len(groups) - 1))
+            for i in group:
+                self.step_member(members[i], clear=members[i] in members[i + 1 :])
         self.step_theta()
         return torch.cat(losses)
 
     def groups(self, members: Sequence[int]) -> list[tuple[int, ...]]:
-        """The members run together in one forward pass: singletons (sequential) or chunks of G (vectorized)."""
+        """Positions in `members` run together in one forward pass: singletons (sequential), or up to G positions
+        of distinct members (vectorized)."""
         size = 1 if self.mode == "sequential" else self.group_size
-        return [tuple(members[i : i + size]) for i in range(0, len(members), size)]
+        groups: list[list[int]] = []
+        for i, k in enumerate(members):
+            if not groups or len(groups[-1]) == size or k in (members[j] for j in groups[-1]):
+                groups.append([])
+            groups[-1].append(i)
+        return [tuple(group) for group in groups]
 
     def forward_backward(self, group: Sequence[int], x: torch.Tensor, y: torch.Tensor, sync: bool = True) -> torch.Tensor:
         """Forward the members of `group` on their stacked minibatches and back-propagate Σ_g L(M_g, θ, φ_g).
@@ -172,14 +177,20 @@ class LatePhaseEngine:
             self._all_reduce_member_grads()
         return member_losses.detach().float()
 
-    def step_member(self, k: int) -> None:
-        """U_φ for member k alone: φ_k ← U_φ(φ_k, ∇φ_k L), with member k's own optimizer state."""
+    def step_member(self, k: int, clear: bool = False) -> None:
+        """U_φ for member k alone: φ_k ← U_φ(φ_k, ∇φ_k L), with member k's own optimizer state.
+
+        `clear` zeroes member k's gradient afterwards, for a member trained again in the same iteration."""
         for view, stacked in zip(self.member_params[k], self.stacked):
             view.grad = None if stacked.grad is None else stacked.grad[k]
         if self.grad_scaler:
             self.grad_scaler.step(self.member_optimizers[k])
         else:
             self.member_optimizers[k].step()
+        if clear:
+            for view in self.member_params[k]:
+                if view.grad is not None:
+                    view.grad.zero_()
 
     def step_theta(self) -> None:
         """U_θ on γθ · Σ_k Δθ_k, the gradients accumulated over the iteration's members."""

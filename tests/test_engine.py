@@ -59,10 +59,11 @@ def data(iterations=ITERATIONS, seed=0):
 
 def reference_algorithm1(members, batches, theta_factory, phi_factory, gamma):
     """Algorithm 1 written plainly: K model copies (one per member, starting from its own weights); θ is kept apart
-    and copied into copy k before its minibatch."""
+    and copied into copy k before its minibatch. The same copy listed K times is one member trained K times."""
     theta = {n: p.detach().clone().requires_grad_(True) for n, p in members[0].named_parameters() if n not in LATE}
     theta_opt = theta_factory(list(theta.values()))
-    phi_opts = [phi_factory([p for n, p in m.named_parameters() if n in LATE]) for m in members]
+    optimizers = {id(m): phi_factory([p for n, p in m.named_parameters() if n in LATE]) for m in members}
+    phi_opts = [optimizers[id(m)] for m in members]
     for xs, ys in batches:
         accumulated = {n: torch.zeros_like(p) for n, p in theta.items()}
         for k, m in enumerate(members):
@@ -218,3 +219,25 @@ def test_engine_state_dict_round_trip():
     for xs, ys in batches[1:]:
         engine2.step([x.float() for x in xs], ys)
     assert all(torch.equal(expected[n], lp2.state_dict()[n]) for n in expected)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "vectorized"])
+def test_a_member_trained_twice_in_one_iteration_equals_two_plain_steps(mode):
+    """K = 1 with the member listed K times is the paper's gradient-accumulation control (Table 10): φ steps on
+    every minibatch, θ accumulates over all of them and steps once."""
+    torch.manual_seed(7)
+    base = SmallNet().double().train()
+    lp = lpconvert.convert(copy.deepcopy(base), K=1, targets=("batchnorm", "classifier"))
+    theta_factory, phi_factory = OPTIMIZERS["sgd-nesterov"]
+    engine = LatePhaseEngine(lp, theta_factory, phi_factory, gamma_theta=1.0, mode=mode)
+    batches = data(2, seed=7)
+    for xs, ys in batches:
+        engine.step(xs, ys, members=[0] * K)
+    # the reference: one copy playing all K "members" (φ updated after each minibatch, θ after K)
+    member = copy.deepcopy(base)
+    theta, _ = reference_algorithm1([member] * K, batches, theta_factory, phi_factory, 1.0)
+    state = lp.state_dict()
+    for n, p in theta.items():
+        torch.testing.assert_close(state[n], p.detach(), atol=1e-6, rtol=0)
+    for n in LATE + STATS:
+        torch.testing.assert_close(state[n][0], member.state_dict()[n], atol=1e-6, rtol=0)
