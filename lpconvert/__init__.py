@@ -7,7 +7,7 @@
 >>> lpconvert.save_pretrained(averaged, "resnet50-lp")                                 # safetensors, config, card
 """
 
-from . import models  # registers lpconvert's architectures (cifar_resnet20, digits_cnn, …) with timm
+from . import models  # noqa: F401  (registers lpconvert's architectures (cifar_resnet20, digits_cnn, …) with timm)
 from .checkpoint import load_late_phase, load_model, save_pretrained
 from .collapse import collapse, ensemble_predict, recalibrate_batch_norm, unload
 from .engine import LatePhaseEngine, iterate_members

@@ -38,10 +38,17 @@ from typing import Any
 import safetensors
 import safetensors.torch
 import torch
-import yaml
 from torch import nn
 
 from lpconvert.errors import LatePhaseError
+from lpconvert.model_card import (
+    CONFIG_NAME,
+    MODEL_CARD_NAME,
+    OUTPUT_FILES,
+    PROVENANCE_NAME,
+    WEIGHTS_NAME,
+    render_model_card,
+)
 
 __all__ = [
     "CONFIG_NAME",
@@ -65,28 +72,6 @@ __all__ = [
     "save_pretrained",
 ]
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-MODEL_CARD_NAME = "README.md"
-PROVENANCE_NAME = "lpconvert.json"
-OUTPUT_FILES = (WEIGHTS_NAME, CONFIG_NAME, MODEL_CARD_NAME, PROVENANCE_NAME)
-
-#: Placeholder for the Hub repository in the model card's loading snippet; ``lpconvert push`` fills it in.
-REPO_ID_PLACEHOLDER = "<namespace>/<model-name>"
-
-PAPER_CITATION = (
-    "Johannes von Oswald, Seijin Kobayashi, Alexander Meulemans, Christian Henning, Benjamin F. Grewe and "
-    "João Sacramento. *Neural networks with late-phase weights.* ICLR 2021. "
-    "[arXiv:2007.12927](https://arxiv.org/abs/2007.12927)"
-)
-PAPER_BIBTEX = """@inproceedings{vonoswald2021latephase,
-  title     = {Neural networks with late-phase weights},
-  author    = {von Oswald, Johannes and Kobayashi, Seijin and Meulemans, Alexander and Henning, Christian
-               and Grewe, Benjamin F. and Sacramento, Jo{\\~a}o},
-  booktitle = {International Conference on Learning Representations},
-  year      = {2021},
-  url       = {https://arxiv.org/abs/2007.12927}
-}"""
 
 #: Seconds to wait when checking that a download host answers before handing the download to timm/torchvision.
 PROBE_TIMEOUT_S = 5.0
@@ -871,131 +856,6 @@ def _check_metrics(metrics: Mapping[str, Any] | None) -> None:
         for name, value in values.items():
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise LatePhaseError(f"metrics['{part}']['{name}'] is {value!r}, not a number")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Model card
-
-
-_METRIC_LABELS = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "nll": "negative log-likelihood"}
-
-
-def render_model_card(
-    source: ModelSource,
-    *,
-    metrics: Mapping[str, Any] | None = None,
-    hparams: Mapping[str, Any] | None = None,
-    repo_id: str = REPO_ID_PLACEHOLDER,
-) -> str:
-    """Markdown model card with YAML front matter; numbers come only from ``metrics`` and ``hparams``."""
-    hparams = dict(hparams or {})
-    meta: dict[str, Any] = {"library_name": "timm" if source.library == "timm" else "pytorch"}
-    if source.license:
-        meta["license"] = str(source.license).lower()
-    meta["tags"] = ["image-classification", "late-phase-weights", source.library, "lpconvert"]
-    meta["pipeline_tag"] = "image-classification"
-    if source.base_model:
-        meta["base_model"] = source.base_model
-    datasets = hparams.get("datasets", hparams.get("dataset"))
-    if datasets:
-        meta["datasets"] = [str(d) for d in (datasets if isinstance(datasets, (list, tuple)) else [datasets])]
-
-    base = f"`{source.base_model or (Path(source.spec).name if source.origin == 'local-dir' else source.spec)}`"
-    if source.weights:
-        base += f" with weights from `{Path(source.weights).name}`"
-    elif not source.pretrained:
-        base += " (random initialisation)"
-    lines = [
-        "---",
-        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
-        "---",
-        "",
-        f"# {source.architecture} with late-phase weights",
-        "",
-        f"This is `{source.architecture}` ({source.library}), trained from {base} with **late-phase weights** "
-        "(von Oswald et al., ICLR 2021). Late in training, a small set of weights (here the ones listed under the "
-        "hyper-parameters below, typically BatchNorm and classifier weights) is replaced by K copies, the ensemble "
-        "members, which are trained together with the shared remaining weights, each on its own minibatches. At "
-        "the end the members are averaged (\"collapsed\") into a single set, so this checkpoint has exactly the "
-        "architecture and inference cost of the base model and loads without lpconvert.",
-        "",
-        f"Paper: {PAPER_CITATION}",
-        "",
-        "## How to load",
-        "",
-        "```python",
-        *_loading_snippet(source, repo_id),
-        "```",
-        "",
-        "## Hyper-parameters",
-        "",
-    ]
-    if hparams:
-        lines += ["| name | value |", "|---|---|"]
-        lines += [f"| {_cell(k)} | {_cell(_format_value(v))} |" for k, v in hparams.items()]
-    else:
-        lines.append("No hyper-parameters were recorded.")
-    lines += ["", "## Evaluation", ""]
-    lines += _metrics_section(metrics)
-    lines += [
-        "",
-        "## Provenance",
-        "",
-        f"`{PROVENANCE_NAME}` records the lpconvert version, the base model, the command, configuration, seeds and "
-        "data fingerprint of the run that produced this checkpoint.",
-        "",
-        "## Citation",
-        "",
-        "```bibtex",
-        PAPER_BIBTEX,
-        "```",
-        "",
-    ]
-    return "\n".join(lines)
-
-
-def _loading_snippet(source: ModelSource, repo_id: str) -> list[str]:
-    if source.library == "timm":
-        return [
-            "import timm",
-            f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True)  # or "local-dir:PATH/TO/THIS/FOLDER"',
-        ]
-    args = ", ".join(f"{k}={v!r}" for k, v in source.model_args.items())
-    return [
-        "import torchvision, safetensors.torch, huggingface_hub",
-        f'model = torchvision.models.get_model("{source.architecture}", weights=None, {args})',
-        f'model.load_state_dict(safetensors.torch.load_file(huggingface_hub.hf_hub_download("{repo_id}", '
-        f'"{WEIGHTS_NAME}")))',
-    ]
-
-
-def _metrics_section(metrics: Mapping[str, Any] | None) -> list[str]:
-    if not metrics or not (metrics.get("base") or metrics.get("final")):
-        return ["No evaluation was recorded for this model."]
-    base = dict(metrics.get("base") or {})
-    final = dict(metrics.get("final") or {})
-    names = [n for n in _METRIC_LABELS if n in base or n in final]
-    names += [n for n in list(base) + list(final) if n not in names and n not in _METRIC_LABELS]
-    names = list(dict.fromkeys(names))
-    lines = ["| metric | base checkpoint | this model |", "|---|---|---|"]
-    for name in names:
-        label = _METRIC_LABELS.get(name, name)
-        lines.append(f"| {_cell(label)} | {_format_number(base.get(name))} | {_format_number(final.get(name))} |")
-    if metrics.get("protocol"):
-        lines += ["", f"Protocol: {metrics['protocol']}"]
-    return lines
-
-
-def _format_number(value: Any) -> str:
-    return "n/a" if value is None else str(value)
-
-
-def _format_value(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, default=_json_default)
-
-
-def _cell(text: Any) -> str:
-    return str(text).replace("|", "\\|").replace("\n", " ")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

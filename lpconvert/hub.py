@@ -7,11 +7,6 @@ from pathlib import Path
 from typing import Any
 
 from lpconvert.checkpoint import (
-    MODEL_CARD_NAME,
-    OUTPUT_FILES,
-    PROVENANCE_NAME,
-    REPO_ID_PLACEHOLDER,
-    WEIGHTS_NAME,
     OutputDir,
     _is_network_error,
     _one_line,
@@ -19,6 +14,7 @@ from lpconvert.checkpoint import (
     read_output_dir,
 )
 from lpconvert.errors import LatePhaseError
+from lpconvert.model_card import MODEL_CARD_NAME, OUTPUT_FILES, PROVENANCE_NAME, REPO_ID_PLACEHOLDER, WEIGHTS_NAME
 
 __all__ = ["push"]
 

@@ -317,8 +317,8 @@ def write_report(result: NQPResult, path: Path, command: str, wall_s: float) -> 
         "",
         "## Steady-state check",
         "",
-        f"Relative change (B − A)/A of the seed-averaged loss per K between the window before the last (A) and the "
-        f"last window (B), as its mean over K and the one of largest magnitude.",
+        "Relative change (B − A)/A of the seed-averaged loss per K between the window before the last (A) and the "
+        "last window (B), as its mean over K and the one of largest magnitude.",
         "",
         "| η | method | mean change | largest change |",
         "|---|---|---|---|",

@@ -109,3 +109,23 @@ def test_rank1_initialised_at_one_is_the_original_layer():
     torch.testing.assert_close(layer(x), conv(x))
     assert layer.weight is conv.weight
     assert list(dict(layer.named_parameters())) == ["weight", "bias", "rank1_u", "rank1_v"]
+
+
+def test_switching_members_does_not_recompile():
+    """The member index is a tensor: torch.compile traces one graph for all K members (dynamo only, eager backend)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    import lpconvert
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = lpconvert.convert(timm.create_model("digits_cnn"), K=10, targets="bn,head").train()
+    compiled = torch.compile(model, backend="eager")
+    x = torch.randn(2, 1, 8, 8)
+    for k in range(10):
+        lpconvert.select_members(model, k)
+        compiled(x).sum().backward()
+    assert counters["stats"]["unique_graphs"] >= 1
+    assert not counters["recompiles"], dict(counters["recompiles"])
+    assert model.features[0][1].num_batches_tracked.tolist() == [1] * 10  # every member's statistics were updated
