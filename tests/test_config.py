@@ -1,0 +1,49 @@
+"""Settings: defaults are the paper's ImageNet recipe; recipes (YAML, TOML) set fields; flags override them."""
+
+import pytest
+
+from lpconvert.cli import build_config
+from lpconvert.config import FinetuneConfig, list_recipes, read_recipe
+from lpconvert.errors import LatePhaseError
+from lpconvert.finetune import lr_factor
+
+
+def test_defaults_are_the_paper_imagenet_recipe():
+    c = FinetuneConfig()
+    assert (c.optimizer, c.momentum, c.weight_decay, c.batch_size, c.lr, c.epochs, c.K, c.sigma0) == (
+        "sgd", 0.9, 1e-4, 256, 0.001, 20, 10, 0.0)
+    assert c.gamma_theta is None and c.late_phase == ("batchnorm",) and c.milestones == (10,)
+    assert lr_factor(c, 9.99) == 1.0 and lr_factor(c, 10.0) == pytest.approx(0.1)
+
+
+def test_yaml_and_toml_recipes_with_flag_overrides(tmp_path):
+    (tmp_path / "r.yaml").write_text("paper: {base: 1}\nsettings:\n  model: resnet50\n  K: 4\n  late-phase: [bn, head]\n"
+                                     "  milestones: [5, 8]\n")
+    (tmp_path / "r.toml").write_text('model = "resnet50"\nK = 4\nlate_phase = ["bn"]\nlr = 0.01\n')
+    yaml_config = build_config(None, str(tmp_path / "r.yaml"), {"K": 6, "lr": None})
+    assert (yaml_config.model, yaml_config.K, yaml_config.late_phase, yaml_config.milestones) == (
+        "resnet50", 6, ("bn", "head"), (5, 8))
+    toml_config = build_config("resnet18", str(tmp_path / "r.toml"), {})
+    assert (toml_config.model, toml_config.K, toml_config.lr) == ("resnet18", 4, 0.01)
+    (tmp_path / "bad.yaml").write_text("settings:\n  model: resnet50\n  learning_rate: 0.1\n")
+    with pytest.raises(LatePhaseError, match="unknown setting.*learning_rate"):
+        build_config(None, str(tmp_path / "bad.yaml"), {})
+    (tmp_path / "broken.toml").write_text("K = = 3")
+    with pytest.raises(LatePhaseError, match="cannot parse recipe"):
+        read_recipe(tmp_path / "broken.toml")
+
+
+def test_schedules():
+    linear = FinetuneConfig(lr=0.01, schedule="linear", anneal_start=0, anneal_end=10, lr_end=0.001, epochs=20)
+    assert [round(lr_factor(linear, e) * linear.lr, 6) for e in (0, 5, 10, 15)] == [0.01, 0.0055, 0.001, 0.001]
+    cosine = FinetuneConfig(lr=0.1, schedule="cosine", epochs=10, lr_end=0.0)
+    assert lr_factor(cosine, 0) == 1.0 and lr_factor(cosine, 5) == pytest.approx(0.5) and lr_factor(cosine, 10) == 0
+    swa = FinetuneConfig(lr=0.1, schedule="constant", swa_start=3, swa_lr=0.05)
+    assert lr_factor(swa, 2.9) == 1.0 and lr_factor(swa, 3) == 0.5
+
+
+def test_the_zoo_recipes_parse_and_carry_the_paper_numbers():
+    recipes = {r["name"]: r for r in list_recipes()}
+    assert recipes["imagenet_resnet152"]["paper"] == {"base": 78.31, "fine-tuned": 78.37, "late-phase": 78.77}
+    for recipe in recipes.values():
+        build_config(None, recipe["file"], {})  # every recipe is a valid configuration
