@@ -101,6 +101,7 @@ _FINETUNE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--sigma0", "sigma0", float, "Member initialisation noise σ0 (Eq. 2)."),
     ("--gamma-theta", "gamma_theta", float, "γθ scaling the accumulated shared-weight gradient [default: 1/K]."),
     ("--t0", "t0", int, "Epoch at which late-phase training starts (plain training before)."),
+    ("--accumulate", "accumulate", int, "With --K 1: θ accumulates over this many minibatches (Table 10 control)."),
     ("--epochs", "epochs", int, "Epochs."),
     ("--batch-size", "batch_size", int, "Global minibatch size per member step."),
     ("--optimizer", "optimizer", click.Choice(["sgd", "adam", "adamw"]), "U_θ."),

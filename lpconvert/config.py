@@ -46,6 +46,7 @@ class FinetuneConfig:
     sigma0: float = 0.0
     gamma_theta: float | None = None
     t0: int = 0
+    accumulate: int = 1
     # optimisation: U_θ, and U_φ where the member_* fields differ
     epochs: int = 20
     batch_size: int = 256
@@ -90,13 +91,15 @@ class FinetuneConfig:
     def validate(self) -> "FinetuneConfig":
         """Check every field once; raise a one-line :class:`LatePhaseError` naming the flag."""
         positive = {"K": self.K, "epochs": self.epochs, "batch-size": self.batch_size, "log-every": self.log_every,
-                    "recalibrate-batches": self.recalibrate_batches}
+                    "recalibrate-batches": self.recalibrate_batches, "accumulate": self.accumulate}
         for flag, value in positive.items():
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise LatePhaseError(f"--{flag} must be a positive integer, got {value!r}")
         for flag, value in {"t0": self.t0, "checkpoint-every": self.checkpoint_every, "workers": self.workers}.items():
             if value < 0:
                 raise LatePhaseError(f"--{flag} must be 0 or more, got {value}")
+        if self.accumulate > 1 and self.K > 1:
+            raise LatePhaseError("--accumulate is the K = 1 control (θ accumulated over M minibatches); use it with --K 1")
         if self.t0 >= self.epochs:
             raise LatePhaseError(f"--t0 {self.t0} must be smaller than --epochs {self.epochs}")
         if self.lr <= 0 or (self.member_lr is not None and self.member_lr <= 0):

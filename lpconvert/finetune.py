@@ -181,9 +181,11 @@ def build_engine(model: nn.Module, train_model: nn.Module, config: FinetuneConfi
     )
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.amp_dtype == torch.float16 else None
     engine = LatePhaseEngine(
-        train_model, theta, member, gamma_theta=config.gamma_theta if K > 1 else 1.0, mode=mode,
-        group_size=config.group_size, autocast_dtype=runtime.amp_dtype, grad_scaler=scaler,
+        train_model, theta, member, gamma_theta=config.gamma_theta if K > 1 or config.accumulate > 1 else 1.0,
+        mode=mode, group_size=config.group_size, autocast_dtype=runtime.amp_dtype, grad_scaler=scaler,
     )
+    if K == 1 and config.accumulate > 1 and config.gamma_theta is None:
+        engine.gamma_theta = 1.0 / config.accumulate
     for optimizer in engine.optimizers:
         for group in optimizer.param_groups:
             group.setdefault("base_lr", group["lr"])
@@ -402,6 +404,9 @@ class Trainer:
     def train_one_epoch(self, stop_after: int | None) -> dict[str, Any]:
         config, runtime, engine = self.config, self.runtime, self.engine
         K = engine.num_members
+        # minibatches per Algorithm-1 iteration: one per member; K = 1 with --accumulate M is the gradient-
+        # accumulation control (the single member steps on every minibatch, θ once per M)
+        per_iteration = config.accumulate if K == 1 else K
         position = self.position
         sampler = self.train_loader.batch_sampler
         sampler.set_position(position.epoch, position.batch)
@@ -409,13 +414,13 @@ class Trainer:
         loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
         finite = torch.ones((), device=runtime.device, dtype=torch.bool)
         seen, started = 0, time.perf_counter()
-        iterations = math.ceil((self.batches_per_epoch - position.batch) / K)
+        iterations = math.ceil((self.batches_per_epoch - position.batch) / per_iteration)
         bar = _progress(iterations, f"epoch {position.epoch + 1}/{config.epochs}", disable=config.quiet or not runtime.is_main)
-        for step, (xs, ys) in enumerate(iterate_members(self.train_loader, K)):
+        for step, (xs, ys) in enumerate(iterate_members(self.train_loader, per_iteration)):
             xs = [_to_device(x, runtime) for x in xs]
             ys = [y.to(runtime.device, non_blocking=True) for y in ys]
             set_learning_rates(engine, lr_factor(config, position.epoch + position.batch / self.batches_per_epoch))
-            losses = engine.step(xs, ys, members=range(len(xs)))
+            losses = engine.step(xs, ys, members=range(len(xs)) if K > 1 else [0] * len(xs))
             loss_sum += losses.sum()
             finite &= torch.isfinite(losses).all()
             position.batch += len(xs)

@@ -166,3 +166,18 @@ def test_bare_resume_on_the_command_line_continues_the_run(tmp_path, monkeypatch
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
+
+
+def test_gradient_accumulation_control(tmp_path):
+    """--K 1 --accumulate 3: the member steps on every minibatch, θ once per 3 (paper Table 10's control)."""
+    report = run(_digits_run(tmp_path, "accumulate", K=1, accumulate=3, epochs=1))
+    checkpoint = _load(tmp_path / "accumulate" / "checkpoints" / "last.pt")
+    assert report["K"] == 1 and checkpoint["position"]["iteration"] == 10  # 30 minibatches / 3
+    run(_digits_run(tmp_path, "plain", K=1, epochs=1))
+    plain = _load(tmp_path / "plain" / "checkpoints" / "last.pt")
+    assert plain["position"]["iteration"] == 30  # one θ step per minibatch
+    # the member (BN, classifier) and θ moved differently from plain fine-tuning
+    for key in ("features.0.0.weight", "fc.weight"):
+        assert not torch.allclose(checkpoint["model"][key], plain["model"][key])
+    with pytest.raises(lpconvert.LatePhaseError, match="--accumulate"):
+        run(_digits_run(tmp_path, "bad", K=3, accumulate=3))
