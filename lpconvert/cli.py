@@ -235,7 +235,10 @@ def demo(output: str, K: int, seeds: int, force: bool) -> None:
 @click.option("--ood", multiple=True, help="Out-of-distribution set (tree or archive), repeatable: AUROC per set + mean.")
 @click.option("--ensemble", is_flag=True, help="Late-phase run: also the non-averaged ensemble (mean of member softmax).")
 @click.option("--bn-stats", type=click.Choice(["fold", "mean", "recalibrate", "all"]),
-              help="Late-phase run: collapse mode(s) to evaluate [default: the run's]; recalibrate uses train/.")
+              help="Late-phase run: collapse mode(s) to evaluate [default: the run's]; recalibrate uses train/ with "
+                   "the training augmentation.")
+@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
+              help="Late-phase run: which checkpoint.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local weights for a model spec.")
 @click.option("--subset", type=int, help="Evaluate a stratified subset of this many images.")
 @click.option("--flatness", default="", help="Comma-separated σz for the flatness score δL(σz) (paper Fig. 3).")
@@ -245,7 +248,8 @@ def demo(output: str, K: int, seeds: int, force: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto (GPU when there is one), cpu, cuda, cuda:N.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the rows as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the rows as CSV.")
-def evaluate_command(source: str, data: str, ood: tuple, ensemble: bool, bn_stats: str | None, weights: str | None,
+def evaluate_command(source: str, data: str, ood: tuple, ensemble: bool, bn_stats: str | None, checkpoint: str,
+                     weights: str | None,
                      subset: int | None, flatness: str, flatness_draws: int, batch_size: int, workers: int,
                      device: str, json_path: str | None, csv_path: str | None) -> None:
     """Top-1/top-5, NLL, ECE and OOD AUROC of SOURCE: a model spec, an output directory or a late-phase run."""
@@ -253,7 +257,8 @@ def evaluate_command(source: str, data: str, ood: tuple, ensemble: bool, bn_stat
     from .evaluate import evaluate, format_table, to_csv, to_json
 
     sigmas = [float(v) for v in flatness.split(",") if v.strip()]
-    rows = evaluate(source, data, ood=ood, ensemble=ensemble, bn_stats=bn_stats, weights=weights, subset=subset,
+    rows = evaluate(source, data, ood=ood, ensemble=ensemble, bn_stats=bn_stats, checkpoint=checkpoint,
+                    weights=weights, subset=subset,
                     batch_size=batch_size, workers=workers, device=device, flatness_sigmas=sigmas,
                     flatness_draws=flatness_draws)
     click.echo(format_table(rows))

@@ -89,7 +89,9 @@ def collapse(
     - ``"fold"`` (default): γ' = mean_k γ_k/√(v_k+ε), β' = mean_k (β_k − γ_k μ_k/√(v_k+ε)), statistics (0, 1−ε):
       in eval mode each BN outputs exactly the average of its members' outputs;
     - ``"mean"``: the members' running statistics are averaged;
-    - ``"recalibrate"``: statistics re-estimated with a pass over `data` (every BN layer of the model).
+    - ``"recalibrate"``: statistics re-estimated with a pass over `data` (every BN layer of the model); give it
+      training images WITH the training augmentation — statistics of un-augmented images cost the shared CIFAR-10
+      ResNet-20 3 points of test accuracy.
 
     Works on a copy unless ``inplace=True``.
 
