@@ -159,13 +159,14 @@ def _optimizer_factory(name: str, lr: float, momentum: float, nesterov: bool, we
     return partial(optimizer, lr=lr, weight_decay=weight_decay)
 
 
-def choose_mode(config: FinetuneConfig, model: nn.Module, K: int, input_size: tuple[int, ...], world_size: int) -> str:
-    """Vectorized when every batch-statistics layer is late-phase and K stacked minibatches stay small."""
+def choose_mode(config: FinetuneConfig, model: nn.Module, K: int, input_size: tuple[int, ...], runtime: Runtime) -> str:
+    """Vectorized on a GPU when every batch-statistics layer is late-phase and K stacked minibatches stay small (on a
+    CPU a K-times larger batch is not faster per image: see zoo/BENCHMARKS.md)."""
     if config.mode != "auto":
         return config.mode
-    if K == 1 or shared_batch_norms(model):
+    if K == 1 or runtime.device.type != "cuda" or shared_batch_norms(model):
         return "sequential"
-    pixels = K * (config.batch_size // world_size) * math.prod(input_size[-2:])
+    pixels = K * (config.batch_size // runtime.world_size) * math.prod(input_size[-2:])
     return "vectorized" if pixels <= VECTORIZE_MAX_PIXELS else "sequential"
 
 
@@ -345,7 +346,7 @@ class Trainer:
         input_size = getattr(self.model, "pretrained_cfg", {}).get("input_size", (3, 224, 224))
         if config.data == DIGITS:
             input_size = (1, 8, 8)
-        self.mode = choose_mode(config, self.model, K, input_size, runtime.world_size)
+        self.mode = choose_mode(config, self.model, K, input_size, runtime)
         self.engine = build_engine(self.model, train_model, config, K, self.mode, runtime)
         if previous is not None:
             if previous.theta_optimizer is not None and self.engine.theta_optimizer is not None:

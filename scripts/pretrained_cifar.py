@@ -93,10 +93,11 @@ def main() -> None:
                                         "eval": row.pop("variant"), **row})
                     print(f"{name}: " + ", ".join(f"{r['eval']} {r['top1']:.2f}" for r in results[-len(rows):]),
                           flush=True)
+                    write_report(results, args, time.time() - started, quiet=True)  # partial results survive
     write_report(results, args, time.time() - started)
 
 
-def write_report(results: list[dict], args: argparse.Namespace, seconds: float) -> None:
+def write_report(results: list[dict], args: argparse.Namespace, seconds: float, quiet: bool = False) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2))
@@ -137,7 +138,8 @@ def write_report(results: list[dict], args: argparse.Namespace, seconds: float) 
     for (sched, arm, gamma, evaluated), rows in groups.items():
         lines.append(f"| {sched} | {arm} | {gamma} | {evaluated} | " + " | ".join(cell(rows, k) for k in METRICS) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    if not quiet:
+        print("\n".join(lines))
 
 
 if __name__ == "__main__":
