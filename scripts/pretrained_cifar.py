@@ -97,6 +97,14 @@ def main() -> None:
     write_report(results, args, time.time() - started)
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
 def write_report(results: list[dict], args: argparse.Namespace, seconds: float, quiet: bool = False) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -112,7 +120,7 @@ def write_report(results: list[dict], args: argparse.Namespace, seconds: float, 
         mean, std = statistics.mean(values), statistics.stdev(values)
         return f"{mean:.2f} ± {std:.2f}" if key == "top1" else f"{mean:.4f} ± {std:.4f}"
 
-    hardware = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"{platform.processor()} CPU"
+    hardware = torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()
     lines = [
         f"# Pretrained CIFAR-10 ResNet-{args.depth}: late-phase vs plain fine-tuning",
         "",
