@@ -272,6 +272,12 @@ def _to_device(x: torch.Tensor, runtime: Runtime) -> torch.Tensor:
     return x.contiguous(memory_format=torch.channels_last) if runtime.channels_last and x.dim() == 4 else x
 
 
+def _recalibration_batches(train: DataLoader, runtime: Runtime):
+    """Training batches (with their augmentation) on the device, from the start of the epoch-0 order."""
+    train.batch_sampler.set_position(0)
+    return ((_to_device(x, runtime), y) for x, y in train)
+
+
 def evaluate_averaged(model: nn.Module, config: FinetuneConfig, val: DataLoader, train: DataLoader,
                       runtime: Runtime, swa: nn.Module | None = None) -> dict[str, float]:
     """Collapse a copy of the late-phase model (or of its SWA average) with --bn-stats and evaluate it."""
@@ -279,8 +285,7 @@ def evaluate_averaged(model: nn.Module, config: FinetuneConfig, val: DataLoader,
     bn_stats = _eval_bn_stats(config, swa is not None)
     data = None
     if bn_stats == "recalibrate":
-        train.batch_sampler.set_position(0)
-        data = ((_to_device(x, runtime), y) for x, y in train)
+        data = _recalibration_batches(train, runtime)
     averaged = collapse(source, bn_stats=bn_stats, data=data, num_batches=config.recalibrate_batches)
     return evaluate_model(averaged, val, device=runtime.device, amp_dtype=runtime.amp_dtype)
 
@@ -525,8 +530,7 @@ class Trainer:
             if best["swa"] is not None:
                 self.swa.load_state_dict(best["swa"]["model"])
         epoch = self.history.best_epoch if chosen == "best" else self.history.epochs[-1]["epoch"]
-        self.train_loader.batch_sampler.set_position(0)
-        recalibration = ((_to_device(x, self.runtime), y) for x, y in self.train_loader)
+        recalibration = _recalibration_batches(self.train_loader, self.runtime)
         metrics = export_model(
             self.swa.module if self.swa is not None else self.model, self.run_dir / "model", config=config,
             source=self.source, history=self.history, epoch=epoch, chosen=chosen, data=recalibration,

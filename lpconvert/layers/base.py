@@ -87,10 +87,6 @@ class LatePhaseLayer(nn.Module):
         """The stacked (K, ...) late-phase parameters φ of this layer."""
         raise NotImplementedError
 
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of this layer that all members share (part of θ)."""
-        return iter(())
-
     def perturb(self, sigma0: float, generator: torch.Generator | None = None) -> None:
         raise NotImplementedError
 

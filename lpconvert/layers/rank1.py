@@ -51,11 +51,6 @@ class Rank1Layer(LatePhaseLayer):
         yield self.rank1_u
         yield self.rank1_v
 
-    def shared_parameters(self) -> Iterator[nn.Parameter]:
-        yield self.weight
-        if self.bias is not None:
-            yield self.bias
-
     @torch.no_grad()
     def perturb(self, sigma0: float, generator: torch.Generator | None = None) -> None:
         """Eq. 2 with φ0 = 1 (so ‖φ0‖/√D = 1): u_k, v_k = 1 + σ0 ε_k."""

@@ -43,7 +43,7 @@ class WideResNet(nn.Module):
         widths = (16 * widen, 32 * widen, 64 * widen)
         self.conv1 = nn.Conv2d(in_chans, 16, 3, 1, 1, bias=False)
         layers, in_chs = [], 16
-        for group, (width, stride) in enumerate(zip(widths, (1, 2, 2))):
+        for width, stride in zip(widths, (1, 2, 2)):
             layers.append(nn.Sequential(*[
                 _PreActBlock(in_chs if i == 0 else width, width, stride if i == 0 else 1, drop_rate)
                 for i in range(blocks)
