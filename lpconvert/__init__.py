@@ -8,10 +8,11 @@
 """
 
 from . import models  # noqa: F401  (registers lpconvert's architectures (cifar_resnet20, digits_cnn, …) with timm)
-from .checkpoint import load_late_phase, load_model, save_pretrained
+from .checkpoint import load_late_phase, save_pretrained
 from .collapse import collapse, ensemble_predict, recalibrate_batch_norm, unload
 from .engine import LatePhaseEngine, iterate_members
 from .errors import LatePhaseError
+from .loading import load_model
 from .surgery import KINDS, Plan, convert, late_phase_layers, num_members, plan, select_members
 
 __version__ = "0.1.0"

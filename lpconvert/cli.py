@@ -68,9 +68,9 @@ def main(verbose: bool) -> None:
 def inspect(model: str, K: int, late_phase: str, include: tuple, exclude: tuple, weights: str | None,
             num_classes: int | None, list_layers: bool) -> None:
     """Report what `convert` would turn into late-phase layers (nothing is downloaded: random init)."""
-    from . import checkpoint, plan
+    from . import load_model, plan
 
-    net, _ = checkpoint.load_model(model, weights=weights, num_classes=num_classes, pretrained=False)
+    net, _ = load_model(model, weights=weights, num_classes=num_classes, pretrained=False)
     report = plan(net, K, late_phase, include=include or None, exclude=exclude or None)
     click.echo(str(report))
     if list_layers:
@@ -253,7 +253,7 @@ def evaluate_command(source: str, data: str, ood: tuple, ensemble: bool, bn_stat
                      subset: int | None, flatness: str, flatness_draws: int, batch_size: int, workers: int,
                      device: str, json_path: str | None, csv_path: str | None) -> None:
     """Top-1/top-5, NLL, ECE and OOD AUROC of SOURCE: a model spec, an output directory or a late-phase run."""
-    from .checkpoint import atomic_write_bytes
+    from .files import atomic_write_bytes
     from .evaluate import evaluate, format_table, to_csv, to_json
 
     sigmas = [float(v) for v in flatness.split(",") if v.strip()]

@@ -1,9 +1,43 @@
-"""The one exception type for user errors.
+"""The one exception type for user errors, and the helpers that keep error messages to one line.
 
 Library code raises :class:`LatePhaseError` (a ``ValueError``) with a one-line message that says what is wrong and
 what to do; the CLI turns it into that line on stderr and exit code 2, without a traceback.
 """
 
+from __future__ import annotations
+
+import contextlib
+import urllib.error
+from typing import Any
+
 
 class LatePhaseError(ValueError):
     """A user error: bad input, a bad option or a model in the wrong state."""
+
+
+def one_line(err: Any) -> str:
+    """``err`` as a single line of at most 200 characters, for embedding in an error message."""
+    text = " ".join(str(err).split())
+    return (text[:200] + "...") if len(text) > 200 else (text or type(err).__name__)
+
+
+def _network_error_types() -> tuple[type[BaseException], ...]:
+    from huggingface_hub import errors
+
+    types: list[type[BaseException]] = [
+        errors.HfHubHTTPError, errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled,
+        urllib.error.URLError, ConnectionError, TimeoutError,
+    ]
+    for module in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError):
+            types.append(__import__(module).TransportError)
+    with contextlib.suppress(ImportError):
+        import requests
+
+        types.append(requests.exceptions.RequestException)
+    return tuple(types)
+
+
+def is_network_error(err: BaseException) -> bool:
+    """True for errors of the network or the Hub (connection, timeout, HTTP, offline mode), whichever HTTP client."""
+    return isinstance(err, _network_error_types())

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_late_phase, load_model
+from .checkpoint import load_late_phase
+from .loading import load_model
 from .collapse import collapse, ensemble_predict
 from .data import build_datasets, resolve_data_dirs
 from .errors import LatePhaseError

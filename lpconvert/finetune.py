@@ -25,12 +25,14 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from . import checkpoint as ckpt
+from .checkpoint import load_late_phase, load_run_checkpoint, save_pretrained
 from .collapse import collapse
 from .config import FinetuneConfig
 from .data import build_datasets, data_fingerprint, digits_datasets, resolve_data_dirs
 from .engine import LatePhaseEngine, iterate_members, shared_batch_norms
 from .errors import LatePhaseError
+from .files import atomic_save_torch, atomic_write_bytes, atomic_write_json
+from .loading import ModelSource, load_model
 from .metrics import evaluate_model
 from .sampler import EpochBatchSampler, SeededSamples
 from .surgery import convert, late_phase_layers, resolve_kinds
@@ -312,7 +314,7 @@ class Trainer:
         torch.manual_seed(config.seed)
         random.seed(config.seed)
         pretrained = config.pretrained and resume_state is None
-        self.model, self.source = ckpt.load_model(
+        self.model, self.source = load_model(
             config.model, weights=config.weights if resume_state is None else None,
             num_classes=config.num_classes, pretrained=pretrained,
         )
@@ -398,7 +400,7 @@ class Trainer:
         if not self.runtime.is_main:
             return None
         path = self.run_dir / "checkpoints" / f"{name}.pt"
-        ckpt.atomic_save_torch(self.state(), path)
+        atomic_save_torch(self.state(), path)
         return path
 
     # -- the loop -----------------------------------------------------------------------------------------------
@@ -517,7 +519,7 @@ class Trainer:
         """metrics.jsonl, rewritten atomically from the history (so a resumed run never repeats a row)."""
         if self.runtime.is_main:
             lines = "".join(json.dumps(row) + "\n" for row in self.history.epochs)
-            ckpt.atomic_write_bytes(self.run_dir / "metrics.jsonl", lines.encode())
+            atomic_write_bytes(self.run_dir / "metrics.jsonl", lines.encode())
 
     # -- the end --------------------------------------------------------------------------------------------------
     def finish(self, command: str | None) -> dict[str, Any]:
@@ -525,7 +527,7 @@ class Trainer:
         config = self.config
         chosen = "best" if config.select == "best" and self.history.best_epoch is not None else "last"
         if chosen == "best":
-            best = ckpt.load_run_checkpoint(self.run_dir / "checkpoints" / "best.pt")
+            best = load_run_checkpoint(self.run_dir / "checkpoints" / "best.pt")
             self.model.load_state_dict(best["model"])
             if best["swa"] is not None:
                 self.swa.load_state_dict(best["swa"]["model"])
@@ -544,7 +546,7 @@ class Trainer:
             "start_top1": metrics["base"]["top1"], "final_top1": metrics["final"]["top1"],
             "change": metrics["final"]["top1"] - metrics["base"]["top1"],
         }
-        ckpt.atomic_write_json(self.run_dir / "report.json", report)
+        atomic_write_json(self.run_dir / "report.json", report)
         plot_curves(self.history.epochs, self.run_dir / "curves.png")
         return report
 
@@ -562,7 +564,7 @@ def _eval_bn_stats(config: FinetuneConfig, swa: bool) -> str:
     return "recalibrate" if swa else config.bn_stats
 
 
-def export_model(late_model: nn.Module, out_dir: Path, *, config: FinetuneConfig, source: ckpt.ModelSource,
+def export_model(late_model: nn.Module, out_dir: Path, *, config: FinetuneConfig, source: ModelSource,
                  history: History, epoch: int, chosen: str, bn_stats: str, data: Any, extra: dict[str, Any],
                  label_names: list[str] | None, force: bool) -> dict[str, Any] | None:
     """Collapse `late_model` (Eq. 1) and write it with its card; metrics are the ones recorded for `epoch`
@@ -578,7 +580,7 @@ def export_model(late_model: nn.Module, out_dir: Path, *, config: FinetuneConfig
             "protocol": f"top-1/top-5/NLL/ECE on the same validation set with the same preprocessing; final = "
                         f"members averaged with bn_stats={bn_stats}, epoch {epoch} ({chosen})",
         }
-    ckpt.save_pretrained(
+    save_pretrained(
         averaged, out_dir, source=source, metrics=metrics, hparams=_hparams(config), label_names=label_names,
         force=force, provenance={**extra, "config": config.to_dict(), "seed": config.seed, "epoch": epoch,
                                  "bn_stats": bn_stats, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -590,7 +592,7 @@ def export_model(late_model: nn.Module, out_dir: Path, *, config: FinetuneConfig
 def collapse_run(path: str | Path, out: str | Path, *, bn_stats: str = "fold", data: str | None = None,
                  which: str = "best", force: bool = False) -> Path:
     """`lpconvert collapse`: average a run's (or checkpoint's) members into the original architecture and save it."""
-    model, state = ckpt.load_late_phase(path, which)
+    model, state = load_late_phase(path, which)
     config = FinetuneConfig.from_dict(state["config"])
     history = History(**state["history"])
     if state["swa"] is not None:
@@ -608,7 +610,7 @@ def collapse_run(path: str | Path, out: str | Path, *, bn_stats: str = "fold", d
     chosen = "best" if which == "best" and history.best_epoch is not None else "last"
     epoch = history.best_epoch if chosen == "best" else state["position"]["epoch"]
     out = Path(out)
-    export_model(model, out, config=config, source=ckpt.ModelSource(**state["source"]), history=history,
+    export_model(model, out, config=config, source=ModelSource(**state["source"]), history=history,
                  epoch=epoch, chosen=chosen, bn_stats=bn_stats, data=recalibration,
                  extra={"command": finetune_command(), "collapsed_from": str(path)},
                  label_names=state.get("label_names"), force=force)
@@ -661,7 +663,7 @@ def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
-    ckpt.atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -675,7 +677,7 @@ def resolve_run_dir(config: FinetuneConfig) -> tuple[Path, dict[str, Any] | None
         path = run_dir / "checkpoints" / "last.pt"
         if not path.is_file():
             raise LatePhaseError(f"{run_dir} is not an lpconvert run directory (no checkpoints/last.pt); cannot resume")
-        state = ckpt.load_run_checkpoint(path)
+        state = load_run_checkpoint(path)
         saved = state["config"]
         ignored = ("resume", "force", "quiet", "workers", "log_every", "output", "push_to_hub", "allow_regression")
         differing = [k for k, v in config.to_dict().items() if k not in ignored and saved.get(k) != v]
@@ -701,7 +703,7 @@ def create_run_dir(run_dir: Path, config: FinetuneConfig) -> None:
 
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.atomic_write_json(run_dir / "config.json", config.to_dict())
+    atomic_write_json(run_dir / "config.json", config.to_dict())
 
 
 def run(config: FinetuneConfig, *, stop_after: int | None = None, command: str | None = None) -> dict[str, Any]:

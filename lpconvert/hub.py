@@ -6,15 +6,15 @@ import hashlib
 from pathlib import Path
 from typing import Any
 
-from lpconvert.checkpoint import (
-    OutputDir,
-    _is_network_error,
-    _one_line,
-    lpconvert_version,
-    read_output_dir,
+from lpconvert.checkpoint import OutputDir, lpconvert_version, read_output_dir
+from lpconvert.errors import LatePhaseError, is_network_error, one_line
+from lpconvert.model_card import (
+    MODEL_CARD_NAME,
+    OUTPUT_FILES,
+    PROVENANCE_NAME,
+    REPO_ID_PLACEHOLDER,
+    WEIGHTS_NAME,
 )
-from lpconvert.errors import LatePhaseError
-from lpconvert.model_card import MODEL_CARD_NAME, OUTPUT_FILES, PROVENANCE_NAME, REPO_ID_PLACEHOLDER, WEIGHTS_NAME
 
 __all__ = ["push"]
 
@@ -166,22 +166,22 @@ def _map_hub_error(err: Exception, repo_id: str, revision: str | None, endpoint:
             )
         if status == 404:
             return LatePhaseError(f"repository {repo_id} or revision {revision or 'main'} was not found at {endpoint}")
-        detail = _one_line(err.server_message or "") if err.server_message else f"HTTP {status}"
+        detail = one_line(err.server_message or "") if err.server_message else f"HTTP {status}"
         return LatePhaseError(
             f"the Hub at {endpoint} failed with HTTP {status} ({detail}); nothing was committed, retry later"
         )
     if _never_connected(err):
         return LatePhaseError(
-            f"cannot reach the Hub at {endpoint} ({_one_line(err)}); check your network or HF_ENDPOINT, "
+            f"cannot reach the Hub at {endpoint} ({one_line(err)}); check your network or HF_ENDPOINT, "
             "nothing was committed"
         )
-    if _is_network_error(err):
+    if is_network_error(err):
         return LatePhaseError(
-            f"the connection to the Hub at {endpoint} broke ({_one_line(err)}); commits are all-or-nothing, "
+            f"the connection to the Hub at {endpoint} broke ({one_line(err)}); commits are all-or-nothing, "
             "check the repository and push again"
         )
     if isinstance(err, ValueError) and "Invalid metadata in README.md" in str(err):
-        return LatePhaseError(f"the Hub rejected the model card metadata ({_one_line(err)}); fix README.md's header")
+        return LatePhaseError(f"the Hub rejected the model card metadata ({one_line(err)}); fix README.md's header")
     return None
 
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 if TYPE_CHECKING:
-    from lpconvert.checkpoint import ModelSource
+    from lpconvert.loading import ModelSource
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"

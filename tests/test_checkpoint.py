@@ -17,20 +17,15 @@ import yaml
 from torch import nn
 
 from lpconvert import checkpoint
-from lpconvert.checkpoint import (
-    ModelSource,
+from lpconvert.checkpoint import load_run_checkpoint, read_output_dir, save_pretrained
+from lpconvert.errors import LatePhaseError
+from lpconvert.files import (
     atomic_save_safetensors,
     atomic_save_torch,
     atomic_write_bytes,
     atomic_write_json,
-    load_model,
-    load_run_checkpoint,
-    load_weights,
-    read_output_dir,
-    read_state_dict,
-    save_pretrained,
 )
-from lpconvert.errors import LatePhaseError
+from lpconvert.loading import ModelSource, load_model, load_weights, read_state_dict
 
 METRICS = {
     "base": {"top1": 76.128, "top5": 92.862, "nll": 0.9618},

@@ -9,11 +9,12 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-
 from hub_server import TEST_TOKEN, HubServer, configure_client
-from lpconvert.checkpoint import load_model, save_pretrained
+
+from lpconvert.checkpoint import save_pretrained
 from lpconvert.errors import LatePhaseError
 from lpconvert.hub import push
+from lpconvert.loading import load_model
 
 EXPECTED_FILES = {"model.safetensors", "config.json", "README.md", "lpconvert.json"}
 BOB_TOKEN = "hf_bob_token"
