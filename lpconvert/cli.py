@@ -113,7 +113,7 @@ _FINETUNE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--member-lr", "member_lr", float, "Learning rate of U_φ [default: --lr]."),
     ("--member-weight-decay", "member_weight_decay", float, "Late-phase weight decay (paper, CIFAR: 5e-4·K)."),
     ("--schedule", "schedule", click.Choice(["multistep", "linear", "cosine", "constant"]), "Learning-rate schedule."),
-    ("--milestones", "milestones", str, "Comma-separated epochs where multistep multiplies the lr by --lr-gamma."),
+    ("--milestones", "milestones", str, "Epochs (comma-separated, fractions allowed) where multistep scales the lr by --lr-gamma."),
     ("--lr-gamma", "lr_gamma", float, "Multistep factor."),
     ("--lr-end", "lr_end", float, "Final learning rate of the linear and cosine schedules."),
     ("--anneal-start", "anneal_start", float, "Linear schedule: epoch where annealing starts."),
@@ -172,8 +172,16 @@ def build_config(model: str | None, recipe: str | None, flags: dict[str, Any]) -
         raise LatePhaseError("no MODEL given; name one (e.g. resnet152, tv:resnet50, hf-hub:ORG/NAME) or use --recipe")
     values.update({k: v for k, v in flags.items() if v is not None})
     if isinstance(values.get("milestones"), str):
-        values["milestones"] = tuple(int(m) for m in values["milestones"].split(",") if m.strip())
+        values["milestones"] = _parse_milestones(values["milestones"])
     return FinetuneConfig.from_dict(values).validate()
+
+
+def _parse_milestones(text: str) -> tuple[float, ...]:
+    try:
+        epochs = [float(m) for m in text.split(",") if m.strip()]
+    except ValueError:
+        raise LatePhaseError(f"--milestones takes comma-separated epochs such as 10,15 or 0.5; got {text!r}") from None
+    return tuple(int(e) if e.is_integer() else e for e in epochs)
 
 
 @main.command()

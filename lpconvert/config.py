@@ -59,7 +59,7 @@ class FinetuneConfig:
     member_lr: float | None = None
     member_weight_decay: float | None = None
     schedule: str = "multistep"
-    milestones: tuple[int, ...] = (10,)
+    milestones: tuple[float, ...] = (10,)
     lr_gamma: float = 0.1
     lr_end: float = 0.0
     anneal_start: float = 0.0

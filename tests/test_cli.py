@@ -93,6 +93,7 @@ def test_inspect_reports_the_plan():
         (["finetune", "digits_cnn", "--t0", "5", "--epochs", "3", *DIGITS], ["--t0 5 must be smaller"]),
         (["finetune", "digits_cnn", *DIGITS, "--batch-size", "5000"], ["fewer than one batch", "--batch-size"]),
         (["finetune", "digits_cnn", "--recipe", "missing.yaml"], ["missing.yaml", "lpconvert zoo"]),
+        (["finetune", "digits_cnn", "--milestones", "5,x", *DIGITS], ["--milestones", "10,15", "'5,x'"]),
         (["collapse", ".", "--out", "elsewhere"], ["not an lpconvert run directory"]),
         (["inspect", "resnet18", "--include", "nothing.*"], ["'nothing.*' matches no"]),
     ],

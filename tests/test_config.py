@@ -14,6 +14,8 @@ def test_defaults_are_the_paper_imagenet_recipe():
         "sgd", 0.9, 1e-4, 256, 0.001, 20, 10, 0.0)
     assert c.gamma_theta is None and c.late_phase == ("batchnorm",) and c.milestones == (10,)
     assert lr_factor(c, 9.99) == 1.0 and lr_factor(c, 10.0) == pytest.approx(0.1)
+    half = FinetuneConfig(epochs=1, milestones=(0.5,))  # fractional milestones: one-epoch schedules
+    assert lr_factor(half, 0.49) == 1.0 and lr_factor(half, 0.5) == pytest.approx(0.1)
 
 
 def test_yaml_and_toml_recipes_with_flag_overrides(tmp_path):
