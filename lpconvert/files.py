@@ -117,6 +117,7 @@ def atomic_save_torch(obj: Any, path: str | Path) -> Path:
 
 
 def prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors ready for safetensors; shared or partial storages become own copies."""
     prepared: dict[str, torch.Tensor] = {}
     seen_storages: set[int] = set()
     for key, tensor in tensors.items():
@@ -133,6 +134,7 @@ def prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tens
 
 
 def json_default(obj: Any) -> Any:
+    """``json.dumps(default=...)``: paths, sets, scalar tensors, numpy scalars and datetimes as plain JSON."""
     if isinstance(obj, Path):
         return str(obj)
     if isinstance(obj, (set, frozenset)):
@@ -151,6 +153,7 @@ def json_default(obj: Any) -> Any:
 
 
 def torch_load_weights_only(path: Path) -> Any:
+    """``torch.load(path, weights_only=True)`` on CPU; an unsafe or corrupted file is a one-line error."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
@@ -172,6 +175,7 @@ def torch_load_weights_only(path: Path) -> Any:
 
 
 def read_json_object(path: Path) -> dict[str, Any]:
+    """A JSON file that must hold an object; anything else is a one-line error."""
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:

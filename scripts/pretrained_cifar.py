@@ -3,13 +3,16 @@ state", Table 9 analog), against plain fine-tuning and the gradient-accumulation
 
     python scripts/pretrained_cifar.py --depth 20 --seeds 0 1 2 --epochs 20              # the full experiment
     python scripts/pretrained_cifar.py --train-subset 10000 --epochs 4 --gammas 1        # a CPU-sized version
+    python scripts/pretrained_cifar.py --epochs 1 --schedules imagenet --append          # add runs to the same report
 
 Arms: plain fine-tuning (K = 1); late-phase BatchNorm; late-phase BatchNorm + classifier; the control (K = 1, θ
 gradients accumulated over K minibatches). Schedules: ``cifar`` — lr reset to 0.01, linear to 0.001 over the first
 half, constant after (the paper: over 10 of 20 epochs); ``imagenet`` — 0.001, ×0.1 at half time. Every run uses the
 same data order and augmentation per seed, the LAST epoch (no selection on the test set), and is evaluated on the
 CIFAR-10 test set — late-phase runs with every collapse mode and as a non-averaged ensemble — with CIFAR-100 as the
-out-of-distribution set. Results (mean ± std over seeds) go to ``--out`` as Markdown and JSON.
+out-of-distribution set. Results (mean ± std over seeds) go to ``--out`` as Markdown and JSON after every run;
+``--append`` keeps the runs already in ``--out``'s JSON (same depth, epochs, subset, K and batch size), skips them
+and adds the new ones, so an interrupted experiment resumes and several invocations share one table.
 """
 
 from __future__ import annotations
@@ -35,12 +38,14 @@ ARMS = {
     "accumulation control": dict(K=1),
 }
 METRICS = ("top1", "nll", "ece", "auroc/test")
+#: Settings that must agree between the runs of one report (``--append``).
+SETTING = ("depth", "epochs", "train_subset", "K", "batch_size")
 
 
 def schedule(name: str, epochs: int) -> dict:
     if name == "cifar":
         return dict(lr=0.01, schedule="linear", anneal_start=0, anneal_end=epochs / 2, lr_end=0.001)
-    return dict(lr=0.001, schedule="multistep", milestones=(epochs // 2,), lr_gamma=0.1)
+    return dict(lr=0.001, schedule="multistep", milestones=(epochs / 2,), lr_gamma=0.1)
 
 
 def main() -> None:
@@ -60,21 +65,30 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--runs", default="runs/pretrained_cifar")
     parser.add_argument("--out", default="zoo/results/cifar10")
+    parser.add_argument("--append", action="store_true", help="keep and skip the runs already in --out's JSON")
     args = parser.parse_args()
+    report = load_report(args) if args.append else {"setting": {}, "invocations": [], "rows": []}
+    report["setting"] = {k: getattr(args, k) for k in SETTING}
+    report["invocations"].append({"command": command_line(args), "minutes": 0.0, "hardware": hardware()})
+    results: list[dict] = report["rows"]
+    done = {(r["schedule"], r["arm"], r["gamma"], r["seed"]) for r in results}
     weights = args.weights or str(next((SHARED / "weights/cifar10_resnet").glob(f"resnet{args.depth}-*.th")))
     common = dict(model=f"cifar_resnet{args.depth}", weights=weights, data=args.data, epochs=args.epochs,
                   batch_size=args.batch_size, train_subset=args.train_subset, workers=args.workers, select="last",
                   momentum=0.9, nesterov=True, weight_decay=5e-4, quiet=True, force=True)
     started = time.time()
-    results: list[dict] = []
-    initial = evaluate(f"cifar_resnet{args.depth}", args.data, ood=[args.ood], weights=weights, workers=args.workers)
-    results.append({"arm": "initial (pretrained)", "schedule": "-", "gamma": "-", "seed": None, "eval": "model",
-                    **initial[0]})
+    if ("-", "initial (pretrained)", "-", None) not in done:
+        initial = evaluate(f"cifar_resnet{args.depth}", args.data, ood=[args.ood], weights=weights,
+                           workers=args.workers)
+        results.insert(0, {"arm": "initial (pretrained)", "schedule": "-", "gamma": "-", "seed": None,
+                           "eval": "model", **initial[0]})
     for sched in args.schedules:
         for arm in args.arms:
             gammas = ["-"] if arm == "plain" else args.gammas
             for gamma in gammas:
                 for seed in args.seeds:
+                    if (sched, arm, gamma, seed) in done:
+                        continue
                     name = f"{sched}-{arm.replace(' ', '_').replace('+', '_')}-g{gamma.replace('/', '')}-s{seed}"
                     settings = dict(common, **schedule(sched, args.epochs), **ARMS[arm], seed=seed,
                                     output=str(Path(args.runs) / name))
@@ -93,8 +107,34 @@ def main() -> None:
                                         "eval": row.pop("variant"), **row})
                     print(f"{name}: " + ", ".join(f"{r['eval']} {r['top1']:.2f}" for r in results[-len(rows):]),
                           flush=True)
-                    write_report(results, args, time.time() - started, quiet=True)  # partial results survive
-    write_report(results, args, time.time() - started)
+                    report["invocations"][-1]["minutes"] = (time.time() - started) / 60
+                    write_report(report, args, quiet=True)  # partial results survive
+    report["invocations"][-1]["minutes"] = (time.time() - started) / 60
+    write_report(report, args)
+
+
+def load_report(args: argparse.Namespace) -> dict:
+    path = Path(args.out).with_suffix(".json")
+    if not path.is_file():
+        return {"setting": {}, "invocations": [], "rows": []}
+    report = json.loads(path.read_text())
+    ours = {k: getattr(args, k) for k in SETTING}
+    if report.get("setting") != ours:
+        raise SystemExit(f"{path} holds runs with other settings ({report.get('setting')}, now {ours}); "
+                         "choose another --out or drop --append")
+    return report
+
+
+def command_line(args: argparse.Namespace) -> str:
+    skip = ("data", "ood", "weights", "runs", "out", "append")
+    flags = [f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+             for k, v in vars(args).items() if v is not None and k not in skip]
+    return "python scripts/pretrained_cifar.py " + " ".join(flags) + (" --append" if args.append else "")
+
+
+def hardware() -> str:
+    name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()
+    return f"{name}, {torch.get_num_threads()} threads"
 
 
 def _cpu_name() -> str:
@@ -105,12 +145,12 @@ def _cpu_name() -> str:
         return platform.processor() or platform.machine()
 
 
-def write_report(results: list[dict], args: argparse.Namespace, seconds: float, quiet: bool = False) -> None:
+def write_report(report: dict, args: argparse.Namespace, quiet: bool = False) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    out.with_suffix(".json").write_text(json.dumps(report, indent=2))
     groups: dict[tuple, list[dict]] = {}
-    for row in results:
+    for row in report["rows"]:
         groups.setdefault((row["schedule"], row["arm"], row["gamma"], row["eval"]), []).append(row)
 
     def cell(rows: list[dict], key: str) -> str:
@@ -120,17 +160,15 @@ def write_report(results: list[dict], args: argparse.Namespace, seconds: float, 
         mean, std = statistics.mean(values), statistics.stdev(values)
         return f"{mean:.2f} ± {std:.2f}" if key == "top1" else f"{mean:.4f} ± {std:.4f}"
 
-    hardware = torch.cuda.get_device_name(0) if torch.cuda.is_available() else _cpu_name()
+    invocations = report["invocations"]
     lines = [
         f"# Pretrained CIFAR-10 ResNet-{args.depth}: late-phase vs plain fine-tuning",
         "",
-        f"Measured {time.strftime('%Y-%m-%d')} on {hardware} ({torch.get_num_threads()} threads), "
-        f"{seconds / 60:.0f} min in all. Command:",
+        f"Measured {time.strftime('%Y-%m-%d')}, {sum(i['minutes'] for i in invocations):.0f} min in all. "
+        f"Command{'s' if len(invocations) > 1 else ''} (hardware, minutes):",
         "",
         "```bash",
-        "python scripts/pretrained_cifar.py " + " ".join(
-            f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
-            for k, v in vars(args).items() if v is not None and k not in ("data", "ood", "weights", "runs", "out")),
+        *(f"{i['command']}    # {i['hardware']}, {i['minutes']:.0f} min" for i in invocations),
         "```",
         "",
         f"Training: {'all 50,000' if args.train_subset is None else f'a stratified {args.train_subset:,}-image subset of the'}"
