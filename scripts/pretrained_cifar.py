@@ -172,8 +172,10 @@ def write_report(report: dict, args: argparse.Namespace, quiet: bool = False) ->
         "```",
         "",
         f"Training: {'all 50,000' if args.train_subset is None else f'a stratified {args.train_subset:,}-image subset of the'}"
-        f" CIFAR-10 training images, {args.epochs} epochs, batch {args.batch_size}, K = {args.K}, SGD Nesterov 0.9, "
-        "weight decay 5e-4, the last epoch is reported (no selection on the test set). Test: the 10,000 CIFAR-10 "
+        f" CIFAR-10 training images, {args.epochs} epoch{'s' if args.epochs != 1 else ''}, batch {args.batch_size}, "
+        f"K = {args.K}, SGD Nesterov 0.9, weight decay 5e-4. Schedules over the run's length: cifar = lr 0.01 "
+        "linearly to 0.001 over the first half, constant after; imagenet = lr 0.001, ×0.1 at half time. The last "
+        "epoch is reported (no selection on the test set). Test: the 10,000 CIFAR-10 "
         "test images; OOD: the 10,000 CIFAR-100 test images (AUROC of the predictive entropy). Seeds: "
         f"{', '.join(map(str, args.seeds))} (same data order and augmentation per seed across arms). Mean ± std "
         "over seeds.",
@@ -182,6 +184,7 @@ def write_report(report: dict, args: argparse.Namespace, quiet: bool = False) ->
         "|---|---|---|---|---:|---:|---:|---:|",
     ]
     for (sched, arm, gamma, evaluated), rows in groups.items():
+        evaluated = "model (K = 1)" if arm in ("plain", "accumulation control") else evaluated
         lines.append(f"| {sched} | {arm} | {gamma} | {evaluated} | " + " | ".join(cell(rows, k) for k in METRICS) + " |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     if not quiet:
