@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import shlex
 import statistics
 import time
 from pathlib import Path
@@ -127,7 +128,7 @@ def load_report(args: argparse.Namespace) -> dict:
 
 def command_line(args: argparse.Namespace) -> str:
     skip = ("data", "ood", "weights", "runs", "out", "append")
-    flags = [f"--{k.replace('_', '-')} {' '.join(map(str, v)) if isinstance(v, list) else v}"
+    flags = [f"--{k.replace('_', '-')} {' '.join(shlex.quote(str(x)) for x in v) if isinstance(v, list) else v}"
              for k, v in vars(args).items() if v is not None and k not in skip]
     return "python scripts/pretrained_cifar.py " + " ".join(flags) + (" --append" if args.append else "")
 
