@@ -36,14 +36,14 @@ def spread(run: str, which: str) -> dict[str, float]:
     sums = dict(spread=0.0, moved=0.0, phi0=0.0, theta=0.0, theta0=0.0)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            p0 = initial[name].double()
+            p, p0 = p.double(), initial[name].double()
             if name in late_names:
-                mean = p.double().mean(0)
-                sums["spread"] += (p.double() - mean).pow(2).sum().item() / p.shape[0]
+                mean = p.mean(0)
+                sums["spread"] += (p - mean).pow(2).sum().item() / p.shape[0]
                 sums["moved"] += (mean - p0).pow(2).sum().item()
                 sums["phi0"] += p0.pow(2).sum().item()
             else:
-                sums["theta"] += (p.double() - p0).pow(2).sum().item()
+                sums["theta"] += (p - p0).pow(2).sum().item()
                 sums["theta0"] += p0.pow(2).sum().item()
     return {
         "member spread": math.sqrt(sums["spread"] / sums["phi0"]),
