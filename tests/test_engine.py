@@ -44,6 +44,7 @@ OPTIMIZERS = {
 }
 LATE = ("bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias", "fc.weight", "fc.bias")
 STATS = ("bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var")
+MOVING_THETA = ("conv1.weight", "conv2.weight")
 
 
 def data(iterations=ITERATIONS, seed=0):
@@ -109,7 +110,10 @@ def test_engine_equals_reference_algorithm1(optim, gamma, mode):
     state = lp.state_dict()
     for n, p in theta.items():
         torch.testing.assert_close(state[n], p.detach(), atol=1e-6, rtol=0, msg=f"θ {n}")
-        assert not torch.equal(state[n], base.state_dict()[n]), f"θ {n} did not move"
+    # a convolution bias feeding a train-mode BatchNorm has an exactly zero gradient (the batch mean removes it), so
+    # whether it moves is a matter of rounding and thread count: only parameters with a real gradient must move
+    for n in MOVING_THETA:
+        assert (state[n] - base.state_dict()[n]).abs().max() > 1e-6, f"θ {n} did not move"
     for k, m in enumerate(members):
         ref = m.state_dict()
         for n in LATE + STATS:
