@@ -92,6 +92,7 @@ _FINETUNE_OPTIONS: list[tuple[str, str, Any, str]] = [
     ("--val-dir", "val_dir", str, "Validation ImageFolder tree or archive."),
     ("--train-subset", "train_subset", int, "Use a stratified subset of this many training images."),
     ("--val-subset", "val_subset", int, "Use a stratified subset of this many validation images."),
+    ("--subset-seed", "subset_seed", int, "Which stratified subsets (fixed across --seed, so seeds compare on the same images)."),
     ("--train-transform", "train_transform", click.Choice(["auto", "timm", "cifar"]), "Training augmentation."),
     ("--workers", "workers", int, "Data-loading worker processes."),
     ("--K", "K", int, "Late-phase members (1 = plain fine-tuning through the same pipeline)."),

@@ -36,6 +36,7 @@ class FinetuneConfig:
     val_dir: str | None = None
     train_subset: int | None = None
     val_subset: int | None = None
+    subset_seed: int = 0
     train_transform: str = "auto"
     workers: int = 4
     # late-phase weights (Algorithm 1)

@@ -114,7 +114,7 @@ def build_data(config: FinetuneConfig, model: nn.Module) -> Data:
     data_config = timm.data.resolve_data_config(model=model)
     train, val = build_datasets(
         train_dir, val_dir, data_config=data_config, num_classes=_num_classes(model),
-        train_subset=config.train_subset, val_subset=config.val_subset, seed=config.seed,
+        train_subset=config.train_subset, val_subset=config.val_subset, seed=config.subset_seed,
         train_transform=config.train_transform,
     )
     transform, train.transform = train.transform, None

@@ -280,3 +280,24 @@ def test_cifar10_test_archive(cifar10_test_dir: Path) -> None:
     assert data_fingerprint(val)["num_files"] == 10_000
     image, label = val[0]
     assert image.shape == (3, 32, 32) and label == 0
+
+
+def test_fine_tuning_subsets_do_not_depend_on_the_training_seed(tmp_path: Path) -> None:
+    """--train-subset/--val-subset pick the same images for every --seed (paired seeds), another --subset-seed others."""
+    import timm
+
+    from lpconvert.config import FinetuneConfig
+    from lpconvert.finetune import build_data
+
+    _tree(tmp_path / "train", {"a": 12, "b": 8})
+    _tree(tmp_path / "val", {"a": 6, "b": 6})
+    model = timm.create_model("cifar_resnet20", num_classes=2)
+
+    def files(**settings) -> tuple[list[str], list[str]]:
+        config = FinetuneConfig(train_dir=str(tmp_path / "train"), val_dir=str(tmp_path / "val"), train_subset=10,
+                                val_subset=4, **settings)
+        data = build_data(config, model)
+        return [p for p, _ in data.train.dataset.samples], [p for p, _ in data.val.samples]
+
+    assert files(seed=0) == files(seed=1) == files(seed=1, subset_seed=0)
+    assert files(seed=0) != files(seed=0, subset_seed=1)
