@@ -14,6 +14,7 @@ import click
 
 from .config import FinetuneConfig, read_recipe
 from .errors import LatePhaseError
+from .surgery import DEFAULT_TARGETS
 
 EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
 
@@ -58,7 +59,7 @@ def main(verbose: bool) -> None:
 @main.command()
 @click.argument("model")
 @click.option("--K", "K", type=int, default=10, show_default=True, help="Late-phase members.")
-@click.option("--late-phase", default="batchnorm,classifier", show_default=True,
+@click.option("--late-phase", default=",".join(DEFAULT_TARGETS), show_default=True,
               help="Kinds of late-phase weights: batchnorm, classifier, layernorm, groupnorm, rank1 (aliases bn, norm, head).")
 @click.option("--include", multiple=True, help="Glob on qualified layer names to keep (repeatable).")
 @click.option("--exclude", multiple=True, help="Glob on qualified layer names to leave shared (repeatable).")

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import LatePhaseError
-from .surgery import resolve_kinds
+from .surgery import DEFAULT_TARGETS, resolve_kinds
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("multistep", "linear", "cosine", "constant")
@@ -41,7 +41,7 @@ class FinetuneConfig:
     workers: int = 4
     # late-phase weights (Algorithm 1)
     K: int = 10
-    late_phase: tuple[str, ...] = ("batchnorm",)
+    late_phase: tuple[str, ...] = DEFAULT_TARGETS
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     sigma0: float = 0.0

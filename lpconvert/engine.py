@@ -97,6 +97,7 @@ class LatePhaseEngine:
         if self.group_size < 1:
             raise LatePhaseError(f"group_size must be >= 1, got {group_size}")
         self.gamma_theta = 1.0 / self.num_members if gamma_theta is None else float(gamma_theta)
+        self.next_member = 0  # round-robin position: the member that the next minibatch trains by default
         self.loss_fn = loss_fn
         self.autocast_dtype = autocast_dtype
         self.grad_scaler = grad_scaler
@@ -123,24 +124,32 @@ class LatePhaseEngine:
         targets: Sequence[torch.Tensor],
         members: Sequence[int] | None = None,
     ) -> torch.Tensor:
-        """One iteration of Algorithm 1: minibatch ``inputs[i], targets[i]`` trains member ``members[i]``
-        (default: every member, in order), then θ steps once. Returns the members' losses (detached, no host sync)."""
-        members = list(range(self.num_members)) if members is None else list(members)
-        if len(inputs) != len(members) or len(targets) != len(members):
+        """One iteration of Algorithm 1: minibatch ``inputs[i], targets[i]`` trains member ``members[i]``, then θ
+        steps once on γθ times the sum of the minibatches' θ-gradients. Returns the losses (detached, no host sync).
+
+        By default the minibatches train the members in round-robin order, continuing where the previous call
+        stopped: K minibatches train every member once, and a partial round (fewer than K minibatches, e.g. the end
+        of an epoch) trains the next ones, so over many rounds every member gets its share. θ's step after a partial
+        round sums only the gradients of the minibatches it had (γθ unchanged). Minibatches may differ in size."""
+        if len(inputs) != len(targets):
+            raise LatePhaseError(f"got {len(inputs)} inputs but {len(targets)} targets; give one target per input")
+        if members is None:
+            members = [(self.next_member + i) % self.num_members for i in range(len(inputs))]
+            self.next_member = (self.next_member + len(inputs)) % self.num_members
+        members = list(members)
+        if len(inputs) != len(members):
             raise LatePhaseError(
-                f"one iteration needs one minibatch per member: got {len(inputs)} inputs and {len(targets)} "
-                f"targets for {len(members)} members"
+                f"one minibatch per trained member: got {len(inputs)} minibatches for members {members}"
             )
         self._check_views()
         self.zero_grad()
         losses = []
         groups = self.groups(members)
         for g, group in enumerate(groups):
-            if len({inputs[i].shape[0] for i in group}) > 1:
-                raise LatePhaseError("vectorized mode needs minibatches of equal size for the members of a group")
             x = torch.cat([inputs[i] for i in group]) if len(group) > 1 else inputs[group[0]]
             y = torch.cat([targets[i] for i in group]) if len(group) > 1 else targets[group[0]]
-            losses.append(self.forward_backward([members[i] for i in group], x, y, sync=g == len(groups) - 1))
+            sizes = [inputs[i].shape[0] for i in group]
+            losses.append(self.forward_backward([members[i] for i in group], x, y, sizes, sync=g == len(groups) - 1))
             for i in group:
                 self.step_member(members[i], clear=members[i] in members[i + 1 :])
         self.step_theta()
@@ -157,19 +166,22 @@ class LatePhaseEngine:
             groups[-1].append(i)
         return [tuple(group) for group in groups]
 
-    def forward_backward(self, group: Sequence[int], x: torch.Tensor, y: torch.Tensor, sync: bool = True) -> torch.Tensor:
-        """Forward the members of `group` on their stacked minibatches and back-propagate Σ_g L(M_g, θ, φ_g).
+    def forward_backward(self, group: Sequence[int], x: torch.Tensor, y: torch.Tensor,
+                         sizes: Sequence[int] | None = None, sync: bool = True) -> torch.Tensor:
+        """Forward the members of `group` on their stacked minibatches (``sizes`` rows each, default equal) and
+        back-propagate Σ_g L(M_g, θ, φ_g).
 
         θ's gradient accumulates; under DDP it is all-reduced only when `sync` (the last group of an iteration)
         while the members' gradients, needed at once, are all-reduced here every time."""
-        select_members(self.base, group)
+        sizes = list(sizes) if sizes is not None else [x.shape[0] // len(group)] * len(group)
+        select_members(self.base, group, sizes)
         ddp = isinstance(self.model, nn.parallel.DistributedDataParallel)
         context = self.model.no_sync() if ddp and not sync else contextlib.nullcontext()
         with context:
             with self._autocast(x):
                 logits = self.model(x)
                 member_losses = torch.stack(
-                    [self.loss_fn(out, target) for out, target in zip(logits.chunk(len(group)), y.chunk(len(group)))]
+                    [self.loss_fn(out, target) for out, target in zip(logits.split(sizes), y.split(sizes))]
                 )
             loss = member_losses.sum()
             (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
@@ -243,6 +255,7 @@ class LatePhaseEngine:
             "theta_optimizer": self.theta_optimizer.state_dict() if self.theta_optimizer else None,
             "member_optimizers": [opt.state_dict() for opt in self.member_optimizers],
             "grad_scaler": self.grad_scaler.state_dict() if self.grad_scaler else None,
+            "next_member": self.next_member,
         }
 
     def load_state_dict(self, state: dict) -> None:
@@ -257,12 +270,15 @@ class LatePhaseEngine:
             opt.load_state_dict(opt_state)
         if self.grad_scaler and state.get("grad_scaler"):
             self.grad_scaler.load_state_dict(state["grad_scaler"])
+        self.next_member = int(state.get("next_member", 0))
 
 
 def iterate_members(batches: Iterable, K: int) -> Iterable[tuple[list, list]]:
     """Group a stream of ``(x, y)`` minibatches into iterations of K: the minibatches M_1..M_K of Algorithm 1.
 
-    A last incomplete iteration is yielded with fewer minibatches (train it with ``members=range(len(xs))``)."""
+    A last incomplete iteration is yielded with fewer minibatches; :meth:`LatePhaseEngine.step` trains the next
+    members with them (round robin), so ``for xs, ys in iterate_members(loader, K): engine.step(xs, ys)`` works for
+    any loader."""
     xs, ys = [], []
     for x, y in batches:
         xs.append(x)

@@ -428,7 +428,7 @@ class Trainer:
             xs = [_to_device(x, runtime) for x in xs]
             ys = [y.to(runtime.device, non_blocking=True) for y in ys]
             set_learning_rates(engine, lr_factor(config, position.epoch + position.batch / self.batches_per_epoch))
-            losses = engine.step(xs, ys, members=range(len(xs)) if K > 1 else [0] * len(xs))
+            losses = engine.step(xs, ys)  # round robin over the members, continued across epochs
             loss_sum += losses.sum()
             finite &= torch.isfinite(losses).all()
             position.batch += len(xs)

@@ -34,6 +34,7 @@ from .layers import (
 logger = logging.getLogger(__name__)
 
 KINDS = ("batchnorm", "classifier", "layernorm", "groupnorm", "rank1")
+DEFAULT_TARGETS = ("batchnorm",)  # the paper's late-phase weights: convert, plan, inspect and finetune alike
 KIND_ALIASES = {
     "bn": ("batchnorm",),
     "ln": ("layernorm",),
@@ -120,7 +121,7 @@ def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
 class _Trace:
     calls: Counter = field(default_factory=Counter)  # qualified name -> call_module count
     functional: list[str] = field(default_factory=list)
-    output_linears: list[str] = field(default_factory=list)
+    output_heads: list[str] = field(default_factory=list)
 
 
 def _trace(model: nn.Module, training: bool) -> _Trace:
@@ -151,8 +152,8 @@ def _trace(model: nn.Module, training: bool) -> _Trace:
                 continue
             seen.add(arg)
             if arg.op == "call_module":
-                if isinstance(modules.get(arg.target), nn.Linear):
-                    result.output_linears.append(arg.target)
+                if _is_head(modules.get(arg.target)):
+                    result.output_heads.append(arg.target)
                 elif not any(True for _ in modules[arg.target].parameters()):
                     frontier.append(arg)
             elif arg.op in ("call_function", "call_method"):
@@ -222,16 +223,25 @@ def _as_patterns(patterns: str | Sequence[str] | None) -> list[str]:
     return [patterns] if isinstance(patterns, str) else list(patterns)
 
 
+def _is_head(module: nn.Module | None) -> bool:
+    """A layer that can produce the logits: linear, or a 1×1 convolution followed by pooling (SqueezeNet)."""
+    if isinstance(module, nn.Linear):
+        return True
+    return isinstance(module, nn.Conv2d) and module.kernel_size == (1, 1) and module.groups == 1
+
+
 def _find_classifier(model: nn.Module, traces: list[_Trace], modules: dict[str, nn.Module]) -> str | None:
+    """The classifier: timm's ``get_classifier()``, else the one head that torch.fx finds feeding the output through
+    parameter-free operations, else (untraceable models) the last linear layer."""
     get_classifier = getattr(model, "get_classifier", None)
     if callable(get_classifier):
         head = get_classifier()
-        if isinstance(head, nn.Linear):
+        if _is_head(head):
             return next(name for name, m in modules.items() if m is head)
     for trace in traces:
-        if len(set(trace.output_linears)) == 1:
-            return trace.output_linears[0]
-    if not traces:  # untraceable: the last linear layer in module order
+        if len(set(trace.output_heads)) == 1:
+            return trace.output_heads[0]
+    if not traces:
         linears = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
         return linears[-1] if linears else None
     return None
@@ -240,7 +250,7 @@ def _find_classifier(model: nn.Module, traces: list[_Trace], modules: dict[str, 
 def plan(
     model: nn.Module,
     K: int = 10,
-    targets: str | Iterable[str] = ("batchnorm", "classifier"),
+    targets: str | Iterable[str] = DEFAULT_TARGETS,
     *,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
@@ -286,7 +296,7 @@ def plan(
     if "classifier" in kinds and "rank1" in kinds and classifier in selected:
         selected[classifier] = "classifier"
     if "classifier" in kinds and classifier is None:
-        warn.append("no linear classifier feeding the output was found (the head may be a convolution or absent)")
+        warn.append("no classifier (a linear or 1×1-convolution layer feeding the output) was found")
     for pattern in include:
         if not any(_matches(n, [pattern]) for n in selected):
             raise LatePhaseError(f"--include pattern {pattern!r} matches no {'/'.join(kinds)} layer")
@@ -343,7 +353,7 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 def convert(
     model: nn.Module,
     K: int = 10,
-    targets: str | Iterable[str] = ("batchnorm", "classifier"),
+    targets: str | Iterable[str] = DEFAULT_TARGETS,
     *,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
@@ -372,10 +382,7 @@ def convert(
             stacklevel=2,
         )
     if not report.layers:
-        present = ", ".join(f"{k} ({report.available[k]})" for k in KINDS if k in report.available) or "none"
-        raise LatePhaseError(
-            f"{type(model).__name__} has no {'/'.join(report.kinds)} layers to convert; kinds present: {present}"
-        )
+        raise LatePhaseError(_nothing_to_convert(model, report))
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     selection = MemberSelection(K)
     replacements = {
@@ -387,6 +394,23 @@ def convert(
         _set_submodule(model, name, layer)
     logger.debug("converted %d layers to K=%d late-phase layers", len(replacements), K)
     return model
+
+
+def _nothing_to_convert(model: nn.Module, report: Plan) -> str:
+    """What the model has instead, and the late-phase targets that would work."""
+    name = type(model).__name__
+    if report.available.keys() & set(report.kinds):  # the kinds are there: include/exclude removed every layer
+        return f"include/exclude patterns left no {'/'.join(report.kinds)} layer of {name} to convert; widen them"
+    present = ", ".join(f"{k} ({report.available[k]})" for k in KINDS if k in report.available)
+    if not present:
+        return f"{name} has no layer that lpconvert can make late-phase (no norm, linear or convolution layer)"
+    norms = [k for k in ("batchnorm", "layernorm", "groupnorm") if k in report.available]
+    heads = ["classifier"] if "classifier" in report.available else []
+    suggestion = ",".join(norms + heads) or "rank1"
+    return (
+        f"{name} has no {'/'.join(report.kinds)} layers to convert; kinds present: {present}; "
+        f"use those as late-phase weights, e.g. targets={suggestion!r} (--late-phase {suggestion})"
+    )
 
 
 def late_phase_layers(model: nn.Module) -> dict[str, LatePhaseLayer]:
@@ -402,11 +426,12 @@ def num_members(model: nn.Module) -> int:
     return next(iter(layers.values())).num_members
 
 
-def select_members(model: nn.Module, members: int | Sequence[int]) -> None:
-    """Choose the member(s) that the next forward runs: one index, or G indices for a batch of G equal slices."""
+def select_members(model: nn.Module, members: int | Sequence[int], sizes: Sequence[int] | None = None) -> None:
+    """Choose the member(s) that the next forward runs: one index, or G indices for a batch of G slices (equal, or
+    ``sizes[g]`` rows for member ``members[g]``)."""
     layers = late_phase_layers(model)
     if not layers:
         raise LatePhaseError("this model has no late-phase layers; run lpconvert.convert(model, K=...) first")
     members = [members] if isinstance(members, int) else list(members)
     for selection in {id(layer.selection): layer.selection for layer in layers.values()}.values():
-        selection.select(members)
+        selection.select(members, sizes)

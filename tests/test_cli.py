@@ -65,7 +65,8 @@ def test_collapse_command_rewrites_the_run_with_another_bn_mode(cifar_run, tmp_p
     mean = safetensors.torch.load_file(str(tmp_path / "mean" / "model.safetensors"))
     fold = safetensors.torch.load_file(str(out / "model" / "model.safetensors"))
     assert torch.equal(mean["conv1.weight"], fold["conv1.weight"])  # shared weights: the same
-    assert not torch.equal(mean["bn1.running_var"], fold["bn1.running_var"])  # BN statistics: mode-dependent
+    assert torch.equal(mean["bn1.running_var"], fold["bn1.running_var"])  # fold keeps the mean statistics ...
+    assert not torch.equal(mean["bn1.weight"], fold["bn1.weight"])  # ... and solves γ, β for the members' average
     model, _ = lpconvert.checkpoint.load_late_phase(out)
     expected = lpconvert.collapse(model, bn_stats="mean").state_dict()
     assert all(torch.equal(expected[k], mean[k]) for k in expected)
@@ -76,8 +77,11 @@ def test_collapse_command_rewrites_the_run_with_another_bn_mode(cifar_run, tmp_p
 
 
 def test_inspect_reports_the_plan():
-    result = invoke("inspect", "resnet18", "--K", 4, "--list-layers")
+    result = invoke("inspect", "resnet18", "--K", 4)
     assert result.exit_code == 0, result.output
+    assert "targets=batchnorm\n" in result.output and "batchnorm     20 layers" in result.output  # what finetune trains
+    assert "classifier" not in result.output
+    result = invoke("inspect", "resnet18", "--K", 4, "--late-phase", "bn,head", "--list-layers")
     assert "batchnorm     20 layers" in result.output and "classifier     1 layers" in result.output
     assert "  classifier  fc" in result.output
 

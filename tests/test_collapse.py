@@ -15,7 +15,7 @@ def _trained_late_phase(K=3):
     """A late-phase resnet whose members really differ (perturbed weights, statistics from different data)."""
     torch.manual_seed(0)
     model = timm.create_model("resnet10t", num_classes=4)
-    lp = lpconvert.convert(model, K=K, sigma0=0.1, seed=0).train()
+    lp = lpconvert.convert(model, K=K, targets="bn,head", sigma0=0.1, seed=0).train()
     with torch.no_grad():
         for k in range(K):
             lpconvert.select_members(lp, k)
@@ -71,12 +71,14 @@ def test_ensemble_predict_is_the_mean_of_member_softmax():
     torch.testing.assert_close(probs.sum(-1), torch.ones(5))
 
 
-def test_collapse_modes_differ_and_fold_ignores_data():
+def test_collapse_modes_differ_and_fold_keeps_the_mean_statistics():
     lp = _trained_late_phase()
     x = torch.randn(2, 3, 32, 32)
     fold, mean = lpconvert.collapse(lp, bn_stats="fold"), lpconvert.collapse(lp, bn_stats="mean")
-    assert not torch.allclose(fold(x), mean(x), atol=1e-4)
-    assert torch.all(fold.bn1.running_mean == 0) and torch.allclose(fold.bn1.running_var, torch.full_like(fold.bn1.running_var, 1 - 1e-5))
+    assert not torch.allclose(fold(x), mean(x), atol=1e-4)  # eval: fold averages outputs, mean averages weights
+    assert torch.equal(fold.bn1.running_mean, mean.bn1.running_mean)
+    assert torch.equal(fold.bn1.running_var, mean.bn1.running_var)
+    assert not torch.equal(fold.bn1.weight, mean.bn1.weight)
 
 
 @pytest.mark.parametrize(
@@ -102,17 +104,29 @@ def test_collapse_of_a_model_never_converted():
         lpconvert.collapse(timm.create_model("resnet10t"))
 
 
-def test_readme_api_convert_engine_collapse_save(tmp_path):
-    """The README's five lines, on a small timm model: the saved directory reloads with timm alone."""
-    from functools import partial
+def test_readme_python_api_snippet_runs_as_written(tmp_path, monkeypatch):
+    """The README's Python API block itself, executed: a small timm model stands in for the downloaded resnet50, and
+    the loader has a number of minibatches that is not a multiple of K with a short last one. The saved directory
+    reloads with timm alone and computes what the averaged model computes."""
+    import re
+    from pathlib import Path
 
-    model = lpconvert.convert(timm.create_model("resnet10t", num_classes=3), K=2)
-    engine = lpconvert.LatePhaseEngine(model, partial(torch.optim.SGD, lr=0.1, momentum=0.9))
-    loader = [(torch.randn(4, 3, 32, 32), torch.randint(0, 3, (4,))) for _ in range(4)]
-    for xs, ys in lpconvert.iterate_members(loader, K=2):
-        engine.step(xs, ys)
-    averaged = lpconvert.collapse(model, bn_stats="fold").eval()
-    lpconvert.save_pretrained(averaged, tmp_path / "resnet10t-lp")
-    reloaded = timm.create_model(f"local-dir:{tmp_path / 'resnet10t-lp'}", pretrained=True).eval()
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme[readme.index("## Python API"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    assert "lpconvert.iterate_members(train_loader" in code and "save_pretrained" in code
+
+    create_model = timm.create_model
+    monkeypatch.setattr(timm, "create_model", lambda name, pretrained=False, **kw: create_model("resnet10t", num_classes=3))
+    monkeypatch.chdir(tmp_path)
+    g = torch.Generator().manual_seed(0)
+    train_loader = [(torch.randn(n, 3, 32, 32, generator=g), torch.randint(0, 3, (n,), generator=g)) for n in [4] * 12 + [3]]
+    namespace = {"train_loader": train_loader}
+    exec(compile(code, "README.md", "exec"), namespace)
+    monkeypatch.undo()
+
+    averaged, saved = namespace["averaged"].eval(), tmp_path / "resnet50-lp"
+    assert not lpconvert.late_phase_layers(averaged) and namespace["engine"].next_member == 3  # 13 minibatches, K = 10
+    reloaded = timm.create_model(f"local-dir:{saved}", pretrained=True).eval()
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(reloaded(x), averaged(x), rtol=0, atol=0)

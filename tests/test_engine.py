@@ -198,8 +198,10 @@ def test_engine_bad_input():
         LatePhaseEngine(SmallNet(), partial(torch.optim.SGD, lr=0.1))
     engine = LatePhaseEngine(lp, partial(torch.optim.SGD, lr=0.1))
     xs, ys = data(1)[0]
-    with pytest.raises(lpconvert.LatePhaseError, match="one minibatch per member"):
-        engine.step(xs[:2], ys[:2])
+    with pytest.raises(lpconvert.LatePhaseError, match="one target per input"):
+        engine.step(xs, ys[:2])
+    with pytest.raises(lpconvert.LatePhaseError, match="one minibatch per trained member"):
+        engine.step(xs[:2], ys[:2], members=[0])
     only_head = lpconvert.convert(SmallNet(), K=K, targets="classifier")
     with pytest.raises(lpconvert.LatePhaseError, match="shared BatchNorm"):
         LatePhaseEngine(only_head, partial(torch.optim.SGD, lr=0.1), mode="vectorized")
@@ -245,3 +247,51 @@ def test_a_member_trained_twice_in_one_iteration_equals_two_plain_steps(mode):
         torch.testing.assert_close(state[n], p.detach(), atol=1e-6, rtol=0)
     for n in LATE + STATS:
         torch.testing.assert_close(state[n][0], member.state_dict()[n], atol=1e-6, rtol=0)
+
+
+def _uneven_loader(seed=8):
+    """Eight minibatches (not a multiple of K = 3), the last one short: what a DataLoader without drop_last gives."""
+    g = torch.Generator().manual_seed(seed)
+    sizes = [BATCH] * 7 + [BATCH // 2 - 1]
+    return [(torch.randn(n, 3, 6, 6, generator=g, dtype=torch.float64), torch.randint(0, 5, (n,), generator=g))
+            for n in sizes]
+
+
+def test_partial_rounds_continue_round_robin_and_vectorized_equals_sequential():
+    """iterate_members + step run for any loader: a partial round trains the next members, the round robin goes on
+    in the next epoch (every member gets its share), and vectorized mode handles minibatches of different sizes
+    exactly like sequential mode."""
+    torch.manual_seed(8)
+    base = SmallNet().double().train()
+    states = {}
+    for mode in ("sequential", "vectorized"):
+        lp = converted(base)
+        engine = LatePhaseEngine(lp, *OPTIMIZERS["sgd-nesterov"], mode=mode)
+        for epoch in range(2):
+            for xs, ys in lpconvert.iterate_members(_uneven_loader(), K):
+                engine.step(xs, ys)
+        states[mode] = lp.state_dict()
+        assert engine.next_member == 16 % K
+    # 16 minibatches in rounds 3,3,2 | 3,3,2: members trained 6, 5, 5 times — not 6, 6, 4 (restarting at member 0)
+    assert states["sequential"]["bn1.num_batches_tracked"].tolist() == [6, 5, 5]
+    for name, value in states["sequential"].items():
+        torch.testing.assert_close(states["vectorized"][name], value, atol=1e-10, rtol=0, msg=name)
+
+
+def test_partial_round_steps_theta_on_the_sum_of_its_minibatches():
+    """A round of 2 minibatches (K = 3): members 0 and 1 step, member 2 does not move, θ steps on γθ·(Δθ_0 + Δθ_1)."""
+    torch.manual_seed(9)
+    base = SmallNet().double().train()
+    lp = converted(base)
+    start = [lpconvert.unload(lp, k) for k in range(K)]
+    theta_factory, phi_factory = OPTIMIZERS["sgd"]
+    (xs, ys), = data(1, seed=9)
+    engine = LatePhaseEngine(lp, theta_factory, phi_factory, gamma_theta=1.0 / K)
+    engine.step(xs[:2], ys[:2])
+    theta, members = reference_algorithm1(start[:2], [(xs[:2], ys[:2])], theta_factory, phi_factory, 1.0 / K)
+    state = lp.state_dict()
+    for n, p in theta.items():
+        torch.testing.assert_close(state[n], p.detach(), atol=1e-10, rtol=0, msg=n)
+    for k in (0, 1):
+        torch.testing.assert_close(state["fc.weight"][k], members[k].fc.weight.detach(), atol=1e-10, rtol=0)
+    assert torch.equal(state["fc.weight"][2], start[2].fc.weight) and engine.next_member == 2

@@ -76,6 +76,10 @@ def test_round_trip(name):
     for k in (0, K - 1):
         lpconvert.select_members(lp, k)
         torch.testing.assert_close(lp(x), expected, rtol=1e-5, atol=1e-5)
+    # ... and collapses back to the original state_dict bit for bit in every mode that needs no data
+    for mode in ("fold", "mean"):
+        state = lpconvert.collapse(lp, bn_stats=mode).state_dict()
+        assert [key for key, value in original.state_dict().items() if not torch.equal(state[key], value)] == [], mode
 
     # perturbed members: mean collapse is Eq. 1 computed by hand, and the rest of the weights are untouched
     lp = lpconvert.convert(copy.deepcopy(original), K=K, targets=TARGETS, sigma0=0.2, seed=0)

@@ -51,7 +51,8 @@ class Untraceable(Tiny):
 
 
 def test_plan_counts_and_classifier_found_by_fx():
-    report = lpconvert.plan(Tiny(), K=4)
+    assert lpconvert.plan(Tiny(), K=4).layers == {"stem.1": "batchnorm", "block.1": "batchnorm"}  # the default
+    report = lpconvert.plan(Tiny(), K=4, targets=("batchnorm", "classifier"))
     assert report.layers == {"stem.1": "batchnorm", "block.1": "batchnorm", "head": "classifier"}
     assert report.params_per_member == 8 + 8 + 6 * 3 + 3
     assert report.model_params == sum(p.numel() for p in Tiny().parameters())
@@ -76,7 +77,7 @@ def test_timm_norm_act_layers_stay_modules_and_keep_their_activation():
     x = torch.randn(1, 3, 32, 32)
     expected = model(x)
     pretrained_cfg = model.pretrained_cfg
-    lpconvert.convert(model, K=2)
+    lpconvert.convert(model, K=2, targets="bn,head")
     layers = lpconvert.late_phase_layers(model)
     assert sum(isinstance(m, LatePhaseBatchNorm) for m in layers.values()) == 49
     assert type(model.bn1.template).__name__ == "BatchNormAct2d" and isinstance(model.bn1.act, nn.SiLU)
@@ -88,7 +89,7 @@ def test_timm_norm_act_layers_stay_modules_and_keep_their_activation():
 def test_shared_parameters_keep_names_and_identity():
     model = Tiny()
     conv_weight = model.stem[0].weight
-    lpconvert.convert(model, K=3)
+    lpconvert.convert(model, K=3, targets="bn,head")
     assert model.stem[0].weight is conv_weight
     state = model.state_dict()
     assert state["stem.1.weight"].shape == (3, 4) and state["head.weight"].shape == (3, 3, 6)
@@ -141,7 +142,7 @@ def test_convert_is_all_or_nothing(monkeypatch):
 
     monkeypatch.setattr(LatePhaseLinear, "__init__", failing_init)
     with pytest.raises(RuntimeError, match="simulated"):
-        lpconvert.convert(model, K=2)
+        lpconvert.convert(model, K=2, targets="bn,head")
     monkeypatch.setattr(LatePhaseLinear, "__init__", real_init)
     assert not lpconvert.late_phase_layers(model)
     assert isinstance(model.stem[1], nn.BatchNorm2d) and type(model.stem[1]) is nn.BatchNorm2d
@@ -155,9 +156,38 @@ def test_select_members_validates_indices():
         lpconvert.select_members(Tiny(), 0)
 
 
-def test_convert_reports_missing_classifier_for_conv_head():
-    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1))
+def test_a_1x1_convolution_producing_the_logits_is_the_classifier():
+    """torchvision's SqueezeNet ends in Conv2d(512, classes, 1) → ReLU → global pooling: that conv is the head."""
+    import torchvision
+
+    model = torchvision.models.squeezenet1_1(num_classes=5).eval()
+    assert lpconvert.plan(model, targets="classifier").layers == {"classifier.1": "classifier"}
+    x = torch.randn(2, 3, 64, 64)
+    expected = model(x)
+    lp = lpconvert.convert(copy.deepcopy(model), K=3, targets="classifier", sigma0=0.1, seed=0)
+    assert lp.classifier[1].weight.shape == (3, 5, 512, 1, 1)
+    lpconvert.select_members(lp, 1)
+    torch.testing.assert_close(lpconvert.unload(lp, 1)(x), lp(x))
+    averaged = lpconvert.collapse(lp)
+    torch.testing.assert_close(averaged.classifier[1].weight, lp.classifier[1].weight.mean(0))
+    fresh = torchvision.models.squeezenet1_1(num_classes=5)
+    fresh.load_state_dict(averaged.state_dict(), strict=True)
+    assert not torch.allclose(averaged(x), expected)
+
+
+def test_convert_reports_missing_classifier_for_a_3x3_conv_head():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 3))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        lpconvert.convert(model, K=2)
-    assert any("no linear classifier" in str(w.message) for w in caught)
+        lpconvert.convert(model, K=2, targets="bn,head")
+    assert any("no classifier" in str(w.message) for w in caught)
+
+
+def test_a_model_without_the_kind_asked_for_is_told_what_would_work():
+    model = timm.create_model("vit_tiny_patch16_224", num_classes=3, img_size=32)
+    with pytest.raises(LatePhaseError) as error:
+        lpconvert.convert(model, K=2)  # the default, BatchNorm: a ViT has none
+    message = str(error.value)
+    assert "VisionTransformer has no batchnorm layers" in message and "layernorm (" in message
+    assert "--late-phase layernorm,classifier" in message and "\n" not in message
+    lpconvert.convert(model, K=2, targets="layernorm,classifier")  # what the message proposes works

@@ -22,20 +22,45 @@ from ..errors import LatePhaseError
 
 
 class MemberSelection:
-    """The members that the next forward pass runs, shared by all late-phase layers of a model."""
+    """The members that the next forward pass runs, shared by all late-phase layers of a model.
+
+    ``members[g]`` runs on slice g of the batch; the slices are ``sizes`` rows long, or equal when ``sizes`` is None.
+    """
 
     def __init__(self, num_members: int) -> None:
         self.num_members = num_members
         self.members: tuple[int, ...] = (0,)
+        self.sizes: tuple[int, ...] | None = None
         self._index_cache: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
 
-    def select(self, members: Sequence[int]) -> None:
+    def select(self, members: Sequence[int], sizes: Sequence[int] | None = None) -> None:
         members = tuple(int(k) for k in members)
         if not members or any(not 0 <= k < self.num_members for k in members):
             raise LatePhaseError(
                 f"member indices must lie in [0, {self.num_members - 1}], got {list(members)}"
             )
+        if sizes is not None:
+            sizes = tuple(int(s) for s in sizes)
+            if len(sizes) != len(members) or any(s < 1 for s in sizes):
+                raise LatePhaseError(f"give one positive slice size per member: {list(sizes)} for {list(members)}")
         self.members = members
+        self.sizes = sizes if len(members) > 1 else None
+
+    def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The batch slices of `x`, one per selected member."""
+        groups = len(self.members)
+        if groups == 1:
+            return (x,)
+        if self.sizes is not None:
+            if sum(self.sizes) != x.shape[0]:
+                raise LatePhaseError(f"a batch of {x.shape[0]} does not split into member slices of {list(self.sizes)}")
+            return x.split(self.sizes)
+        if x.shape[0] % groups:
+            raise LatePhaseError(
+                f"a batch of {x.shape[0]} cannot be split evenly between {groups} members; "
+                "give every member a minibatch of the same size, or select(members, sizes=...)"
+            )
+        return x.chunk(groups)
 
     def index(self, device: torch.device) -> torch.Tensor:
         """The selected members as a long tensor on `device` (cached: no host-to-device copy per layer)."""
@@ -47,16 +72,13 @@ class MemberSelection:
         return index
 
 
-def split_members(x: torch.Tensor, groups: int) -> tuple[torch.Tensor, ...]:
-    """The G equal batch slices of `x`, one per selected member."""
-    if groups == 1:
-        return (x,)
-    if x.shape[0] % groups:
-        raise LatePhaseError(
-            f"a batch of {x.shape[0]} cannot be split evenly between {groups} members; "
-            "give every member a minibatch of the same size"
-        )
-    return x.chunk(groups)
+def member_mean(stacked: torch.Tensor) -> torch.Tensor:
+    """Eq. 1's mean_k φ_k over the leading member dimension, as φ_1 + mean_k(φ_k − φ_1) in float64.
+
+    Identical members give back φ_1 bit for bit (a float32 mean of K equal values need not be that value), and the
+    float64 sum keeps the result independent of the summation order to float32 precision."""
+    first = stacked[0].double()
+    return (first + (stacked.double() - first).mean(0)).to(stacked.dtype)
 
 
 def _hollow_copy(module: nn.Module, tensor_names: Sequence[str], children: dict[str, nn.Module]) -> nn.Module:
@@ -86,6 +108,14 @@ class LatePhaseLayer(nn.Module):
     def late_phase_parameters(self) -> Iterator[nn.Parameter]:
         """The stacked (K, ...) late-phase parameters φ of this layer."""
         raise NotImplementedError
+
+    def member_rows(self, stacked: torch.Tensor) -> list[torch.Tensor]:
+        """Row k of `stacked` for each selected member k: views in eager mode (no copy; a BatchNorm updates its
+        running statistics in place in the member's row), gathered with one tensor index under torch.compile (one
+        graph for every member)."""
+        if torch.compiler.is_compiling():
+            return list(stacked.index_select(0, self.selection.index(stacked.device)).unbind(0))
+        return [stacked[k] for k in self.selection.members]
 
     def perturb(self, sigma0: float, generator: torch.Generator | None = None) -> None:
         raise NotImplementedError
@@ -159,37 +189,36 @@ class StackedLayer(LatePhaseLayer):
             stacked.add_((scale * noise).to(stacked))
 
     def member_tensors(self, k: int) -> dict[str, torch.Tensor]:
-        """Member k's tensors under the original names."""
+        """Member k's tensors under the original names (views of row k)."""
         return {n: getattr(self, n)[k] for n in self.param_names + self.buffer_names}
 
     def mean_tensors(self) -> dict[str, torch.Tensor]:
-        """Eq. 1: φ̄ = mean_k φ_k (and the mean of the members' buffers)."""
+        """Eq. 1: φ̄ = mean_k φ_k (and the mean of the members' buffers), exact for identical members."""
         out = {}
         for name in self.param_names + self.buffer_names:
             stacked = getattr(self, name)
             if stacked.is_floating_point():
-                out[name] = stacked.mean(0)
+                out[name] = member_mean(stacked)
             else:  # integer counters such as num_batches_tracked
                 out[name] = stacked.max(0).values
         return out
 
     # -- forward ------------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        index = self.selection.index(x.device)
-        groups = index.numel()
-        params = {n: getattr(self, n).index_select(0, index) for n in self.param_names}
-        buffers = {n: getattr(self, n).index_select(0, index) for n in self.buffer_names}
+        slices = self.selection.split(x)
+        rows = {n: self.member_rows(getattr(self, n)) for n in self.param_names + self.buffer_names}
         self.template.training = self.training
-        outs = []
-        for g, x_g in enumerate(split_members(x, groups)):
-            tensors = {n: t[g] for n, t in params.items()}
-            tensors.update({n: t[g] for n, t in buffers.items()})
-            outs.append(functional_call(self.template, tensors, (x_g,)))
-        if self.training and buffers:  # running statistics were updated in the gathered copies: write them back
+        outs = [
+            functional_call(self.template, {n: r[g] for n, r in rows.items()}, (x_g,))
+            for g, x_g in enumerate(slices)
+        ]
+        if torch.compiler.is_compiling() and self.training and self.buffer_names:
+            # running statistics were updated in gathered copies: write them back
             with torch.no_grad():
-                for name, gathered in buffers.items():
-                    getattr(self, name).index_copy_(0, index, gathered)
-        return outs[0] if groups == 1 else torch.cat(outs)
+                index = self.selection.index(x.device)
+                for name in self.buffer_names:
+                    getattr(self, name).index_copy_(0, index, torch.stack(rows[name]))
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
 
     # -- back to the original type ------------------------------------------------------------------------------
     def to_original(self, tensors: dict[str, torch.Tensor]) -> nn.Module:

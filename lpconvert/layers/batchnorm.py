@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LatePhaseError
-from .base import StackedLayer
+from .base import StackedLayer, member_mean
 
 BN_STATS_MODES = ("fold", "mean", "recalibrate")
 
@@ -18,29 +18,34 @@ class LatePhaseBatchNorm(StackedLayer):
     kind = "batchnorm"
 
     def fold_tensors(self) -> dict[str, torch.Tensor]:
-        """The BN that outputs, in eval mode, the mean of the members' eval outputs.
+        """Eq. 1 for BatchNorm: in eval mode the collapsed layer outputs exactly the mean of its members' outputs, and
+        it carries real statistics of its input, so it trains on like the original layer.
 
-        Member k computes a_k x + c_k with a_k = γ_k/√(v_k+ε), c_k = β_k − a_k μ_k, so the average is
-        γ' x + β' with γ' = mean_k a_k, β' = mean_k c_k, stored with statistics (0, 1 − ε).
+        Member k computes a_k (x − μ_k) + β_k with a_k = γ_k/√(v_k+ε). The collapsed layer keeps the members' mean
+        statistics μ' = mean_k μ_k, v' = mean_k v_k (as ``mean`` does) and solves for its affine parameters:
+
+            γ' = mean_k γ_k √(v'+ε)/√(v_k+ε),    β' = mean_k (β_k + a_k (μ' − μ_k)),
+
+        so γ'(x − μ')/√(v'+ε) + β' = mean_k (a_k (x − μ_k) + β_k). Computed in float64 from φ_1 + mean_k(φ_k − φ_1):
+        identical members give back the original tensors bit for bit. Without running statistics the layer always
+        normalises with batch statistics, and the mean of γ, β is already the mean of the members' outputs.
         """
-        if "weight" not in self.param_names or "running_mean" not in self.buffer_names:
-            raise LatePhaseError(
-                f"bn_stats='fold' needs an affine BatchNorm with running statistics "
-                f"({type(self.template).__name__} has affine={'weight' in self.param_names}, "
-                f"track_running_stats={'running_mean' in self.buffer_names}); use bn_stats='mean'"
-            )
-        eps = self.template.eps
-        weight, running_mean, running_var = self.weight.float(), self.running_mean.float(), self.running_var.float()
-        bias = self.bias.float() if "bias" in self.param_names else torch.zeros_like(weight)
-        scale = weight / torch.sqrt(running_var + eps)
         tensors = self.mean_tensors()
-        tensors["weight"] = scale.mean(0).to(self.weight.dtype)
+        if "running_mean" not in self.buffer_names or "weight" not in self.param_names:
+            return tensors
+        eps = self.template.eps
+        mean, var = self.running_mean.double(), self.running_var.double()
+        mean_c, var_c = tensors["running_mean"].double(), tensors["running_var"].double()
+        weight, root, root_c = self.weight.double(), torch.sqrt(var + eps), torch.sqrt(var_c + eps)
+        tensors["weight"] = member_mean(weight * (root_c / root)).to(self.weight.dtype)
+        shift = weight / root * (mean_c - mean)  # a_k (μ' − μ_k): zero for identical members
         if "bias" in self.param_names:
-            tensors["bias"] = (bias - scale * running_mean).mean(0).to(self.bias.dtype)
-        elif torch.any(running_mean != 0):
-            raise LatePhaseError("bn_stats='fold' needs a BatchNorm with a bias when the running means are non-zero; use 'mean'")
-        tensors["running_mean"] = torch.zeros_like(tensors["running_mean"])
-        tensors["running_var"] = torch.full_like(tensors["running_var"], 1.0 - eps)
+            tensors["bias"] = member_mean(self.bias.double() + shift).to(self.bias.dtype)
+        elif torch.any(shift != 0):
+            raise LatePhaseError(
+                f"bn_stats='fold' needs a bias in {type(self.template).__name__} when the members' running means "
+                "differ; use bn_stats='mean'"
+            )
         return tensors
 
     def collapse(self, bn_stats: str = "fold", **options) -> torch.nn.Module:

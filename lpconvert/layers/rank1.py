@@ -13,7 +13,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import LatePhaseError
-from .base import LatePhaseLayer, MemberSelection, _hollow_copy, split_members
+from .base import LatePhaseLayer, MemberSelection, _hollow_copy
 
 
 class Rank1Layer(LatePhaseLayer):
@@ -63,12 +63,12 @@ class Rank1Layer(LatePhaseLayer):
         return (-1,) if isinstance(self.template, nn.Linear) else (-1,) + (1,) * (x.dim() - 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        index = self.selection.index(x.device)
-        u, v = self.rank1_u.index_select(0, index), self.rank1_v.index_select(0, index)
-        slices = split_members(x, index.numel())
+        slices = self.selection.split(x)
+        u, v = self.member_rows(self.rank1_u), self.member_rows(self.rank1_v)
         scaled = torch.cat([x_g * v[g].view(self._scale_shape(x_g)) for g, x_g in enumerate(slices)])
         y = functional_call(self.template, {"weight": self.weight, "bias": None}, (scaled,))
-        y = torch.cat([y_g * u[g].view(self._scale_shape(y_g)) for g, y_g in enumerate(split_members(y, len(slices)))])
+        y_slices = y.split([x_g.shape[0] for x_g in slices])
+        y = torch.cat([y_g * u[g].view(self._scale_shape(y_g)) for g, y_g in enumerate(y_slices)])
         if self.bias is not None:
             y = y + self.bias.view(self._scale_shape(y))
         return y
@@ -92,9 +92,10 @@ class Rank1Layer(LatePhaseLayer):
         return module
 
     def collapse(self, **options) -> nn.Module:
-        """W̄ = W ∘ mean_k(u_k v_kᵀ)."""
-        multiplier = torch.einsum("ko,ki->oi", self.rank1_u, self.rank1_v) / self.num_members
-        return self._original(multiplier)
+        """W̄ = W ∘ mean_k(u_k v_kᵀ), summed in float64: products of float32 factors and their sums over up to 32
+        members are exact there, so identical members give back W ∘ u vᵀ bit for bit."""
+        u, v = self.rank1_u.double(), self.rank1_v.double()
+        return self._original((torch.einsum("ko,ki->oi", u, v) / self.num_members).to(self.rank1_u.dtype))
 
     def unload(self, k: int) -> nn.Module:
         return self._original(torch.outer(self.rank1_u[k], self.rank1_v[k]))
