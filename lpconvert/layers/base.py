@@ -25,13 +25,17 @@ class MemberSelection:
     """The members that the next forward pass runs, shared by all late-phase layers of a model.
 
     ``members[g]`` runs on slice g of the batch; the slices are ``sizes`` rows long, or equal when ``sizes`` is None.
+    Under torch.compile the layers read the members from ``index``, a tensor updated in place, so one compiled graph
+    serves every member (a new graph only when the number of slices changes). Run backward before selecting other
+    members: a compiled graph saves the index for its backward pass.
     """
 
     def __init__(self, num_members: int) -> None:
         self.num_members = num_members
         self.members: tuple[int, ...] = (0,)
+        self.groups = 1
         self.sizes: tuple[int, ...] | None = None
-        self._index_cache: dict[tuple[tuple[int, ...], torch.device], torch.Tensor] = {}
+        self.index = torch.zeros(1, dtype=torch.long)
 
     def select(self, members: Sequence[int], sizes: Sequence[int] | None = None) -> None:
         members = tuple(int(k) for k in members)
@@ -43,33 +47,34 @@ class MemberSelection:
             sizes = tuple(int(s) for s in sizes)
             if len(sizes) != len(members) or any(s < 1 for s in sizes):
                 raise LatePhaseError(f"give one positive slice size per member: {list(sizes)} for {list(members)}")
-        self.members = members
+        self.members, self.groups = members, len(members)
         self.sizes = sizes if len(members) > 1 else None
+        chosen = torch.tensor(members, dtype=torch.long)
+        if self.index.shape == chosen.shape:
+            self.index.copy_(chosen)
+        else:
+            self.index = chosen.to(self.index.device)
 
     def split(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The batch slices of `x`, one per selected member."""
-        groups = len(self.members)
-        if groups == 1:
+        if self.groups == 1:
             return (x,)
         if self.sizes is not None:
             if sum(self.sizes) != x.shape[0]:
                 raise LatePhaseError(f"a batch of {x.shape[0]} does not split into member slices of {list(self.sizes)}")
             return x.split(self.sizes)
-        if x.shape[0] % groups:
+        if x.shape[0] % self.groups:
             raise LatePhaseError(
-                f"a batch of {x.shape[0]} cannot be split evenly between {groups} members; "
+                f"a batch of {x.shape[0]} cannot be split evenly between {self.groups} members; "
                 "give every member a minibatch of the same size, or select(members, sizes=...)"
             )
-        return x.chunk(groups)
+        return x.chunk(self.groups)
 
-    def index(self, device: torch.device) -> torch.Tensor:
-        """The selected members as a long tensor on `device` (cached: no host-to-device copy per layer)."""
-        key = (self.members, device)
-        index = self._index_cache.get(key)
-        if index is None:
-            index = torch.tensor(self.members, dtype=torch.long, device=device)
-            self._index_cache[key] = index
-        return index
+    def index_on(self, device: torch.device) -> torch.Tensor:
+        """The selected members as a long tensor on `device` (moved once, then updated in place)."""
+        if self.index.device != device:
+            self.index = self.index.to(device)
+        return self.index
 
 
 def member_mean(stacked: torch.Tensor) -> torch.Tensor:
@@ -114,7 +119,7 @@ class LatePhaseLayer(nn.Module):
         running statistics in place in the member's row), gathered with one tensor index under torch.compile (one
         graph for every member)."""
         if torch.compiler.is_compiling():
-            return list(stacked.index_select(0, self.selection.index(stacked.device)).unbind(0))
+            return list(stacked.index_select(0, self.selection.index_on(stacked.device)).unbind(0))
         return [stacked[k] for k in self.selection.members]
 
     def perturb(self, sigma0: float, generator: torch.Generator | None = None) -> None:
@@ -215,7 +220,7 @@ class StackedLayer(LatePhaseLayer):
         if torch.compiler.is_compiling() and self.training and self.buffer_names:
             # running statistics were updated in gathered copies: write them back
             with torch.no_grad():
-                index = self.selection.index(x.device)
+                index = self.selection.index_on(x.device)
                 for name in self.buffer_names:
                     getattr(self, name).index_copy_(0, index, torch.stack(rows[name]))
         return outs[0] if len(outs) == 1 else torch.cat(outs)
