@@ -75,6 +75,7 @@ def save_pretrained(
     hparams: Mapping[str, Any] | None = None,
     provenance: Mapping[str, Any] | None = None,
     label_names: Sequence[str] | None = None,
+    averaging: Mapping[str, Any] | None = None,
     force: bool = False,
 ) -> Path:
     """Write a collapsed, original-architecture model to ``out_dir`` so timm/torchvision load it without lpconvert.
@@ -83,8 +84,8 @@ def save_pretrained(
     (it is then read from the model's ``pretrained_cfg``).
 
     Files: ``model.safetensors`` (the state dict), ``config.json`` (timm's format, or a torchvision rebuild recipe),
-    ``README.md`` (model card) and ``lpconvert.json`` (version, ``"collapsed": true``, source, hparams, metrics and
-    the caller's ``provenance``). Everything is written into a temp directory beside ``out_dir`` and renamed into
+    ``README.md`` (model card) and ``lpconvert.json`` (version, ``"collapsed": true``, source, hparams, metrics,
+    ``averaging`` — how the members were averaged, see :func:`render_model_card` — and the caller's ``provenance``). Everything is written into a temp directory beside ``out_dir`` and renamed into
     place; an existing non-empty ``out_dir`` is refused unless ``force``. Returns the output path.
     """
     out_dir = Path(out_dir).expanduser().absolute()
@@ -111,7 +112,7 @@ def save_pretrained(
         )
         _write_config(model, tmp / CONFIG_NAME, source, label_names)
         (tmp / MODEL_CARD_NAME).write_text(
-            render_model_card(source, metrics=metrics, hparams=hparams), encoding="utf-8"
+            render_model_card(source, metrics=metrics, hparams=hparams, averaging=averaging), encoding="utf-8"
         )
         info = {
             "lpconvert_version": lpconvert_version(),
@@ -122,6 +123,7 @@ def save_pretrained(
             "files": {WEIGHTS_NAME: {"sha256": _sha256(weights_path), "bytes": weights_path.stat().st_size}},
             "hparams": dict(hparams or {}),
             "metrics": dict(metrics) if metrics is not None else None,
+            "averaging": dict(averaging) if averaging is not None else None,
             "provenance": dict(provenance or {}),
         }
         text = json.dumps(info, indent=2, ensure_ascii=False, default=json_default) + "\n"

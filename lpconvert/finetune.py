@@ -104,7 +104,7 @@ class Data:
 def build_data(config: FinetuneConfig, model: nn.Module) -> Data:
     """Training and validation sets with the model's own preprocessing (its timm data config)."""
     if config.data == DIGITS:
-        train, val = digits_datasets(seed=config.seed)
+        train, val = digits_datasets()  # one split for every seed: the T0 model never sees a test digit
         return Data(train, val, {"dataset": DIGITS, "num_files": len(train) + len(val)}, [str(d) for d in range(10)])
     import timm.data
 
@@ -580,13 +580,33 @@ def export_model(late_model: nn.Module, out_dir: Path, *, config: FinetuneConfig
             "protocol": f"top-1/top-5/NLL/ECE on the same validation set with the same preprocessing; final = "
                         f"members averaged with bn_stats={bn_stats}, epoch {epoch} ({chosen})",
         }
+    spec = late_phase_spec(late_model)
+    averaging = {"K": spec["K"], "late_phase": ",".join(sorted(set(spec["layers"].values()))), "bn_stats": bn_stats,
+                 "epoch": epoch, "select": chosen, "swa_start": config.swa_start,
+                 "training_data": describe_training_data(config, extra.get("data_fingerprint"))}
     save_pretrained(
         averaged, out_dir, source=source, metrics=metrics, hparams=_hparams(config), label_names=label_names,
-        force=force, provenance={**extra, "config": config.to_dict(), "seed": config.seed, "epoch": epoch,
-                                 "bn_stats": bn_stats, "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                 "late_phase": late_phase_spec(late_model)},
+        averaging=averaging, force=force,
+        provenance={**extra, "config": config.to_dict(), "seed": config.seed, "epoch": epoch, "bn_stats": bn_stats,
+                    "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "late_phase": spec},
     )
     return metrics
+
+
+def describe_training_data(config: FinetuneConfig, fingerprint: dict[str, Any] | None) -> str:
+    """The training set for a public model card: its name, size and file-list fingerprint — never a local path."""
+    if config.data == DIGITS:
+        return "scikit-learn's handwritten digits"
+    root = Path(config.data or config.train_dir or "data")
+    name = root.name
+    for suffix in (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar"):
+        name = name.removesuffix(suffix)
+    if name == "train" and config.train_dir:
+        name = root.parent.name or name
+    train = (fingerprint or {}).get("train") or {}
+    if "num_files" not in train:
+        return f"`{name}`"
+    return f"`{name}`, {train['num_files']:,} training images (SHA-256 of their file list: {train['sha256'][:16]}…)"
 
 
 def collapse_run(path: str | Path, out: str | Path, *, bn_stats: str = "fold", data: str | None = None,
@@ -631,7 +651,6 @@ def _hparams(config: FinetuneConfig) -> dict[str, Any]:
         "U_phi": f"{config.member_optimizer or config.optimizer} lr={config.member_lr or config.lr} "
                  f"wd={config.member_weight_decay if config.member_weight_decay is not None else config.weight_decay}",
         "schedule": config.schedule, "bn_stats": config.bn_stats, "swa_start": config.swa_start,
-        "datasets": [config.data or config.train_dir],
     }
 
 

@@ -7,6 +7,7 @@ hyper-parameter and the measured metrics — numbers only from the run, base che
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,17 @@ PAPER_BIBTEX = """@inproceedings{vonoswald2021latephase,
 
 
 _METRIC_LABELS = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "nll": "negative log-likelihood"}
+#: A Hub dataset id: NAME or NAMESPACE/NAME (never a local path).
+_HUB_DATASET_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+_BN_STATS_TEXT = {
+    "fold": "BatchNorm: the running statistics are the members' mean statistics, and scale and shift are solved so "
+            "that in eval mode every BatchNorm outputs exactly the average of its members' outputs. In train mode it "
+            "normalises with batch statistics like any BatchNorm, so the checkpoint can be fine-tuned further, "
+            "pruned or frozen like the base model.",
+    "mean": "BatchNorm: scale, shift and running statistics are the members' means.",
+    "recalibrate": "BatchNorm: scale and shift are the members' means; the running statistics were re-estimated "
+                   "with a pass over augmented training images.",
+}
 
 
 def render_model_card(
@@ -48,9 +60,14 @@ def render_model_card(
     *,
     metrics: Mapping[str, Any] | None = None,
     hparams: Mapping[str, Any] | None = None,
+    averaging: Mapping[str, Any] | None = None,
     repo_id: str = REPO_ID_PLACEHOLDER,
 ) -> str:
-    """Markdown model card with YAML front matter; numbers come only from ``metrics`` and ``hparams``."""
+    """Markdown model card with YAML front matter; numbers come only from ``metrics`` and ``hparams``.
+
+    ``averaging`` says how the checkpoint was made (``K``, ``late_phase``, ``bn_stats``, ``epoch``, ``select``,
+    ``swa_start``, ``training_data``); ``hparams["datasets"]`` may name Hub dataset ids for the front matter —
+    anything that is not one (a local path) is left out of it."""
     hparams = dict(hparams or {})
     meta: dict[str, Any] = {"library_name": "timm" if source.library == "timm" else "pytorch"}
     if source.license:
@@ -60,8 +77,9 @@ def render_model_card(
     if source.base_model:
         meta["base_model"] = source.base_model
     datasets = hparams.get("datasets", hparams.get("dataset"))
-    if datasets:
-        meta["datasets"] = [str(d) for d in (datasets if isinstance(datasets, (list, tuple)) else [datasets])]
+    datasets = [str(d) for d in (datasets if isinstance(datasets, (list, tuple)) else [datasets] if datasets else [])]
+    if datasets and all(_HUB_DATASET_ID.match(d) and not Path(d).expanduser().exists() for d in datasets):
+        meta["datasets"] = datasets
 
     base = f"`{source.base_model or (Path(source.spec).name if source.origin == 'local-dir' else source.spec)}`"
     if source.weights:
@@ -83,6 +101,10 @@ def render_model_card(
         "architecture and inference cost of the base model and loads without lpconvert.",
         "",
         f"Paper: {PAPER_CITATION}",
+        "",
+        "## What this checkpoint is",
+        "",
+        *_what_it_is(source, averaging),
         "",
         "## How to load",
         "",
@@ -117,12 +139,42 @@ def render_model_card(
     return "\n".join(lines)
 
 
+def _what_it_is(source: ModelSource, averaging: Mapping[str, Any] | None) -> list[str]:
+    lines = [f"- The original `{source.architecture}` architecture ({source.library}): the base model's classes, "
+             "state_dict keys and inference cost; nothing of lpconvert is needed at inference."]
+    if not averaging:
+        return lines
+    kinds = averaging.get("late_phase") or "late-phase"
+    when = f" at epoch {averaging['epoch']}" if averaging.get("epoch") is not None else ""
+    if averaging.get("select"):
+        when += f" ({'the best validation epoch' if averaging['select'] == 'best' else 'the last epoch'})"
+    if averaging.get("K") == 1:
+        lines.append(f"- Fine-tuned without late-phase members (K = 1: plain fine-tuning), taken{when}.")
+    else:
+        lines.append(f"- Its {kinds} weights are the average of K = {averaging.get('K')} late-phase members in weight "
+                     f"space (Eq. 1 of the paper){when}.")
+    if averaging.get("swa_start") is not None:
+        lines.append(f"- The weights were also averaged over the epochs from epoch {averaging['swa_start']} on (SWA).")
+    if averaging.get("bn_stats") in _BN_STATS_TEXT:
+        lines.append(f"- {_BN_STATS_TEXT[averaging['bn_stats']]}")
+    if averaging.get("training_data"):
+        lines.append(f"- Training data: {averaging['training_data']}.")
+    return lines
+
+
 def _loading_snippet(source: ModelSource, repo_id: str) -> list[str]:
     if source.library == "timm":
-        return [
-            "import timm",
-            f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True)  # or "local-dir:PATH/TO/THIS/FOLDER"',
-        ]
+        from lpconvert.models import is_lpconvert_architecture
+
+        load = f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True)  # or "local-dir:PATH/TO/THIS/FOLDER"'
+        if is_lpconvert_architecture(source.architecture):
+            return [
+                f"# pip install lpconvert   ({source.architecture} is an lpconvert architecture; importing lpconvert "
+                "registers it with timm)",
+                "import lpconvert, timm",
+                load,
+            ]
+        return ["import timm", load]
     args = ", ".join(f"{k}={v!r}" for k, v in source.model_args.items())
     return [
         "import torchvision, safetensors.torch, huggingface_hub",

@@ -47,6 +47,11 @@ def test_finetune_writes_a_complete_run(tmp_path):
     fresh.load_state_dict(state, strict=True)
     provenance = json.loads((run_dir / "model" / "lpconvert.json").read_text())
     assert provenance["collapsed"] is True and provenance["metrics"]["final"]["top1"] == report["final_top1"]
+    # the card says what the file is: architecture, how the members were averaged, the BN statistics; no local path
+    card = (run_dir / "model" / "README.md").read_text()
+    assert "original `digits_cnn` architecture" in card and "average of K = 3 late-phase members" in card
+    assert "running statistics are the members' mean statistics" in card and str(tmp_path) not in card
+    assert provenance["averaging"]["bn_stats"] == "fold" and provenance["averaging"]["K"] == 3
     # the late-phase checkpoint keeps all K members
     checkpoint = _load(run_dir / "checkpoints" / "last.pt")
     assert checkpoint["model"]["fc.weight"].shape == (3, 10, 64)

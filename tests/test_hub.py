@@ -232,3 +232,37 @@ def test_finetune_push_to_hub_and_the_push_command(hub, tmp_path, monkeypatch):
     assert bad.exit_code == 2 and bad.output.startswith("error: ") and len(bad.output.strip().splitlines()) == 1
     late = runner.invoke(main, ["push", "run", "--repo", "lpw-org/digits-lp"])
     assert late.exit_code == 2 and "collapse" in late.output
+
+
+@pytest.mark.parametrize("spec, classes", [("test_resnet", 5), ("cifar_resnet20", 10), ("tv:mobilenet_v3_small", 3)])
+def test_the_model_cards_loading_snippet_works_in_a_fresh_interpreter(hub, tmp_path, spec, classes):
+    """timm, lpconvert's own architectures (which need `import lpconvert`) and torchvision: push, then run the card's
+    snippet as a user would, in a new Python process that knows only the Hub's address."""
+    import re
+    import subprocess
+    import sys
+
+    net, source = load_model(spec, num_classes=classes, pretrained=False)
+    folder = save_pretrained(net.eval(), tmp_path / "out", source=source, hparams={"datasets": [str(tmp_path)]})
+    card = (folder / "README.md").read_text()
+    assert "datasets:" not in card.split("---")[1]  # a local path never goes into the front matter
+    repo = "alice/" + spec.replace(":", "-").replace("_", "-")
+    push(folder, repo, token=TEST_TOKEN)
+    snippet = re.search(r"```python\n(.*?)```", hub.files(repo)["README.md"].decode(), re.S).group(1)
+    assert repo in snippet and ("import lpconvert" in snippet) == (spec == "cifar_resnet20")
+
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    torch.save(x, tmp_path / "x.pt")
+    check = (f"\nimport torch\nx = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
+             f"torch.save((model.state_dict(), model.eval()(x).detach()), {str(tmp_path / 'y.pt')!r})\n")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"),
+           "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    result = subprocess.run([sys.executable, "-c", snippet + check], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    state, y = torch.load(tmp_path / "y.pt", weights_only=True)
+    assert list(state) == list(net.state_dict())
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    with torch.no_grad():
+        expected = net(x)
+    assert (y - expected).abs().max() <= 1e-5 * expected.abs().max()  # another process: other thread count

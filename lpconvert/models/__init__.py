@@ -9,4 +9,13 @@ from lpconvert.models.cifar_resnet import BasicBlock, CifarResNet
 from lpconvert.models.digits_cnn import DigitsCNN
 from lpconvert.models.wide_resnet import WideResNet
 
-__all__ = ["BasicBlock", "CifarResNet", "DigitsCNN", "WideResNet"]
+__all__ = ["BasicBlock", "CifarResNet", "DigitsCNN", "WideResNet", "is_lpconvert_architecture"]
+
+_MODULES = ("cifar_resnet", "digits_cnn", "wide_resnet")
+
+
+def is_lpconvert_architecture(name: str) -> bool:
+    """True for the architectures registered here (loading them with timm needs ``import lpconvert`` first)."""
+    from timm.models import is_model_in_modules
+
+    return is_model_in_modules(name, _MODULES)
