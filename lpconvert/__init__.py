@@ -8,24 +8,30 @@
 """
 
 from . import models  # noqa: F401  (registers lpconvert's architectures (cifar_resnet20, digits_cnn, …) with timm)
-from .checkpoint import load_late_phase, save_pretrained
+from .checkpoint import save_pretrained
 from .collapse import collapse, ensemble_predict, recalibrate_batch_norm, unload
 from .engine import LatePhaseEngine, iterate_members
 from .errors import LatePhaseError
+from .late_phase_config import LatePhaseConfig, late_phase_config
 from .loading import load_model
-from .surgery import KINDS, Plan, convert, late_phase_layers, num_members, plan, select_members
+from .run_dir import load_late_phase
+from .surgery import KINDS, Plan, convert, convert_from_config, late_phase_layers, num_members, plan, select_members
+from .version import lpconvert_version
 
-__version__ = "0.1.0"
+__version__ = lpconvert_version()
 
 __all__ = [
     "KINDS",
+    "LatePhaseConfig",
     "LatePhaseEngine",
     "LatePhaseError",
     "Plan",
     "collapse",
     "convert",
+    "convert_from_config",
     "ensemble_predict",
     "iterate_members",
+    "late_phase_config",
     "late_phase_layers",
     "load_late_phase",
     "load_model",

@@ -1,44 +1,70 @@
 """The ``lpconvert`` command: a thin click layer over the Python API.
 
-User errors (:class:`~lpconvert.errors.LatePhaseError`) print one line on stderr and exit with code 2.
+Every failure a user can cause or meet is one line on stderr: exit code 2 for user errors (bad input, a folder that
+is not lpconvert's, a full or read-only disk…), 130 after an interrupt (a checkpoint was saved), 1 for an internal
+error. ``--debug`` (or ``LPCONVERT_DEBUG=1``) shows the traceback instead. Lists of names or numbers are
+comma-separated (``--late-phase bn,classifier``, ``--include 'layer4.*,fc'``); paths repeat the flag (``--ood``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import typing
 from pathlib import Path
 from typing import Any
 
 import click
 
-from .config import FinetuneConfig, read_recipe
-from .errors import LatePhaseError
+from .config import CHOICES, FinetuneConfig, read_recipe
+from .errors import LatePhaseError, os_error_message, user_message
+from .layers import kinds_help
 from .surgery import DEFAULT_TARGETS
 
-EXIT_USAGE, EXIT_INTERRUPTED = 2, 130
+EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 
 
 class _Group(click.Group):
-    """Turns library errors into one line and exit code 2, interruptions into exit code 130."""
+    """Turns failures into one line (exit 2 for user errors, 130 for interruptions, 1 for bugs) unless --debug."""
 
     def invoke(self, ctx: click.Context) -> Any:
         from .finetune import RunInterrupted
 
         try:
             return super().invoke(ctx)
-        except LatePhaseError as exc:
-            click.echo(f"error: {exc}", err=True)
-            ctx.exit(EXIT_USAGE)
-        except RunInterrupted as exc:
-            click.echo(f"interrupted ({exc}); a checkpoint was saved: continue with --resume RUN_DIR", err=True)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except Exception as exc:
+            if _debug(ctx):
+                raise
+            if isinstance(exc, RunInterrupted):
+                click.echo(f"interrupted ({exc}); a checkpoint was saved: continue with --resume {exc.run_dir}",
+                           err=True)
+                ctx.exit(EXIT_INTERRUPTED)
+            if isinstance(exc, LatePhaseError):
+                click.echo(f"error: {user_message(exc)}", err=True)
+                ctx.exit(EXIT_USAGE)
+            if isinstance(exc, OSError):
+                click.echo(f"error: {os_error_message(exc)}", err=True)
+                ctx.exit(EXIT_USAGE)
+            click.echo(f"error: internal error ({type(exc).__name__}: {user_message(LatePhaseError(str(exc)))}); "
+                       "rerun with --debug for the traceback and report it", err=True)
+            ctx.exit(EXIT_INTERNAL)
+        except KeyboardInterrupt:
+            click.echo("interrupted", err=True)
             ctx.exit(EXIT_INTERRUPTED)
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool(ctx.find_root().params.get("debug")) or os.environ.get("LPCONVERT_DEBUG", "") not in ("", "0")
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="lpconvert")
-@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
-def main(verbose: bool) -> None:
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging, including the libraries' own messages.")
+@click.option("--debug", is_flag=True, help="Show the traceback of a failure (also LPCONVERT_DEBUG=1).")
+def main(verbose: bool, debug: bool) -> None:
     """Late-phase weights (von Oswald et al., ICLR 2021) for pretrained timm / torchvision models.
 
     \b
@@ -50,7 +76,22 @@ def main(verbose: bool) -> None:
     lpconvert demo                                the whole pipeline offline, in minutes on a CPU
     lpconvert zoo                                 recipes with the paper's settings and numbers
     """
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s")
+    _configure_logging(verbose)
+
+
+def _configure_logging(verbose: bool) -> None:
+    """lpconvert's own progress at INFO; third-party chatter (httpx requests, matplotlib's font cache) only with
+    --verbose."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s", force=True)
+    logging.getLogger("lpconvert").setLevel(logging.DEBUG if verbose else logging.INFO)
+    if not verbose:
+        for name in ("httpx", "httpx2", "huggingface_hub", "matplotlib"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    """A comma-separated list flag."""
+    return tuple(t.strip() for t in (text or "").split(",") if t.strip())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -58,21 +99,21 @@ def main(verbose: bool) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 @main.command()
 @click.argument("model")
-@click.option("--K", "K", type=int, default=10, show_default=True, help="Late-phase members.")
+@click.option("--K", "K", type=int, default=FinetuneConfig.K, show_default=True, help="Late-phase members.")
 @click.option("--late-phase", default=",".join(DEFAULT_TARGETS), show_default=True,
-              help="Kinds of late-phase weights: batchnorm, classifier, layernorm, groupnorm, rank1 (aliases bn, norm, head).")
-@click.option("--include", multiple=True, help="Glob on qualified layer names to keep (repeatable).")
-@click.option("--exclude", multiple=True, help="Glob on qualified layer names to leave shared (repeatable).")
+              help=f"Kinds of late-phase weights, comma-separated: {kinds_help()}.")
+@click.option("--include", help="Comma-separated globs on qualified layer names to convert ('layer4.*').")
+@click.option("--exclude", help="Comma-separated globs on qualified layer names to keep shared.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local weights file for MODEL.")
-@click.option("--num-classes", type=int, help="Replace the classifier with a new head of this size.")
+@click.option("--num-classes", type=click.IntRange(min=1), help="Replace the classifier with a new head of this size.")
 @click.option("--list-layers", is_flag=True, help="Also list every layer that would be converted.")
-def inspect(model: str, K: int, late_phase: str, include: tuple, exclude: tuple, weights: str | None,
+def inspect(model: str, K: int, late_phase: str, include: str | None, exclude: str | None, weights: str | None,
             num_classes: int | None, list_layers: bool) -> None:
-    """Report what `convert` would turn into late-phase layers (nothing is downloaded: random init)."""
+    """Report what `finetune` would turn into late-phase layers (nothing is downloaded: random init)."""
     from . import load_model, plan
 
     net, _ = load_model(model, weights=weights, num_classes=num_classes, pretrained=False)
-    report = plan(net, K, late_phase, include=include or None, exclude=exclude or None)
+    report = plan(net, K, late_phase, include=_names(include) or None, exclude=_names(exclude) or None)
     click.echo(str(report))
     if list_layers:
         for name, kind in report.layers.items():
@@ -83,76 +124,92 @@ def inspect(model: str, K: int, late_phase: str, include: tuple, exclude: tuple,
 # finetune
 # --------------------------------------------------------------------------------------------------------------------
 _DEFAULTS = FinetuneConfig()
-# flag, field, click type, help — the default shown is FinetuneConfig's (or the recipe's, which flags override)
-_FINETUNE_OPTIONS: list[tuple[str, str, Any, str]] = [
-    ("--weights", "weights", click.Path(dir_okay=False), "Local weights (.safetensors, or a state_dict loaded weights-only)."),
-    ("--num-classes", "num_classes", int, "New classifier with this many classes (transfer)."),
-    ("--pretrained/--no-pretrained", "pretrained", None, "Start from the hub's pretrained weights."),
-    ("--data", "data", str, "Data root with train/ and val/ (folders or tar archives), or 'sklearn-digits'."),
-    ("--train-dir", "train_dir", str, "Training ImageFolder tree or archive."),
-    ("--val-dir", "val_dir", str, "Validation ImageFolder tree or archive."),
-    ("--train-subset", "train_subset", int, "Use a stratified subset of this many training images."),
-    ("--val-subset", "val_subset", int, "Use a stratified subset of this many validation images."),
-    ("--subset-seed", "subset_seed", int, "Which stratified subsets (fixed across --seed, so seeds compare on the same images)."),
-    ("--train-transform", "train_transform", click.Choice(["auto", "timm", "cifar"]), "Training augmentation."),
-    ("--workers", "workers", int, "Data-loading worker processes."),
-    ("--K", "K", int, "Late-phase members (1 = plain fine-tuning through the same pipeline)."),
-    ("--late-phase", "late_phase", str, "Late-phase weights: batchnorm, classifier, layernorm, groupnorm, rank1."),
-    ("--include", "include", str, "Comma-separated globs on layer names to convert."),
-    ("--exclude", "exclude", str, "Comma-separated globs on layer names to keep shared."),
-    ("--sigma0", "sigma0", float, "Member initialisation noise σ0 (Eq. 2)."),
-    ("--gamma-theta", "gamma_theta", float, "γθ scaling the accumulated shared-weight gradient [default: 1/K]."),
-    ("--t0", "t0", int, "Epoch at which late-phase training starts (plain training before)."),
-    ("--accumulate", "accumulate", int, "With --K 1: θ accumulates over this many minibatches (Table 10 control)."),
-    ("--epochs", "epochs", int, "Epochs."),
-    ("--batch-size", "batch_size", int, "Global minibatch size per member step."),
-    ("--optimizer", "optimizer", click.Choice(["sgd", "adam", "adamw"]), "U_θ."),
-    ("--lr", "lr", float, "Learning rate of U_θ (and U_φ unless --member-lr)."),
-    ("--momentum", "momentum", float, "SGD momentum."),
-    ("--nesterov/--no-nesterov", "nesterov", None, "Nesterov momentum."),
-    ("--weight-decay", "weight_decay", float, "Weight decay of U_θ (and U_φ unless --member-weight-decay)."),
-    ("--member-optimizer", "member_optimizer", click.Choice(["sgd", "adam", "adamw"]), "U_φ [default: as U_θ]."),
-    ("--member-lr", "member_lr", float, "Learning rate of U_φ [default: --lr]."),
-    ("--member-weight-decay", "member_weight_decay", float, "Late-phase weight decay (paper, CIFAR: 5e-4·K)."),
-    ("--schedule", "schedule", click.Choice(["multistep", "linear", "cosine", "constant"]), "Learning-rate schedule."),
-    ("--milestones", "milestones", str, "Epochs (comma-separated, fractions allowed) where multistep scales the lr by --lr-gamma."),
-    ("--lr-gamma", "lr_gamma", float, "Multistep factor."),
-    ("--lr-end", "lr_end", float, "Final learning rate of the linear and cosine schedules."),
-    ("--anneal-start", "anneal_start", float, "Linear schedule: epoch where annealing starts."),
-    ("--anneal-end", "anneal_end", float, "Linear schedule: epoch where annealing ends [default: --epochs]."),
-    ("--swa-start", "swa_start", int, "Epoch from which SWA averages the late-phase model (per epoch)."),
-    ("--swa-lr", "swa_lr", float, "Constant learning rate during SWA."),
-    ("--mode", "mode", click.Choice(["auto", "sequential", "vectorized"]), "Member execution (identical results)."),
-    ("--group-size", "group_size", int, "Members per forward in vectorized mode [default: K]."),
-    ("--device", "device", str, "auto, cpu, cuda or cuda:N."),
-    ("--amp", "amp", click.Choice(["auto", "bf16", "fp16", "off"]), "Autocast (auto: bf16 on GPU, off on CPU)."),
-    ("--channels-last/--no-channels-last", "channels_last", None, "Memory format [default: on GPU]."),
-    ("--compile/--no-compile", "compile", None, "torch.compile the model."),
-    ("--sync-bn/--no-sync-bn", "sync_bn", None, "SyncBatchNorm across GPUs under torchrun."),
-    ("--seed", "seed", int, "Seed of data order, augmentation and σ0 noise."),
-    ("--output", "output", str, "Run directory [default: runs/MODEL-K<K>]."),
-    ("--bn-stats", "bn_stats", click.Choice(["fold", "mean", "recalibrate"]), "BN statistics of the averaged model."),
-    ("--recalibrate-batches", "recalibrate_batches", int, "Batches used by --bn-stats recalibrate."),
-    ("--select", "select", click.Choice(["best", "last"]), "Which epoch's model is collapsed and written."),
-    ("--checkpoint-every", "checkpoint_every", int, "Also checkpoint every N iterations (0: epoch ends only)."),
-    ("--log-every", "log_every", int, "Progress update every N iterations (no host sync in between)."),
-    ("--resume", "resume", click.Path(file_okay=False), "Continue the run in this directory exactly."),
-    ("--force/--no-force", "force", None, "Overwrite a non-empty output, or resume with changed settings."),
-    ("--quiet/--no-quiet", "quiet", None, "No progress bar; per-epoch log lines only."),
-    ("--push-to-hub", "push_to_hub", str, "Push the collapsed model to this Hub repo (ORG/NAME) at the end."),
-    ("--allow-regression/--no-allow-regression", "allow_regression", None, "Push even if worse than the start."),
-]
+# setting → help; the flag, its click type (choices from the config's tuples) and the default shown all come from
+# FinetuneConfig (a recipe's values, which flags override, replace the defaults)
+_FINETUNE_HELP: dict[str, str] = {
+    "weights": "Local weights (.safetensors, or a state_dict loaded weights-only).",
+    "num_classes": "New classifier with this many classes (transfer), whatever the source of the weights.",
+    "pretrained": "Start from the hub's pretrained weights.",
+    "data": "Data root with train/ and val/ (folders or tar archives), or 'sklearn-digits'.",
+    "train_dir": "Training ImageFolder tree or archive.",
+    "val_dir": "Validation ImageFolder tree or archive.",
+    "train_subset": "Use a stratified subset of this many training images.",
+    "val_subset": "Use a stratified subset of this many validation images.",
+    "subset_seed": "Which stratified subsets (fixed across --seed, so seeds compare on the same images).",
+    "train_transform": "Training augmentation (auto: cifar up to 64 px, else timm).",
+    "workers": "Data-loading worker processes.",
+    "K": "Late-phase members (1 = plain fine-tuning through the same pipeline).",
+    "late_phase": f"Late-phase weights, comma-separated: {kinds_help()}.",
+    "include": "Comma-separated globs on qualified layer names to convert ('layer4.*').",
+    "exclude": "Comma-separated globs on qualified layer names to keep shared.",
+    "sigma0": "Member initialisation noise σ0 (Eq. 2).",
+    "gamma_theta": "γθ scaling the accumulated shared-weight gradient [default: 1/K].",
+    "t0": "Epoch at which late-phase training starts (plain training before).",
+    "accumulate": "With --K 1: θ accumulates over this many minibatches (Table 10 control).",
+    "epochs": "Epochs.",
+    "batch_size": "Global minibatch size per member step.",
+    "optimizer": "U_θ.",
+    "lr": "Learning rate of U_θ (and U_φ unless --member-lr).",
+    "momentum": "SGD momentum.",
+    "nesterov": "Nesterov momentum.",
+    "weight_decay": "Weight decay of U_θ (and U_φ unless --member-weight-decay).",
+    "member_optimizer": "U_φ [default: as U_θ].",
+    "member_lr": "Learning rate of U_φ [default: --lr].",
+    "member_weight_decay": "Late-phase weight decay (paper, CIFAR: 5e-4·K) [default: --weight-decay].",
+    "schedule": "Learning-rate schedule.",
+    "milestones": "Epochs (comma-separated, fractions allowed) where multistep scales the lr by --lr-gamma.",
+    "lr_gamma": "Multistep factor.",
+    "lr_end": "Final learning rate of the linear and cosine schedules.",
+    "anneal_start": "Linear schedule: epoch where annealing starts.",
+    "anneal_end": "Linear schedule: epoch where annealing ends [default: --epochs].",
+    "swa_start": "Epoch from which SWA averages the late-phase model (per epoch).",
+    "swa_lr": "Constant learning rate during SWA.",
+    "mode": "Member execution (identical results).",
+    "group_size": "Members per forward in vectorized mode [default: K].",
+    "device": "auto, cpu, cuda or cuda:N.",
+    "amp": "Autocast (auto: bf16 on GPU, off on CPU).",
+    "channels_last": "Memory format [default: on GPU].",
+    "compile": "torch.compile the model.",
+    "sync_bn": "SyncBatchNorm across GPUs under torchrun.",
+    "seed": "Seed of data order, augmentation and σ0 noise.",
+    "output": "Run directory [default: runs/MODEL-K<K>].",
+    "bn_stats": "BN statistics of the averaged model (fold: members' mean statistics, eval outputs averaged).",
+    "recalibrate_batches": "Training batches used by --bn-stats recalibrate (and SWA).",
+    "select": "Which epoch's model is collapsed and written.",
+    "checkpoint_every": "Also checkpoint every N iterations (0: epoch ends only).",
+    "log_every": "Progress update every N iterations (no host sync in between).",
+    "resume": "Continue the run in this directory exactly.",
+    "force": "Replace an lpconvert run at --output (after the new one succeeded), or resume with changed settings.",
+    "quiet": "No progress bars; per-epoch log lines only.",
+    "push_to_hub": "Push the collapsed model to this Hub repo (ORG/NAME) at the end.",
+    "allow_regression": "Push even if worse than the start.",
+}
+_PATHS = {"weights": click.Path(dir_okay=False), "resume": click.Path(file_okay=False)}
 
 
 def _finetune_options(function):
-    for flag, name, kind, help_text in reversed(_FINETUNE_OPTIONS):
+    from .config import _field_types
+
+    types = _field_types()
+    for name, help_text in reversed(_FINETUNE_HELP.items()):
         default = getattr(_DEFAULTS, name)
         shown = help_text if "[default:" in help_text else f"{help_text}  [default: {_show(default)}]"
-        decls = [flag, name] if not flag.startswith("--K") else [flag, "K"]
-        if kind is None:  # boolean --x/--no-x
-            function = click.option(*decls, default=None, help=shown)(function)
+        flag = "--K" if name == "K" else "--" + name.replace("_", "-")
+        hint = types[name]
+        base = next((t for t in typing.get_args(hint) if t is not type(None)), hint) if typing.get_origin(
+            hint) is not tuple else tuple
+        if name in CHOICES:
+            kind: Any = click.Choice(CHOICES[name])
+        elif name in _PATHS:
+            kind = _PATHS[name]
+        elif base is bool:
+            flag, kind = f"{flag}/--no-{flag[2:]}", None
         else:
-            function = click.option(*decls, type=kind, default=None, help=shown)(function)
+            kind = base if base in (int, float) else str  # lists: comma-separated text
+        if kind is None:
+            function = click.option(flag, name, default=None, help=shown)(function)
+        else:
+            function = click.option(flag, name, type=kind, default=None, help=shown)(function)
     return function
 
 
@@ -173,17 +230,7 @@ def build_config(model: str | None, recipe: str | None, flags: dict[str, Any]) -
     if "model" not in values:
         raise LatePhaseError("no MODEL given; name one (e.g. resnet152, tv:resnet50, hf-hub:ORG/NAME) or use --recipe")
     values.update({k: v for k, v in flags.items() if v is not None})
-    if isinstance(values.get("milestones"), str):
-        values["milestones"] = _parse_milestones(values["milestones"])
-    return FinetuneConfig.from_dict(values).validate()
-
-
-def _parse_milestones(text: str) -> tuple[float, ...]:
-    try:
-        epochs = [float(m) for m in text.split(",") if m.strip()]
-    except ValueError:
-        raise LatePhaseError(f"--milestones takes comma-separated epochs such as 10,15 or 0.5; got {text!r}") from None
-    return tuple(int(e) if e.is_integer() else e for e in epochs)
+    return FinetuneConfig.from_dict(values)
 
 
 @main.command()
@@ -203,6 +250,7 @@ def finetune(model: str | None, recipe: str | None, baseline: bool, **flags: Any
 
     if baseline:
         flags["K"] = 1
+    flags["include"], flags["exclude"] = _names(flags["include"]) or None, _names(flags["exclude"]) or None
     config = build_config(model, recipe, flags)
     report = run(config, command=finetune_command())
     if report:
@@ -216,6 +264,7 @@ def _report_table(report: dict[str, Any]) -> str:
         f"{what:<27} top-1 {report['final_top1']:6.2f}   (epoch {report['epoch']}, {report['select']}, "
         f"bn_stats={report['bn_stats']})",
         f"change                      {report['change']:+6.2f}",
+        *([f"note: {report['note']}"] if report.get("note") else []),
         f"averaged model: {report['model_dir']}",
     ])
 
@@ -225,9 +274,10 @@ def _report_table(report: dict[str, Any]) -> str:
 # --------------------------------------------------------------------------------------------------------------------
 @main.command()
 @click.option("--output", default="runs/demo", show_default=True, help="Where the demo writes its three runs.")
-@click.option("--K", "K", default=4, show_default=True, help="Late-phase members.")
-@click.option("--seeds", default=3, show_default=True, help="Fine-tuning runs per arm (seeds 0, 1, …).")
-@click.option("--force", is_flag=True, help="Overwrite an existing demo output.")
+@click.option("--K", "K", type=click.IntRange(min=2), default=4, show_default=True, help="Late-phase members.")
+@click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Fine-tuning runs per arm (seeds 0, 1, …).")
+@click.option("--force", is_flag=True, help="Replace an earlier demo folder (only that), once the new demo is done.")
 def demo(output: str, K: int, seeds: int, force: bool) -> None:
     """The whole pipeline offline on real images (scikit-learn's handwritten digits), in minutes on a CPU.
 
@@ -244,17 +294,18 @@ def demo(output: str, K: int, seeds: int, force: bool) -> None:
 @click.option("--data", required=True, help="Dataset root (its val/ or test/ split is used) or one ImageFolder tree/archive.")
 @click.option("--ood", multiple=True, help="Out-of-distribution set (tree or archive), repeatable: AUROC per set + mean.")
 @click.option("--ensemble", is_flag=True, help="Late-phase run: also the non-averaged ensemble (mean of member softmax).")
-@click.option("--bn-stats", type=click.Choice(["fold", "mean", "recalibrate", "all"]),
-              help="Late-phase run: collapse mode(s) to evaluate [default: the run's]; recalibrate uses train/ with "
-                   "the training augmentation.")
+@click.option("--bn-stats", type=click.Choice([*CHOICES["bn_stats"], "all"]),
+              help="Late-phase run: collapse mode(s) to evaluate [default: the run's]; recalibrate re-estimates the "
+                   "statistics on the train/ split exactly as the run does.")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="Late-phase run: which checkpoint.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local weights for a model spec.")
-@click.option("--subset", type=int, help="Evaluate a stratified subset of this many images.")
+@click.option("--subset", type=click.IntRange(min=1), help="Evaluate a stratified subset of this many images.")
 @click.option("--flatness", default="", help="Comma-separated σz for the flatness score δL(σz) (paper Fig. 3).")
-@click.option("--flatness-draws", default=10, show_default=True, help="Noise draws per σz.")
-@click.option("--batch-size", default=256, show_default=True)
-@click.option("--workers", default=4, show_default=True)
+@click.option("--flatness-draws", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Noise draws per σz.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True)
 @click.option("--device", default="auto", show_default=True, help="auto (GPU when there is one), cpu, cuda, cuda:N.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the rows as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the rows as CSV.")
@@ -266,7 +317,10 @@ def evaluate_command(source: str, data: str, ood: tuple, ensemble: bool, bn_stat
     from .files import atomic_write_bytes
     from .evaluate import evaluate, format_table, to_csv, to_json
 
-    sigmas = [float(v) for v in flatness.split(",") if v.strip()]
+    try:
+        sigmas = [float(v) for v in _names(flatness)]
+    except ValueError:
+        raise LatePhaseError(f"--flatness takes comma-separated numbers such as 0.05,0.1, got {flatness!r}") from None
     rows = evaluate(source, data, ood=ood, ensemble=ensemble, bn_stats=bn_stats, checkpoint=checkpoint,
                     weights=weights, subset=subset,
                     batch_size=batch_size, workers=workers, device=device, flatness_sigmas=sigmas,
@@ -296,17 +350,19 @@ def zoo() -> None:
 @main.command("collapse")
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--bn-stats", type=click.Choice(["fold", "mean", "recalibrate"]), default="fold", show_default=True,
+@click.option("--bn-stats", type=click.Choice(CHOICES["bn_stats"]), default=_DEFAULTS.bn_stats, show_default=True,
               help="BN statistics of the averaged model (recalibrate needs --data).")
 @click.option("--data", help="Data root or training folder for --bn-stats recalibrate.")
 @click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
               help="Which checkpoint of a run directory.")
-@click.option("--force", is_flag=True, help="Replace a non-empty --out.")
+@click.option("--force", is_flag=True, help="Replace an lpconvert model folder at --out (only that).")
 def collapse_command(source: str, out: str, bn_stats: str, data: str | None, checkpoint: str, force: bool) -> None:
     """Average the members of a late-phase run or checkpoint into one model of the original architecture."""
-    from .finetune import collapse_run
+    from .export import collapse_run
+    from .finetune import finetune_command
 
-    path = collapse_run(source, out, bn_stats=bn_stats, data=data, which=checkpoint, force=force)
+    path = collapse_run(source, out, bn_stats=bn_stats, data=data, which=checkpoint, force=force,
+                        command=finetune_command())
     click.echo(f"collapsed model written to {path}")
 
 

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from .errors import LatePhaseError
+from .late_phase_config import ATTRIBUTE
 from .layers import BN_STATS_MODES
 from .surgery import _set_submodule, late_phase_layers, num_members, select_members
 
@@ -38,10 +39,14 @@ def recalibrate_batch_norm(
     input_fn: Callable[[Any], Any] | None = None,
     num_batches: int | None = None,
 ) -> nn.Module:
-    """Re-estimate the running statistics of every BatchNorm layer with one pass over `data` (cumulative average).
+    """Re-estimate the running statistics of every BatchNorm layer with one pass over `data` (cumulative average of
+    the first `num_batches` batches, all when None).
 
     Like ``torch.optim.swa_utils.update_bn`` but for any ``_BatchNorm`` subclass (timm's norm-act layers included),
-    with the rest of the model in eval mode (dropout off) and any batch structure through `input_fn`."""
+    with the rest of the model in eval mode (dropout off) and any batch structure through `input_fn`. The fine-tuner,
+    ``lpconvert collapse`` and ``lpconvert evaluate`` all pass :func:`lpconvert.data.recalibration_loader`: the
+    run's training images with their training augmentation, epoch 0's order of the run's seed, the run's batch size,
+    ``--recalibrate-batches`` (default 100) batches."""
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     if not norms:
         return model
@@ -108,6 +113,7 @@ def collapse(
     originals = {name: layer.collapse(bn_stats=bn_stats) for name, layer in layers.items()}
     for name, module in originals.items():
         _set_submodule(model, name, module)
+    model.__dict__.pop(ATTRIBUTE, None)
     if bn_stats == "recalibrate":
         recalibrate_batch_norm(model, data, input_fn=input_fn, num_batches=num_batches)
     return model
@@ -124,6 +130,7 @@ def unload(model: nn.Module, k: int, *, inplace: bool = False) -> nn.Module:
         layers = late_phase_layers(model)
     for name, layer in layers.items():
         _set_submodule(model, name, layer.unload(k))
+    model.__dict__.pop(ATTRIBUTE, None)
     return model
 
 

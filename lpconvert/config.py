@@ -2,18 +2,26 @@
 
 Defaults are the paper's ImageNet recipe (§4, Table 5): SGD with momentum 0.9, weight decay 1e-4, batch 256,
 lr 0.001 dropping ×0.1 at epoch 10, 20 epochs, K = 10, σ0 = 0, γθ = 1/K, late-phase BatchNorm only.
-A recipe file (YAML or TOML, see ``zoo/``) sets any of these fields; command-line flags override it.
+A recipe file (YAML or TOML, see ``zoo/``) sets any of these fields but ``force``; command-line flags override it.
+Every value is coerced to its field's type or refused, then checked for range and against the other fields, whether
+it came from a flag, a recipe or Python code.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import tomllib
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .errors import LatePhaseError
+from .layers import BN_STATS_MODES
 from .surgery import DEFAULT_TARGETS, resolve_kinds
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -21,6 +29,9 @@ SCHEDULES = ("multistep", "linear", "cosine", "constant")
 MODES = ("auto", "sequential", "vectorized")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 SELECT = ("best", "last")
+TRAIN_TRANSFORMS = ("auto", "timm", "cifar")
+#: Settings that only the command line may set: a recipe cannot make lpconvert replace anything.
+COMMAND_LINE_ONLY = ("force",)
 
 
 @dataclass
@@ -89,59 +100,152 @@ class FinetuneConfig:
     push_to_hub: str | None = None
     allow_regression: bool = False
 
-    def validate(self) -> "FinetuneConfig":
-        """Check every field once; raise a one-line :class:`LatePhaseError` naming the flag."""
-        positive = {"K": self.K, "epochs": self.epochs, "batch-size": self.batch_size, "log-every": self.log_every,
-                    "recalibrate-batches": self.recalibrate_batches, "accumulate": self.accumulate}
-        for flag, value in positive.items():
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise LatePhaseError(f"--{flag} must be a positive integer, got {value!r}")
-        for flag, value in {"t0": self.t0, "checkpoint-every": self.checkpoint_every, "workers": self.workers}.items():
-            if value < 0:
-                raise LatePhaseError(f"--{flag} must be 0 or more, got {value}")
-        if self.accumulate > 1 and self.K > 1:
-            raise LatePhaseError("--accumulate is the K = 1 control (θ accumulated over M minibatches); use it with --K 1")
-        if self.t0 >= self.epochs:
-            raise LatePhaseError(f"--t0 {self.t0} must be smaller than --epochs {self.epochs}")
-        if self.lr <= 0 or (self.member_lr is not None and self.member_lr <= 0):
-            raise LatePhaseError("learning rates must be positive")
-        if self.sigma0 < 0:
-            raise LatePhaseError(f"--sigma0 must be >= 0, got {self.sigma0}")
-        choices = {
-            "optimizer": (self.optimizer, OPTIMIZERS),
-            "member-optimizer": (self.member_optimizer or self.optimizer, OPTIMIZERS),
-            "schedule": (self.schedule, SCHEDULES),
-            "mode": (self.mode, MODES),
-            "amp": (self.amp, AMP_MODES),
-            "select": (self.select, SELECT),
-            "bn-stats": (self.bn_stats, ("fold", "mean", "recalibrate")),
-        }
-        for flag, (value, allowed) in choices.items():
-            if value not in allowed:
-                raise LatePhaseError(f"--{flag} {value!r} is not one of {', '.join(allowed)}")
+    def __post_init__(self) -> None:
+        """Coerce every field to its declared type (refusing what cannot be), then :meth:`validate`."""
+        for name, hint in _field_types().items():
+            setattr(self, name, _coerce(name, getattr(self, name), hint))
+        self.validate()
+
+    def validate(self) -> FinetuneConfig:
+        """Ranges, finiteness and rules between fields; a one-line :class:`LatePhaseError` naming the flag."""
+        for name in ("K", "epochs", "batch_size", "log_every", "recalibrate_batches", "accumulate"):
+            self._require(name, getattr(self, name) >= 1, "must be a positive integer")
+        for name in ("t0", "checkpoint_every", "workers", "seed", "subset_seed"):
+            self._require(name, getattr(self, name) >= 0, "must be 0 or more")
+        for name in ("train_subset", "val_subset", "num_classes", "group_size"):
+            self._require(name, getattr(self, name) is None or getattr(self, name) >= 1, "must be a positive integer")
+        for name in ("lr", "member_lr", "gamma_theta", "lr_gamma", "swa_lr"):
+            self._require(name, getattr(self, name) is None or getattr(self, name) > 0, "must be a positive number")
+        for name in ("weight_decay", "member_weight_decay", "sigma0", "lr_end", "anneal_start"):
+            self._require(name, getattr(self, name) is None or getattr(self, name) >= 0, "must be 0 or more")
+        self._require("momentum", 0 <= self.momentum < 1, "must lie in [0, 1)")
+        self._require("nesterov", not self.nesterov or self.momentum > 0, "needs --momentum > 0")
+        self._require("t0", self.t0 < self.epochs, f"must be smaller than --epochs {self.epochs}")
+        self._require("accumulate", self.accumulate == 1 or self.K == 1,
+                      "is the K = 1 control (θ accumulated over M minibatches); use it with --K 1")
+        self._require("milestones", all(m > 0 for m in self.milestones), "must be positive epochs")
+        if self.schedule == "linear":
+            self._require("anneal_end", self.anneal_end is None or self.anneal_start < self.anneal_end <= self.epochs,
+                          f"must lie in (--anneal-start {self.anneal_start}, --epochs {self.epochs}]")
+        self._require("swa_start", self.swa_start is None or 0 <= self.swa_start < self.epochs,
+                      f"must lie in [0, {self.epochs})")
+        self._require("swa_start", self.swa_start is None or self.swa_start >= self.t0,
+                      f"must not come before --t0 {self.t0} (SWA averages the late-phase model)")
+        self._require("swa_lr", self.swa_lr is None or self.swa_start is not None, "needs --swa-start")
+        for name, allowed in CHOICES.items():
+            value = getattr(self, name)
+            self._require(name, value is None or value in allowed, f"is not one of {', '.join(allowed)}")
+        self._require("device", _is_device(self.device), "must be auto, cpu, cuda or cuda:N")
         resolve_kinds(self.late_phase)
-        if self.swa_start is not None and not 0 <= self.swa_start < self.epochs:
-            raise LatePhaseError(f"--swa-start {self.swa_start} must lie in [0, {self.epochs})")
-        if self.group_size is not None and self.group_size < 1:
-            raise LatePhaseError(f"--group-size must be >= 1, got {self.group_size}")
+        if self.push_to_hub is not None:
+            from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+            try:
+                validate_repo_id(self.push_to_hub)
+            except HFValidationError:
+                self._require("push_to_hub", False, "is not a Hub repository id; use NAMESPACE/NAME (alice/resnet-lpw)")
         return self
+
+    def _require(self, name: str, ok: bool, problem: str) -> None:
+        if not ok:
+            raise LatePhaseError(f"{flag(name)} {problem}, got {_shown(getattr(self, name))}")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "FinetuneConfig":
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - set(names))
+    def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
+        """A config from a mapping (recipe, saved run); unknown keys are refused, values coerced or refused."""
+        unknown = sorted(set(values) - set(_field_types()))
         if unknown:
             raise LatePhaseError(f"unknown setting(s) {', '.join(unknown)}; see `lpconvert finetune --help`")
-        cleaned = {}
-        for key, value in values.items():
-            default = names[key].default
-            cleaned[key] = tuple(value) if isinstance(default, tuple) and isinstance(value, list) else value
-            if isinstance(default, tuple) and isinstance(value, str):
-                cleaned[key] = tuple(v.strip() for v in value.split(",") if v.strip())
-        return cls(**cleaned)
+        return cls(**values)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "optimizer": OPTIMIZERS,
+    "member_optimizer": OPTIMIZERS,
+    "schedule": SCHEDULES,
+    "mode": MODES,
+    "amp": AMP_MODES,
+    "select": SELECT,
+    "bn_stats": BN_STATS_MODES,
+    "train_transform": TRAIN_TRANSFORMS,
+}
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a setting: ``batch_size`` → ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _is_device(value: str) -> bool:
+    if value == "auto":
+        return True
+    try:
+        return torch.device(value).type in ("cpu", "cuda", "mps")
+    except (RuntimeError, ValueError):
+        return False
+
+
+def _field_types() -> dict[str, Any]:
+    return typing.get_type_hints(FinetuneConfig)
+
+
+def _coerce(name: str, value: Any, hint: Any) -> Any:
+    """`value` as the type `hint` says: ints from integral numbers or digit strings, finite floats from numbers or
+    numeric strings (YAML reads ``1e-3`` as a string), tuples from lists or comma-separated strings, a scalar as a
+    1-tuple; anything else is refused naming the flag."""
+    args = typing.get_args(hint)
+    if value is None:
+        if type(None) in args:
+            return None
+        raise LatePhaseError(f"{flag(name)} needs a value")
+    if type(None) in args:
+        hint = next(a for a in args if a is not type(None))
+    if typing.get_origin(hint) is tuple:
+        item = typing.get_args(hint)[0]
+        items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
+        return tuple(_coerce(name, v.strip() if isinstance(v, str) else v, item) for v in items
+                     if not (isinstance(v, str) and not v.strip()))
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+        raise LatePhaseError(f"{flag(name)} must be true or false, got {value!r}")
+    if hint is int:
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise LatePhaseError(f"{flag(name)} must be an integer, got {value!r}")
+    if hint is float:
+        if isinstance(value, str):
+            try:
+                value = float(value)
+            except ValueError:
+                raise LatePhaseError(f"{flag(name)} must be a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise LatePhaseError(f"{flag(name)} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise LatePhaseError(f"{flag(name)} must be a finite number, got {value}")
+        return int(value) if name == "milestones" and float(value).is_integer() else float(value)
+    if hint is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, os.PathLike):
+            return os.fspath(value)
+        raise LatePhaseError(f"{flag(name)} must be a text value, got {value!r}")
+    return value
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:
@@ -164,7 +268,14 @@ def read_recipe(path: str | Path) -> dict[str, Any]:
     if not isinstance(raw, dict):
         raise LatePhaseError(f"recipe {path} must be a mapping of settings")
     settings = raw.get("settings", raw)
-    return {k.replace("-", "_"): v for k, v in settings.items() if k not in ("paper", "measured", "description", "name")}
+    if not isinstance(settings, dict):
+        raise LatePhaseError(f"recipe {path}: 'settings' must be a mapping of settings")
+    settings = {str(k).replace("-", "_"): v for k, v in settings.items()
+                if k not in ("paper", "measured", "description", "name")}
+    for name in COMMAND_LINE_ONLY:
+        if name in settings:
+            raise LatePhaseError(f"recipe {path} sets '{name}'; that can only come from the command line ({flag(name)})")
+    return settings
 
 
 ZOO = Path(__file__).resolve().parents[1] / "zoo"  # the recipes of a source checkout

@@ -1,50 +1,67 @@
 """Data for fine-tuning and evaluation: ImageFolder trees (or tar archives of them), transforms, subsets, loaders.
 
-Typical use::
+The fine-tuner's whole pipeline is :func:`build_data` (datasets with the model's preprocessing) and the three
+loaders :func:`train_loader`, :func:`eval_loader`, :func:`recalibration_loader`. The parts::
 
     train_dir, val_dir = resolve_data_dirs(data="~/data/cifar10")      # train/ + val/ (or test/), dirs or archives
     cfg = timm.data.resolve_data_config(model=model)
     train_ds, val_ds = build_datasets(train_dir, val_dir, data_config=cfg, num_classes=model.num_classes)
-    train_loader = build_loader(train_ds, 128, train=True, seed=0)
 
 Labels follow the alphabetical order of the class folders, except that folders named by ImageNet WordNet IDs are
 mapped to the model's ImageNet class indices (``class_map="auto"``). The scikit-learn handwritten digits
-(:func:`digits_datasets`) serve as a small real data set that needs no download.
+(:func:`digits_datasets`, ``--data sklearn-digits``) serve as a small real data set that needs no download.
+Archives are extracted once into the cache folder: ``LPCONVERT_CACHE``, else ``~/.cache/lpconvert``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tarfile
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from timm.data import ImageNetInfo, create_transform, infer_imagenet_subset
+from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from lpconvert.errors import LatePhaseError
+from lpconvert.errors import LatePhaseError, one_line
+from lpconvert.sampler import EpochBatchSampler, SeededSamples
+
+if TYPE_CHECKING:
+    from lpconvert.config import FinetuneConfig
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "ARCHIVE_SUFFIXES",
+    "DIGITS",
     "DIGITS_MEAN",
     "DIGITS_STD",
+    "Data",
+    "build_data",
     "build_datasets",
-    "build_loader",
     "build_transform",
     "class_to_index",
     "data_fingerprint",
     "digits_datasets",
+    "eval_loader",
+    "recalibration_loader",
     "resolve_data_dirs",
     "stratified_indices",
+    "train_loader",
 ]
+
+DIGITS = "sklearn-digits"  # --data value of the built-in real data set (the offline demo)
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 # Mean and std of all 1,797 scikit-learn digit images after scaling the pixels (0..16) to [0, 1].
@@ -161,12 +178,14 @@ def _extract_cached(archive: Path, cache_dir: str | os.PathLike | None) -> Path:
         tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=parent))
     except OSError as exc:
         raise LatePhaseError(f"cannot create the extraction cache in {parent}: {exc}; set LPCONVERT_CACHE") from exc
+    logger.info("extracting %s into the cache %s (once; LPCONVERT_CACHE sets the folder)", archive.name, parent)
     try:
         with tarfile.open(archive, "r:*") as tar:
+            members = _progress(_checked_members(tar, archive), f"extracting {archive.name}")
             if hasattr(tarfile, "data_filter"):
-                tar.extractall(tmp, members=_checked_members(tar, archive), filter="data")
+                tar.extractall(tmp, members=members, filter="data")
             else:  # Python without extraction filters: the member checks alone guard the paths
-                tar.extractall(tmp, members=_checked_members(tar, archive))
+                tar.extractall(tmp, members=members)
         try:
             tmp.rename(target)
         except OSError:
@@ -179,6 +198,13 @@ def _extract_cached(archive: Path, cache_dir: str | os.PathLike | None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _progress(items: Iterator[Any], description: str) -> Iterator[Any]:
+    """A progress bar on a terminal (stderr), nothing otherwise."""
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=description, unit=" files", disable=None, leave=False)
 
 
 def _checked_members(tar: tarfile.TarFile, archive: Path) -> Iterator[tarfile.TarInfo]:
@@ -277,6 +303,14 @@ class _MappedImageFolder(ImageFolder):
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
         present = {name: i for name, i in self._mapping.items() if (Path(directory) / name).is_dir()}
         return sorted(present, key=present.get), present
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        try:
+            return super().__getitem__(index)
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError… for corrupt or truncated files
+            raise LatePhaseError(
+                f"cannot read image {self.samples[index][0]}: {one_line(err)}; remove or replace that file"
+            ) from err
 
 
 def _class_folders(root: Path) -> list[str]:
@@ -416,35 +450,76 @@ def digits_datasets(seed: int = 0, test_size: int = 597) -> tuple[TensorDataset,
     return to_dataset(x_train, y_train), to_dataset(x_test, y_test)
 
 
-def build_loader(
-    dataset: Dataset,
-    batch_size: int,
-    *,
-    train: bool,
-    workers: int = 0,
-    seed: int = 0,
-    drop_last: bool | None = None,
-    pin_memory: bool = False,
-) -> DataLoader:
-    """A DataLoader that shuffles (when ``train``) in an order fixed by ``seed``.
+# ----------------------------------------------------------------------------------------------- the pipeline
 
-    ``drop_last`` defaults to ``train``. Worker processes are persistent and get seeds derived from ``seed``, so
-    their random augmentation is reproducible too; with ``workers=0`` augmentation draws from torch's global RNG.
-    """
-    if batch_size < 1:
-        raise LatePhaseError(f"batch size must be at least 1, got {batch_size}")
-    if workers < 0:
-        raise LatePhaseError(f"the number of data workers must be 0 or more, got {workers}")
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=train,
-        num_workers=workers,
-        drop_last=train if drop_last is None else drop_last,
-        pin_memory=pin_memory,
-        persistent_workers=workers > 0,
-        generator=torch.Generator().manual_seed(seed),
+
+@dataclass
+class Data:
+    """The fine-tuner's data: training samples (seeded augmentation), validation set, their fingerprint."""
+
+    train: SeededSamples
+    val: Dataset
+    fingerprint: dict[str, Any]
+    label_names: list[str] | None = None
+
+
+def build_data(config: FinetuneConfig, model: nn.Module) -> Data:
+    """Training and validation sets of `config` with `model`'s own preprocessing (its timm data config).
+
+    Subsets are drawn with ``config.subset_seed``; the training augmentation is seeded per (``config.seed``, epoch,
+    sample) by :class:`~lpconvert.sampler.SeededSamples`."""
+    if config.data == DIGITS:
+        train, val = digits_datasets()  # one split for every seed: the T0 model never sees a test digit
+        return Data(SeededSamples(train, config.seed), val, {"dataset": DIGITS, "num_files": len(train) + len(val)},
+                    [str(d) for d in range(10)])
+    import timm.data
+
+    train_dir, val_dir = resolve_data_dirs(config.data, config.train_dir, config.val_dir)
+    if train_dir is None or val_dir is None:
+        raise LatePhaseError("fine-tuning needs a training and a validation set; pass --data ROOT or --train-dir/--val-dir")
+    train, val = build_datasets(
+        train_dir, val_dir, data_config=timm.data.resolve_data_config(model=model), num_classes=_num_classes(model),
+        train_subset=config.train_subset, val_subset=config.val_subset, seed=config.subset_seed,
+        train_transform=config.train_transform,
     )
+    if len(train.class_to_idx) < 2:
+        raise LatePhaseError(f"the training set {train_dir} has {len(train.class_to_idx)} class folder; a classifier "
+                             "needs at least 2")
+    fingerprint = {"train": data_fingerprint(train), "val": data_fingerprint(val)}
+    names = sorted(train.class_to_idx, key=train.class_to_idx.get)
+    return Data(SeededSamples(train, config.seed), val, fingerprint, names)
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return getattr(head, "out_features", None) or getattr(model, "num_classes", None)
+
+
+def train_loader(samples: SeededSamples, batch_size: int, *, seed: int, workers: int, rank: int = 0,
+                 world_size: int = 1, pin_memory: bool = False) -> DataLoader:
+    """Global batches in a (seed, epoch)-determined order, split across ranks; its position is settable
+    (``loader.batch_sampler.set_position(epoch, batch)``) for resuming."""
+    if len(samples) < batch_size:
+        raise LatePhaseError(
+            f"the training set has {len(samples)} images, fewer than one batch of {batch_size}; lower --batch-size"
+        )
+    sampler = EpochBatchSampler(len(samples), batch_size, seed=seed, rank=rank, world_size=world_size)
+    return DataLoader(samples, batch_sampler=sampler, num_workers=workers, pin_memory=pin_memory,
+                      persistent_workers=workers > 0)
+
+
+def eval_loader(dataset: Dataset, batch_size: int, *, workers: int, pin_memory: bool = False) -> DataLoader:
+    """The validation set in file order."""
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers, pin_memory=pin_memory)
+
+
+def recalibration_loader(samples: SeededSamples, batch_size: int, *, seed: int, workers: int = 0,
+                         pin_memory: bool = False) -> DataLoader:
+    """What BatchNorm statistics are re-estimated on — by the fine-tuner (``--bn-stats recalibrate``, SWA),
+    ``lpconvert collapse`` and ``lpconvert evaluate`` alike: the training images with their training augmentation
+    (statistics of un-augmented images cost the shared CIFAR-10 ResNet-20 3 points), whole batches of the run's size
+    in epoch 0's order of its seed. Callers take the first ``--recalibrate-batches`` (default 100)."""
+    return train_loader(samples, batch_size, seed=seed, workers=workers, pin_memory=pin_memory)
 
 
 # ---------------------------------------------------------------------------------------------------- provenance

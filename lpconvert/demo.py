@@ -13,44 +13,53 @@ import statistics
 from pathlib import Path
 
 from .config import FinetuneConfig
-from .errors import LatePhaseError
-from .finetune import DIGITS, run
+from .data import DIGITS
+from .files import atomic_write_json
+from .finetune import run
+from .run_dir import DEMO_MARKER, REPLACING, check_replaceable, recognise, swap_into_place
 
 PRETRAIN_EPOCHS, FINETUNE_EPOCHS = 2, 6
 
 
 def run_demo(output: Path, K: int = 4, seeds: int = 3, force: bool = False) -> str:
-    """Pretrain once, fine-tune late-phase and plain with `seeds` seeds under `output`; return the result table."""
-    if output.exists() and any(output.iterdir()):
-        if not force:
-            raise LatePhaseError(f"demo output {output} is not empty; pass --force or choose --output")
-        shutil.rmtree(output)
+    """Pretrain once, fine-tune late-phase and plain with `seeds` seeds under `output`; return the result table.
+
+    With `force`, an earlier demo folder (and only that) is replaced once the new demo is complete."""
+    replacing = check_replaceable(output, "demo", "--output", force)
+    folder = output.with_name(output.name + REPLACING) if replacing else output
+    if replacing and folder.exists() and recognise(folder) == "demo":
+        shutil.rmtree(folder)  # an earlier replacement that never finished
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(folder / DEMO_MARKER, {"kind": "demo", "K": K, "seeds": seeds})
     common = dict(data=DIGITS, batch_size=32, workers=0, quiet=True, momentum=0.9, weight_decay=5e-4)
     pretrain = run(FinetuneConfig(
         model="digits_cnn", pretrained=False, K=1, epochs=PRETRAIN_EPOCHS, lr=0.05, schedule="cosine",
-        select="last", output=str(output / "pretrained"), **common,
+        select="last", output=str(folder / "pretrained"), **common,
     ))
     finetune = dict(model=f"local-dir:{pretrain['model_dir']}", epochs=FINETUNE_EPOCHS, lr=0.02, schedule="constant",
                     nesterov=True, late_phase=("batchnorm", "classifier"), **common)
     results: dict[str, list[dict]] = {"plain": [], "late": []}
     for seed in range(seeds):
-        results["late"].append(run(FinetuneConfig(K=K, seed=seed, output=str(output / f"late-phase-seed{seed}"),
+        results["late"].append(run(FinetuneConfig(K=K, seed=seed, output=str(folder / f"late-phase-seed{seed}"),
                                                    **finetune)))
-        results["plain"].append(run(FinetuneConfig(K=1, seed=seed, output=str(output / f"plain-seed{seed}"),
+        results["plain"].append(run(FinetuneConfig(K=1, seed=seed, output=str(folder / f"plain-seed{seed}"),
                                                    **finetune)))
+    if replacing:
+        swap_into_place(folder, output)
 
     def summary(name: str, reports: list[dict]) -> str:
         accs = [r["final_top1"] for r in reports]
         spread = statistics.stdev(accs) if len(accs) > 1 else 0.0
         per_seed = " ".join(f"{a:.2f}" for a in accs)
-        return f"{name:<28} {statistics.mean(accs):7.2f} ± {spread:4.2f}   {per_seed:<20} {reports[0]['model_dir']}"
+        model_dir = output / Path(reports[0]["model_dir"]).relative_to(folder)
+        return f"{name:<28} {statistics.mean(accs):7.2f} ± {spread:4.2f}   {per_seed:<20} {model_dir}"
 
     lines = [
         f"handwritten digits (scikit-learn): 1,200 training / 597 test images; T0 = {PRETRAIN_EPOCHS} epochs of "
         f"training, then {FINETUNE_EPOCHS} fine-tuning epochs, {seeds} seeds",
         "",
         f"{'model':<28} {'top-1 % (mean ± std)':<22} {'per seed':<20} files (seed 0)",
-        f"{'pretrained checkpoint (T0)':<28} {pretrain['final_top1']:7.2f}          {'':<20} {pretrain['model_dir']}",
+        f"{'pretrained checkpoint (T0)':<28} {pretrain['final_top1']:7.2f}          {'':<20} {output / 'pretrained/model'}",
         summary("plain fine-tuning", results["plain"]),
         summary(f"late-phase K={K}, averaged", results["late"]),
     ]

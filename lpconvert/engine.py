@@ -22,15 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LatePhaseError
-from .surgery import late_phase_layers, select_members
+from .surgery import late_phase_layers, num_members, select_members, unwrap
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 EXECUTION_MODES = ("sequential", "vectorized")
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    """The model inside a DistributedDataParallel / DataParallel wrapper."""
-    return model.module if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)) else model
 
 
 def shared_batch_norms(model: nn.Module) -> list[str]:
@@ -80,11 +75,11 @@ class LatePhaseEngine:
         grad_scaler: torch.amp.GradScaler | None = None,
     ) -> None:
         self.model = model
-        self.base = _unwrap(model)
+        self.base = unwrap(model)
         layers = late_phase_layers(self.base)
         if not layers:
             raise LatePhaseError("the engine needs a converted model; run lpconvert.convert(model, K=...) first")
-        self.num_members = next(iter(layers.values())).num_members
+        self.num_members = num_members(self.base)
         if mode not in EXECUTION_MODES:
             raise LatePhaseError(f"unknown execution mode {mode!r}; choose from {', '.join(EXECUTION_MODES)}")
         if mode == "vectorized" and (shared := shared_batch_norms(self.base)):
@@ -102,8 +97,10 @@ class LatePhaseEngine:
         self.autocast_dtype = autocast_dtype
         self.grad_scaler = grad_scaler
 
-        stacked_ids = {id(p) for layer in layers.values() for p in layer.late_phase_parameters()}
-        self.stacked = [p for layer in layers.values() for p in layer.late_phase_parameters() if p.requires_grad]
+        # a parameter shared by several layers (a kind's group state) is one parameter: one view, one step
+        stacked = {id(p): p for layer in layers.values() for p in layer.late_phase_parameters()}
+        stacked_ids = set(stacked)
+        self.stacked = [p for p in stacked.values() if p.requires_grad]
         self.theta_params = [p for p in self.base.parameters() if p.requires_grad and id(p) not in stacked_ids]
         self.theta_optimizer = theta_optimizer(self.theta_params) if self.theta_params else None
         # member k's parameters are leaf views of row k of the stacked parameters: in-place optimizer updates on

@@ -21,6 +21,15 @@ def one_line(err: Any) -> str:
     return (text[:200] + "...") if len(text) > 200 else (text or type(err).__name__)
 
 
+def http_client_modules() -> list[Any]:
+    """The HTTP client modules huggingface_hub may use (httpx2 or httpx), those that are installed."""
+    modules = []
+    for name in ("httpx2", "httpx"):
+        with contextlib.suppress(ImportError):
+            modules.append(__import__(name))
+    return modules
+
+
 def _network_error_types() -> tuple[type[BaseException], ...]:
     from huggingface_hub import errors
 
@@ -28,9 +37,7 @@ def _network_error_types() -> tuple[type[BaseException], ...]:
         errors.HfHubHTTPError, errors.LocalEntryNotFoundError, errors.OfflineModeIsEnabled,
         urllib.error.URLError, ConnectionError, TimeoutError,
     ]
-    for module in ("httpx2", "httpx"):
-        with contextlib.suppress(ImportError):
-            types.append(__import__(module).TransportError)
+    types += [module.TransportError for module in http_client_modules()]
     with contextlib.suppress(ImportError):
         import requests
 
@@ -41,3 +48,19 @@ def _network_error_types() -> tuple[type[BaseException], ...]:
 def is_network_error(err: BaseException) -> bool:
     """True for errors of the network or the Hub (connection, timeout, HTTP, offline mode), whichever HTTP client."""
     return isinstance(err, _network_error_types())
+
+
+def user_message(err: LatePhaseError) -> str:
+    """The one-line message of a user error, also when a DataLoader worker re-raised it with the worker's
+    traceback folded into the message."""
+    text = str(err)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split("LatePhaseError: ", 1)[-1]
+    return one_line(text) if "\n" in text else text
+
+
+def os_error_message(err: OSError) -> str:
+    """A file-system failure (disk full, read-only, permission denied…) in one line, naming the path."""
+    where = f" {err.filename}" if getattr(err, "filename", None) else ""
+    return f"cannot write or read{where}: {err.strerror or one_line(err)}; free space, fix permissions or choose another path"

@@ -10,29 +10,24 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
 import timm.data
-import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .checkpoint import load_late_phase
-from .loading import load_model
 from .collapse import collapse, ensemble_predict
-from .data import build_datasets, resolve_data_dirs
+from .config import FinetuneConfig
+from .data import build_data, build_datasets, recalibration_loader, resolve_data_dirs
 from .errors import LatePhaseError
 from .layers import BN_STATS_MODES
-from .metrics import evaluate_model, flatness
-
-COLUMNS = ("top1", "top5", "nll", "ece")
-
-
-def _is_run(path: str) -> bool:
-    p = Path(path)
-    return (p / "checkpoints").is_dir() or (p.is_file() and p.suffix == ".pt")
+from .loading import load_model
+from .metrics import METRIC_NAMES, evaluate_model, flatness
+from .run_dir import RunCheckpoint, is_run, load_late_phase
+from .runtime import resolve_device
 
 
 def _split_dir(data: str, split: str) -> Path:
@@ -56,15 +51,28 @@ def _eval_set(model: nn.Module, data: str, *, subset: int | None, batch_size: in
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
-def _recalibration_set(model: nn.Module, data: str, *, subset: int | None, batch_size: int,
-                       workers: int) -> DataLoader:
-    """The training split WITH the training augmentation: BN statistics must match what the network was trained on
-    (measured on the shared CIFAR-10 ResNet-20: statistics from un-augmented training images cost 3 points)."""
-    config = timm.data.resolve_data_config(model=model)
-    dataset, _ = build_datasets(_split_dir(data, "train"), None, data_config=config, num_classes=None,
-                                train_subset=subset)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
-                      generator=torch.Generator().manual_seed(0))
+def _recalibration_set(model: nn.Module, checkpoint: RunCheckpoint, data: str) -> DataLoader:
+    """The batches the run itself recalibrates on (:func:`lpconvert.data.recalibration_loader`): the training split
+    of `data` built with the run's settings (subset, augmentation, batch size, seed)."""
+    train = _split_dir(data, "train")
+    config = FinetuneConfig.from_dict({**checkpoint.config, "resume": None, "force": False, "data": data,
+                                       "train_dir": str(train), "val_dir": str(train), "workers": 0})
+    return recalibration_loader(build_data(config, model).train, config.batch_size, seed=config.seed)
+
+
+def _check_options(batch_size: int, workers: int, subset: int | None, flatness_sigmas: Sequence[float],
+                   flatness_draws: int) -> None:
+    problems = [
+        (batch_size >= 1, f"--batch-size must be a positive integer, got {batch_size}"),
+        (workers >= 0, f"--workers must be 0 or more, got {workers}"),
+        (subset is None or subset >= 1, f"--subset must be a positive integer, got {subset}"),
+        (all(math.isfinite(s) and s >= 0 for s in flatness_sigmas),
+         f"--flatness takes σz values >= 0, got {','.join(map(str, flatness_sigmas))}"),
+        (flatness_draws >= 1, f"--flatness-draws must be a positive integer, got {flatness_draws}"),
+    ]
+    for ok, message in problems:
+        if not ok:
+            raise LatePhaseError(message)
 
 
 def evaluate(
@@ -84,22 +92,19 @@ def evaluate(
     flatness_draws: int = 10,
 ) -> list[dict[str, Any]]:
     """One row of metrics per evaluated variant of `source` (a model spec, output directory or late-phase run)."""
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    device_ = torch.device(device)
+    _check_options(batch_size, workers, subset, flatness_sigmas, flatness_draws)
+    device_ = resolve_device(device)
     rows: list[tuple[str, nn.Module | None, Any]] = []
-    if _is_run(source):
-        late, state = load_late_phase(source, checkpoint)
+    if is_run(source):
+        late, run = load_late_phase(source, checkpoint)
         late.to(device_)
-        modes = BN_STATS_MODES if bn_stats == "all" else (bn_stats or state["config"].get("bn_stats", "fold"),)
+        modes = BN_STATS_MODES if bn_stats == "all" else (bn_stats or run.config.get("bn_stats", "fold"),)
         for mode in modes:
-            recal = None
-            if mode == "recalibrate":
-                recal = _recalibration_set(late, data, subset=subset, batch_size=batch_size, workers=workers)
-            rows.append((f"averaged ({mode})", collapse(late, bn_stats=mode, data=recal), None))
+            recal = _recalibration_set(late, run, data) if mode == "recalibrate" else None
+            averaged = collapse(late, bn_stats=mode, data=recal, num_batches=run.config.get("recalibrate_batches"))
+            rows.append((f"averaged ({mode})", averaged, None))
         if ensemble:
-            rows.append((f"ensemble (K={state['late_phase']['K']}, not averaged)", None,
-                         partial(ensemble_predict, late)))
+            rows.append((f"ensemble (K={run.late_phase.K}, not averaged)", None, partial(ensemble_predict, late)))
         reference = late
     else:
         if ensemble or bn_stats:
@@ -113,8 +118,9 @@ def evaluate(
                                                              workers=workers, num_classes=None) for p in ood}
     results = []
     for name, model, predict in rows:
-        metrics = evaluate_model(model, val, device=device_, ood_loaders=ood_loaders or None, predict_fn=predict)
-        row = {"variant": name, **{k: metrics[k] for k in COLUMNS}, "count": metrics["count"]}
+        metrics = evaluate_model(model, val, device=device_, ood_loaders=ood_loaders or None, predict_fn=predict,
+                                 progress=f"evaluating {name}")
+        row = {"variant": name, **{k: metrics[k] for k in METRIC_NAMES}, "count": metrics["count"]}
         row.update({k: v for k, v in metrics.items() if k.startswith("auroc/")})
         if flatness_sigmas and model is not None:
             batches = [batch for _, batch in zip(range(4), val)]

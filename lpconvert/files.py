@@ -1,4 +1,4 @@
-"""Crash-safe file I/O shared by every writer in lpconvert.
+"""Crash-safe file I/O shared by every writer in lpconvert, and the names of the files it writes.
 
 Writers go through a temp file in the target's folder, flush + fsync, then ``os.replace`` (and fsync the folder), so
 a crash or Ctrl-C leaves either the old file or the new one, never half of one. Readers unpickle weights-only.
@@ -7,6 +7,7 @@ a crash or Ctrl-C leaves either the old file or the new one, never half of one. 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import pickle
@@ -18,20 +19,31 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import safetensors.torch
 import torch
 
 from lpconvert.errors import LatePhaseError, one_line
 
 __all__ = [
-    "atomic_save_safetensors",
+    "CONFIG_NAME",
+    "MODEL_CARD_NAME",
+    "OUTPUT_FILES",
+    "PROVENANCE_NAME",
+    "WEIGHTS_NAME",
     "atomic_save_torch",
     "atomic_write_bytes",
     "atomic_write_json",
     "fsync_dir",
     "read_json_object",
+    "sha256_file",
     "torch_load_weights_only",
 ]
+
+# An output directory (save_pretrained): what timm / torchvision load, the model card, lpconvert's provenance.
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+MODEL_CARD_NAME = "README.md"
+PROVENANCE_NAME = "lpconvert.json"
+OUTPUT_FILES = (WEIGHTS_NAME, CONFIG_NAME, MODEL_CARD_NAME, PROVENANCE_NAME)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -91,21 +103,6 @@ def atomic_write_json(path: str | Path, obj: Any) -> Path:
     """Atomically write ``obj`` as indented UTF-8 JSON (paths, tuples, sets and tensors become plain JSON)."""
     text = json.dumps(obj, indent=2, ensure_ascii=False, default=json_default) + "\n"
     return atomic_write_bytes(path, text.encode("utf-8"))
-
-
-def atomic_save_safetensors(
-    tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None
-) -> Path:
-    """Atomically save tensors as safetensors.
-
-    Tensors are detached, moved to CPU and made contiguous (dtype kept); tensors that share memory (tied weights)
-    are stored as separate copies so that every key loads back with plain ``safetensors.torch.load_file``.
-    """
-    prepared = prepare_tensors(tensors)
-    meta = {str(k): str(v) for k, v in (metadata or {}).items()}
-    with atomic_target(path) as tmp:
-        safetensors.torch.save_file(prepared, str(tmp), metadata=meta)
-    return Path(path)
 
 
 def atomic_save_torch(obj: Any, path: str | Path) -> Path:
@@ -172,6 +169,15 @@ def torch_load_weights_only(path: Path) -> Any:
         ) from err
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
         raise LatePhaseError(f"cannot read {path}: {one_line(err)}; the file may be truncated or corrupted") from err
+
+
+def sha256_file(path: str | Path) -> str:
+    """The SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def read_json_object(path: Path) -> dict[str, Any]:

@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
-from lpconvert.checkpoint import OutputDir, lpconvert_version, read_output_dir
-from lpconvert.errors import LatePhaseError, is_network_error, one_line
-from lpconvert.model_card import (
-    MODEL_CARD_NAME,
-    OUTPUT_FILES,
-    PROVENANCE_NAME,
-    REPO_ID_PLACEHOLDER,
-    WEIGHTS_NAME,
-)
+from lpconvert.checkpoint import OutputDir, read_output_dir
+from lpconvert.errors import LatePhaseError, http_client_modules, is_network_error, one_line
+from lpconvert.files import MODEL_CARD_NAME, OUTPUT_FILES, PROVENANCE_NAME, WEIGHTS_NAME, sha256_file
+from lpconvert.model_card import REPO_ID_PLACEHOLDER
+from lpconvert.version import lpconvert_version
 
 __all__ = ["push"]
 
@@ -114,11 +109,7 @@ def _verify_weights(output: OutputDir) -> None:
     recorded = ((output.info.get("files") or {}).get(WEIGHTS_NAME) or {}).get("sha256")
     if recorded is None:
         return
-    digest = hashlib.sha256()
-    with open(output.path / WEIGHTS_NAME, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    if digest.hexdigest() != recorded:
+    if sha256_file(output.path / WEIGHTS_NAME) != recorded:
         raise LatePhaseError(
             f"{output.path / WEIGHTS_NAME} does not match the checksum in {PROVENANCE_NAME}; "
             "the file was modified or corrupted, re-export the model"
@@ -187,11 +178,7 @@ def _map_hub_error(err: Exception, repo_id: str, revision: str | None, endpoint:
 
 def _never_connected(err: Exception) -> bool:
     """True for errors raised before any byte reached the server (refused, DNS failure, connect timeout)."""
-    for module in ("httpx2", "httpx"):
-        try:
-            http = __import__(module)
-        except ImportError:
-            continue
+    for http in http_client_modules():
         if isinstance(err, (http.ConnectError, http.ConnectTimeout)):
             return True
     return isinstance(err, ConnectionRefusedError)

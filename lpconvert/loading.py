@@ -4,46 +4,41 @@
 a Hugging Face Hub repo (``hf-hub:ORG/NAME``), a torchvision name (``tv:resnet18``) or a local directory
 (``local-dir:DIR`` or a plain path) written by :func:`lpconvert.checkpoint.save_pretrained` or
 ``timm.models.save_for_hf``, and says where it came from (:class:`ModelSource`); optionally it loads a local weights
-file on top (:func:`load_weights`, :func:`read_state_dict`). Downloads that cannot happen fail at once, in one line.
+file on top (:mod:`lpconvert.weights`). Downloads that cannot happen fail at once, in one line
+(:mod:`lpconvert.downloads`); weights that are not floating point or not finite are refused.
 
 Only safe formats are read: safetensors, or ``torch.load(..., weights_only=True)``.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import inspect
 import json
-import os
 import pickle
-import urllib.error
-import urllib.parse
-import urllib.request
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import safetensors
-import safetensors.torch
-import torch
 from torch import nn
 
+from lpconvert.downloads import (
+    check_timm_download,
+    describe_hub_error,
+    download_failed,
+    ensure_downloadable,
+    force_weights_only_loads,
+    hub_cached,
+    hub_endpoint,
+    torch_hub_cached,
+    torch_hub_file,
+)
 from lpconvert.errors import LatePhaseError, is_network_error, one_line
-from lpconvert.files import json_default, read_json_object, torch_load_weights_only
-from lpconvert.model_card import CONFIG_NAME, WEIGHTS_NAME
+from lpconvert.files import CONFIG_NAME, WEIGHTS_NAME, json_default, read_json_object
+from lpconvert.weights import check_weights, copy_all_but_head, load_checked, load_weights, read_state_dict
 
-__all__ = ["ModelSource", "load_model", "load_weights", "read_state_dict"]
-
-
-#: Seconds to wait when checking that a download host answers before handing the download to timm/torchvision.
-PROBE_TIMEOUT_S = 5.0
-
-_TORCH_SUFFIXES = (".pth", ".pt", ".th", ".bin")
-_STATE_DICT_WRAPPERS = ("state_dict", "model", "model_state_dict")
-_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-_TRUE = {"1", "on", "yes", "true"}
+__all__ = ["ModelSource", "load_model"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -128,7 +123,8 @@ def load_model(
     ``spec`` is a timm name (``resnet152``, ``resnet152.tv_in1k``, or a model lpconvert registered with timm),
     ``hf-hub:ORG/NAME``, ``tv:NAME`` (torchvision), or ``local-dir:DIR`` / a directory path. Pretrained weights are
     downloaded only when ``pretrained`` and no ``weights`` file is given; ``weights`` is then loaded on top (see
-    :func:`load_weights`). ``num_classes`` replaces the classifier (randomly initialised) when it differs.
+    :func:`lpconvert.weights.load_weights`). ``num_classes`` replaces the classifier (randomly initialised) when it
+    differs, whatever the source of the weights.
     """
     if num_classes is not None and (type(num_classes) is not int or num_classes < 1):
         raise LatePhaseError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -142,8 +138,10 @@ def load_model(
     else:
         model, source = _load_timm(spec, kind, target, num_classes, download)
     if weights is not None:
-        load_weights(model, weights)
+        load_weights(model, weights, new_head=num_classes is not None)
         source.weights = str(Path(weights).expanduser().resolve())
+    if weights is not None or download:
+        check_weights(model, str(weights) if weights is not None else f"the weights of '{spec}'")
     return model, source
 
 
@@ -193,7 +191,7 @@ def _load_timm(
         repo_id, _, revision = target.partition("@")
         hub_id = repo_id
         needed = [("config.json",)] + ([("model.safetensors", "pytorch_model.bin")] if download else [])
-        _ensure_downloadable(spec, _hub_endpoint(), _hub_cached(repo_id, revision or None, needed))
+        ensure_downloadable(spec, hub_endpoint(), hub_cached(repo_id, revision or None, needed))
         name = f"hf-hub:{target}"
     else:
         arch, tag = split_model_name_tag(target)
@@ -204,30 +202,15 @@ def _load_timm(
             raise LatePhaseError(f"timm has no pretrained tag '{tag}' for {arch}; available: {tags}")
         if download:
             cfg = get_pretrained_cfg(target)
-            _check_timm_download(spec, cfg)
+            check_timm_download(spec, cfg)
         name = target
     try:
         model = timm.create_model(name, pretrained=download, num_classes=num_classes)
     except Exception as err:
         if is_network_error(err):
-            raise LatePhaseError(_download_failed(spec, _describe_hub_error(err))) from err
+            raise LatePhaseError(download_failed(spec, describe_hub_error(err))) from err
         raise
     return model, source_from_timm(spec, model, kind if kind == "hf-hub" else "timm", download, hub_id)
-
-
-def _check_timm_download(spec: str, cfg: Any) -> None:
-    """Fail fast when timm has no weights for ``cfg`` or cannot download them."""
-    if cfg is None or not (cfg.hf_hub_id or cfg.url or cfg.file or cfg.state_dict):
-        raise LatePhaseError(
-            f"timm has no pretrained weights for '{spec}'; pass --weights PATH, a local directory, "
-            "or disable pretrained weights to start from random initialisation"
-        )
-    if cfg.hf_hub_id:
-        repo_id, _, revision = cfg.hf_hub_id.partition("@")
-        files = (cfg.hf_hub_filename,) if cfg.hf_hub_filename else ("model.safetensors", "pytorch_model.bin")
-        _ensure_downloadable(spec, _hub_endpoint(), _hub_cached(repo_id, revision or None, [files]))
-    elif cfg.url:
-        _ensure_downloadable(spec, cfg.url, _torch_hub_cached(cfg.url))
 
 
 def _load_torchvision(spec: str, name: str, num_classes: int | None, download: bool) -> tuple[nn.Module, ModelSource]:
@@ -240,23 +223,23 @@ def _load_torchvision(spec: str, name: str, num_classes: int | None, download: b
         return model, _torchvision_source(spec, name, model, n, pretrained=False)
 
     enum = tv.get_model_weights(name).DEFAULT
-    _ensure_downloadable(spec, enum.url, _torch_hub_cached(enum.url))
+    ensure_downloadable(spec, enum.url, torch_hub_cached(enum.url))
     try:
-        with _force_weights_only_loads():
+        with force_weights_only_loads():
             model = tv.get_model(name, weights=enum)
     except pickle.UnpicklingError as err:
         raise LatePhaseError(
-            f"the torchvision weights file {_torch_hub_file(enum.url)} is not a plain weights file; delete it "
+            f"the torchvision weights file {torch_hub_file(enum.url)} is not a plain weights file; delete it "
             "so that it is downloaded again"
         ) from err
     except Exception as err:
         if is_network_error(err):
-            raise LatePhaseError(_download_failed(spec, one_line(err))) from err
+            raise LatePhaseError(download_failed(spec, one_line(err))) from err
         raise
     n_pretrained = len(enum.meta["categories"])
     if num_classes is not None and num_classes != n_pretrained:
         target = tv.get_model(name, weights=None, num_classes=num_classes, **_torchvision_extra_args(model))
-        _copy_all_but_head(model.state_dict(), target, spec)
+        copy_all_but_head(model.state_dict(), target, spec)
         model = target
     return model, _torchvision_source(spec, name, model, num_classes or n_pretrained, pretrained=True)
 
@@ -277,15 +260,6 @@ def _torchvision_source(spec: str, name: str, model: nn.Module, num_classes: int
         pretrained=pretrained,
         model_args={"num_classes": num_classes, **_torchvision_extra_args(model)},
     )
-
-
-def _copy_all_but_head(state_dict: Mapping[str, torch.Tensor], model: nn.Module, spec: str) -> None:
-    """Copy every tensor whose shape matches; only the (re-initialised) classifier may differ."""
-    target = model.state_dict()
-    if set(target) != set(state_dict):
-        raise LatePhaseError(f"cannot give '{spec}' a new number of classes; load it with its original num_classes")
-    same = {k: v for k, v in state_dict.items() if v.shape == target[k].shape}
-    model.load_state_dict(same, strict=False)
 
 
 def _load_local_dir(spec: str, path: Path, num_classes: int | None, load: bool) -> tuple[nn.Module, ModelSource]:
@@ -324,9 +298,9 @@ def _load_local_dir(spec: str, path: Path, num_classes: int | None, load: bool) 
         weights_file = _find_dir_weights(path)
         state_dict = read_state_dict(weights_file)
         if saved_classes is not None and source.num_classes != saved_classes:
-            _copy_all_but_head(state_dict, model, spec)
+            copy_all_but_head(state_dict, model, spec)
         else:
-            _load_checked(model, state_dict, weights_file, source.architecture)
+            load_checked(model, state_dict, weights_file, source.architecture)
     return model, source
 
 
@@ -337,172 +311,3 @@ def _find_dir_weights(path: Path) -> Path:
     raise LatePhaseError(f"{path} has no weights file ({WEIGHTS_NAME} or pytorch_model.bin); re-export the directory")
 
 
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a state dict from ``.safetensors`` or a weights-only ``.pth/.pt/.th/.bin`` file, on CPU.
-
-    Common wrappers (``{'state_dict': ...}``, ``{'model': ...}``, ``{'model_state_dict': ...}``) are unwrapped and
-    ``module.`` / ``_orig_mod.`` prefixes (DataParallel, torch.compile) are stripped. Pickles holding anything but
-    tensors and plain containers are refused.
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise LatePhaseError(f"weights file not found: {path}; pass an existing .safetensors or .pth file")
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        try:
-            state = safetensors.torch.load_file(str(path), device="cpu")
-        except (safetensors.SafetensorError, OSError, ValueError) as err:
-            raise LatePhaseError(
-                f"cannot read {path}: not a valid safetensors file ({one_line(err)}); it may be truncated, "
-                "re-download or re-export it"
-            ) from err
-    elif suffix in _TORCH_SUFFIXES:
-        state = _unwrap_state_dict(torch_load_weights_only(path), path)
-    else:
-        raise LatePhaseError(f"unsupported weights file {path}; use .safetensors, .pth, .pt, .th or .bin")
-    return _strip_wrapper_prefixes(state)
-
-
-def _unwrap_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
-    for _ in range(3):
-        if isinstance(obj, Mapping) and not any(isinstance(v, torch.Tensor) for v in obj.values()):
-            inner = next((obj[k] for k in _STATE_DICT_WRAPPERS if isinstance(obj.get(k), Mapping)), None)
-            if inner is None:
-                break
-            obj = inner
-    if not isinstance(obj, Mapping) or not any(isinstance(v, torch.Tensor) for v in obj.values()):
-        keys = ", ".join(map(str, list(obj)[:6])) if isinstance(obj, Mapping) else type(obj).__name__
-        raise LatePhaseError(f"{path} holds no state dict (found: {keys}); save model.state_dict() and pass that file")
-    return {str(k): v for k, v in obj.items() if isinstance(v, torch.Tensor)}
-
-
-def _strip_wrapper_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    changed = True
-    while changed and state:
-        changed = False
-        for prefix in _WRAPPER_PREFIXES:
-            if all(k.startswith(prefix) for k in state):
-                state = {k[len(prefix):]: v for k, v in state.items()}
-                changed = True
-    return state
-
-
-def load_weights(model: nn.Module, path: str | Path) -> nn.Module:
-    """Load a local weights file (see :func:`read_state_dict`) into ``model``; keys and shapes must match."""
-    return _load_checked(model, read_state_dict(path), Path(path), type(model).__name__)
-
-
-def _load_checked(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arch: str) -> nn.Module:
-    expected = model.state_dict()
-    # BatchNorm counters are absent from old checkpoints and harmless to keep at their initial value
-    missing = [k for k in expected if k not in state and not k.endswith("num_batches_tracked")]
-    unexpected = [k for k in state if k not in expected]
-    if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing keys ({_first(missing)})")
-        if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys ({_first(unexpected)})")
-        raise LatePhaseError(
-            f"{path} does not fit {arch}: {'; '.join(parts)}; check that the file belongs to this architecture"
-        )
-    wrong = [f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
-             if k in state and state[k].shape != v.shape]
-    if wrong:
-        raise LatePhaseError(
-            f"{path} has tensors of the wrong shape for {arch} (file vs model: {_first(wrong)}); "
-            "if only the classifier differs, pass the file's number of classes"
-        )
-    model.load_state_dict(state, strict=False)
-    return model
-
-
-def _first(items: Sequence[str], n: int = 3) -> str:
-    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Downloads: fail fast and in one line
-
-
-def _offline() -> bool:
-    from huggingface_hub import constants
-
-    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
-
-
-def _hub_endpoint() -> str:
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT
-
-
-def _hub_cached(repo_id: str, revision: str | None, needed: Sequence[Sequence[str]]) -> bool:
-    """True when, for every group of alternative file names, one is in the local Hub cache."""
-    from huggingface_hub import try_to_load_from_cache
-
-    return all(
-        any(isinstance(try_to_load_from_cache(repo_id, f, revision=revision), str) for f in group) for group in needed
-    )
-
-
-def _torch_hub_file(url: str) -> Path:
-    """Where torch.hub (used by torchvision and timm URL weights) caches ``url``."""
-    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urllib.parse.urlparse(url).path)
-
-
-def _torch_hub_cached(url: str) -> bool:
-    return _torch_hub_file(url).is_file()
-
-
-def _download_failed(spec: str, reason: str) -> str:
-    return (
-        f"cannot download the pretrained weights of '{spec}' ({reason}); "
-        "pass --weights PATH with a local .safetensors/.pth file, or a local model directory"
-    )
-
-
-def _ensure_downloadable(spec: str, url: str, cached: bool) -> None:
-    """Raise at once, instead of after minutes of retries, when a needed download cannot happen."""
-    if cached:
-        return
-    if _offline():
-        raise LatePhaseError(_download_failed(spec, "offline mode is on (HF_HUB_OFFLINE) and they are not cached"))
-    parts = urllib.parse.urlparse(url)
-    root = f"{parts.scheme}://{parts.netloc}/"
-    try:
-        urllib.request.urlopen(urllib.request.Request(root, method="HEAD"), timeout=PROBE_TIMEOUT_S).close()
-    except urllib.error.HTTPError:
-        return  # the host answered
-    except (urllib.error.URLError, OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
-        raise LatePhaseError(_download_failed(spec, f"{parts.netloc} is unreachable: {one_line(reason)}")) from err
-
-
-def _describe_hub_error(err: BaseException) -> str:
-    from huggingface_hub import errors
-
-    if isinstance(err, errors.RepositoryNotFoundError):
-        return "the Hub repository does not exist, or it is private or gated and no valid token was given"
-    if isinstance(err, errors.RevisionNotFoundError):
-        return "the requested revision does not exist"
-    if isinstance(err, errors.RemoteEntryNotFoundError):
-        name = str(err.response.url).rsplit("/", 1)[-1] if err.response is not None else "a file"
-        return f"the repository has no {name}; it is not a timm model repository"
-    if isinstance(err, errors.LocalEntryNotFoundError):
-        return "the Hub is unreachable and the files are not cached"
-    return one_line(err)
-
-
-@contextlib.contextmanager
-def _force_weights_only_loads() -> Iterator[None]:
-    """Make torch.load weights-only inside library code that asks for a full unpickle (torchvision downloads)."""
-    previous = os.environ.get("TORCH_FORCE_WEIGHTS_ONLY_LOAD")
-    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
-    try:
-        yield
-    finally:
-        if previous is None:
-            os.environ.pop("TORCH_FORCE_WEIGHTS_ONLY_LOAD", None)
-        else:
-            os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = previous

@@ -22,11 +22,13 @@ from torch import Tensor, nn
 
 from lpconvert.errors import LatePhaseError
 
+METRIC_NAMES = ("top1", "top5", "nll", "ece")  # what a run records per epoch and a model card shows
 PROB_FLOOR = 1e-12
 ECE_BINS = 15
 _SUM_TOLERANCE = 1e-2
 
 __all__ = [
+    "METRIC_NAMES",
     "ClassificationMeter",
     "auroc",
     "ece",
@@ -259,6 +261,14 @@ def _inputs(batch: object, need_labels: bool) -> tuple[Tensor, Tensor | None]:
     raise LatePhaseError(f"the loader must yield {expected}, got {type(batch).__name__}")
 
 
+def _progress(loader: Iterable, description: str | None) -> Iterable:
+    if description is None:
+        return loader
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc=description, disable=None, leave=False, unit=" batches")
+
+
 def evaluate_model(
     model: nn.Module | None,
     loader: Iterable,
@@ -267,6 +277,7 @@ def evaluate_model(
     amp_dtype: torch.dtype | None = None,
     ood_loaders: Mapping[str, Iterable] | None = None,
     predict_fn: Callable[[Tensor], Tensor] | None = None,
+    progress: str | None = None,
 ) -> dict[str, float]:
     """Evaluate a classifier: :class:`ClassificationMeter` metrics, "auroc/<name>" per OOD set and "auroc/mean".
 
@@ -274,7 +285,8 @@ def evaluate_model(
     ``amp_dtype``, under ``torch.autocast``. Probabilities are ``softmax(model(x))`` in float32, or ``predict_fn(x)``
     when given (e.g. the mean of the members' softmax outputs of an ensemble; ``model`` may then be None). ``device``
     defaults to the model's; when given, the model is moved there. ``loader`` yields (x, y); OOD loaders yield (x, y)
-    or x, and their labels are ignored. The OOD score is the predictive entropy (OOD = positive class).
+    or x, and their labels are ignored. The OOD score is the predictive entropy (OOD = positive class). With
+    ``progress`` (a description), a progress bar shows on a terminal.
     """
     if model is None and predict_fn is None:
         raise LatePhaseError("pass a model or a predict_fn")
@@ -294,7 +306,7 @@ def evaluate_model(
     try:
         with torch.no_grad():
             meter = ClassificationMeter()
-            for batch in loader:
+            for batch in _progress(loader, progress):
                 x, y = _inputs(batch, need_labels=True)
                 meter.update(predict(x), y.to(device, non_blocking=True))
             result: dict[str, float] = meter.compute()

@@ -14,14 +14,11 @@ from typing import TYPE_CHECKING, Any
 
 import yaml
 
+from lpconvert.files import PROVENANCE_NAME, WEIGHTS_NAME
+
 if TYPE_CHECKING:
     from lpconvert.loading import ModelSource
 
-WEIGHTS_NAME = "model.safetensors"
-CONFIG_NAME = "config.json"
-MODEL_CARD_NAME = "README.md"
-PROVENANCE_NAME = "lpconvert.json"
-OUTPUT_FILES = (WEIGHTS_NAME, CONFIG_NAME, MODEL_CARD_NAME, PROVENANCE_NAME)
 
 #: Placeholder for the Hub repository in the model card's loading snippet; ``lpconvert push`` fills it in.
 REPO_ID_PLACEHOLDER = "<namespace>/<model-name>"

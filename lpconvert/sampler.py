@@ -8,7 +8,7 @@ seeds its random augmentation from them: the images do not depend on workers, ra
 from __future__ import annotations
 
 import random
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 from torch.utils.data import Dataset, Sampler
@@ -63,25 +63,23 @@ class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
 
 
 class SeededSamples(Dataset):
-    """Wraps a dataset so that sample (epoch, index) runs `transform` with RNGs seeded from (seed, epoch, index)."""
+    """Wraps a dataset so that sample (epoch, index) is read — and randomly augmented by the dataset's own transform
+    — with torch's and Python's RNGs seeded from (seed, epoch, index)."""
 
-    def __init__(self, dataset: Dataset, transform: Callable | None = None, seed: int = 0) -> None:
-        self.dataset, self.transform, self.seed = dataset, transform, seed
+    def __init__(self, dataset: Dataset, seed: int = 0) -> None:
+        self.dataset, self.seed = dataset, seed
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, key: tuple[int, int] | int) -> Any:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        sample, target = self.dataset[index]
-        if self.transform is None:
-            return sample, target
         sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(sample_seed)
             state = random.getstate()
             random.seed(sample_seed)
             try:
-                return self.transform(sample), target
+                return self.dataset[index]
             finally:
                 random.setstate(state)

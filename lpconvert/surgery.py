@@ -3,13 +3,13 @@
 torch.fx is used to *discover and validate*, never to rebuild: the model is traced (with timm's notrace leaf modules
 and autowrapped functions, every candidate layer kept as a leaf) in train and eval mode to find the classifier feeding
 the output, layers called more than once and functional ``F.batch_norm``/``F.layer_norm`` calls that a module swap
-would miss. The swap then happens on the original object, so the host keeps its class, methods and attributes
-(``pretrained_cfg`` …) and every shared parameter keeps its name.
+would miss. Which modules a kind takes is the kind's own business (``lpconvert/layers/``, one file per kind, read
+through the registry). The swap then happens on the original object, so the host keeps its class, methods and
+attributes (``pretrained_cfg`` …) and every shared parameter keeps its name.
 """
 
 from __future__ import annotations
 
-import fnmatch
 import logging
 import warnings
 from collections import Counter
@@ -21,75 +21,17 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import LatePhaseError
-from .layers import (
-    LatePhaseBatchNorm,
-    LatePhaseGroupNorm,
-    LatePhaseLayer,
-    LatePhaseLayerNorm,
-    LatePhaseLinear,
-    MemberSelection,
-    Rank1Layer,
-)
+from .late_phase_config import ATTRIBUTE, LatePhaseConfig, LatePhaseTarget, late_phase_config
+from .layers import KINDS, Discovery, LatePhaseLayer, MemberSelection, resolve_kinds
+from .layers.registry import matches, module_types
 
 logger = logging.getLogger(__name__)
 
-KINDS = ("batchnorm", "classifier", "layernorm", "groupnorm", "rank1")
 DEFAULT_TARGETS = ("batchnorm",)  # the paper's late-phase weights: convert, plan, inspect and finetune alike
-KIND_ALIASES = {
-    "bn": ("batchnorm",),
-    "ln": ("layernorm",),
-    "gn": ("groupnorm",),
-    "norm": ("batchnorm", "layernorm", "groupnorm"),
-    "head": ("classifier",),
-    "fc": ("classifier",),
-    **{kind: (kind,) for kind in KINDS},
-}
-LAYER_TYPES = {
-    "batchnorm": LatePhaseBatchNorm,
-    "classifier": LatePhaseLinear,
-    "layernorm": LatePhaseLayerNorm,
-    "groupnorm": LatePhaseGroupNorm,
-    "rank1": Rank1Layer,
-}
-_NORM_TYPES: dict[str, tuple[type, ...]] = {
-    "batchnorm": (nn.modules.batchnorm._BatchNorm,),
-    "layernorm": (nn.LayerNorm, nn.RMSNorm),
-    "groupnorm": (nn.GroupNorm,),
-}
-_RANK1_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _FUNCTIONAL_NORMS = {
     F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm, F.rms_norm,
     torch.batch_norm, torch.layer_norm, torch.group_norm, torch.instance_norm,
 }
-
-
-def resolve_kinds(targets: str | Iterable[str]) -> tuple[str, ...]:
-    """Kinds named by `targets` (aliases such as ``bn``, ``norm``, ``head`` expanded), in canonical order."""
-    if isinstance(targets, str):
-        targets = [t for t in targets.split(",") if t.strip()]
-    kinds: set[str] = set()
-    for target in targets:
-        name = target.strip().lower()
-        if name not in KIND_ALIASES:
-            raise LatePhaseError(
-                f"unknown late-phase target {target!r}; choose from {', '.join(sorted(KIND_ALIASES))}"
-            )
-        kinds.update(KIND_ALIASES[name])
-    if not kinds:
-        raise LatePhaseError(f"no late-phase targets given; choose from {', '.join(KINDS)}")
-    return tuple(k for k in KINDS if k in kinds)
-
-
-def _own_parameter_count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters(recurse=False))
-
-
-def _kind_of(module: nn.Module) -> str | None:
-    """The norm kind of `module`, when it has affine parameters to replicate."""
-    for kind, types in _NORM_TYPES.items():
-        if isinstance(module, types) and _own_parameter_count(module) > 0:
-            return kind
-    return None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -110,10 +52,8 @@ class _DiscoveryTracer(fx.Tracer):
 
 
 def _timm_notrace() -> tuple[tuple[type, ...], tuple]:
-    try:
-        from timm.models import get_notrace_functions, get_notrace_modules
-    except ImportError:  # pragma: no cover - timm is a dependency, but keep surgery usable without it
-        return (), ()
+    from timm.models import get_notrace_functions, get_notrace_modules
+
     return tuple(get_notrace_modules()), tuple(get_notrace_functions())
 
 
@@ -126,8 +66,7 @@ class _Trace:
 
 def _trace(model: nn.Module, training: bool) -> _Trace:
     notrace_modules, autowrap = _timm_notrace()
-    leaf_types = tuple(t for types in _NORM_TYPES.values() for t in types) + _RANK1_TYPES
-    tracer = _DiscoveryTracer(leaf_types, notrace_modules, autowrap)
+    tracer = _DiscoveryTracer(module_types(), notrace_modules, autowrap)
     was_training = model.training
     model.train(training)
     try:
@@ -170,7 +109,7 @@ class Plan:
 
     num_members: int
     kinds: tuple[str, ...]
-    layers: dict[str, str]  # qualified name -> kind, in module order
+    targets: list[LatePhaseTarget]  # in module order
     params_per_member: int
     model_params: int
     available: dict[str, int]  # kind -> layers of that kind in the model (before include/exclude)
@@ -179,6 +118,11 @@ class Plan:
     reused: list[str] = field(default_factory=list)
     uncalled: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def layers(self) -> dict[str, str]:
+        """Qualified module name → kind, in module order."""
+        return {name: target.kind for target in self.targets for name in target.modules}
 
     def counts(self) -> dict[str, int]:
         return dict(Counter(self.layers.values()))
@@ -211,10 +155,6 @@ class Plan:
                 if len(items) > 10:
                     lines.append(f"    … and {len(items) - 10} more")
         return "\n".join(lines)
-
-
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    return any(fnmatch.fnmatchcase(name, p) or name == p for p in patterns)
 
 
 def _as_patterns(patterns: str | Sequence[str] | None) -> list[str]:
@@ -257,6 +197,9 @@ def plan(
 ) -> Plan:
     """Report what :func:`convert` would replace, without changing `model`.
 
+    Every registered kind looks for its targets in registry order (a module an earlier kind took is not offered to
+    a later one); `include`/`exclude` glob patterns on qualified names narrow the modules offered.
+
     >>> print(lpconvert.plan(timm.create_model("resnet50"), K=10))
     """
     _check_members(K)
@@ -279,33 +222,32 @@ def plan(
             break
     if len(traces) < 2:
         traces = []
-
     classifier = _find_classifier(model, traces, modules)
-    candidates: dict[str, str] = {}
-    for name, module in modules.items():
-        kind = _kind_of(module)
-        if kind is not None:
-            candidates[name] = kind
-        elif name == classifier:
-            candidates[name] = "classifier"
-        elif isinstance(module, _RANK1_TYPES) and name:
-            candidates[name] = "rank1"
-    available = dict(Counter(candidates.values()))
-
-    selected = {n: k for n, k in candidates.items() if k in kinds}
-    if "classifier" in kinds and "rank1" in kinds and classifier in selected:
-        selected[classifier] = "classifier"
     if "classifier" in kinds and classifier is None:
         warn.append("no classifier (a linear or 1×1-convolution layer feeding the output) was found")
-    for pattern in include:
-        if not any(_matches(n, [pattern]) for n in selected):
-            raise LatePhaseError(f"--include pattern {pattern!r} matches no {'/'.join(kinds)} layer")
-    for pattern in exclude:
-        if not any(_matches(n, [pattern]) for n in selected):
-            raise LatePhaseError(f"--exclude pattern {pattern!r} matches no {'/'.join(kinds)} layer")
-    if include:
-        selected = {n: k for n, k in selected.items() if _matches(n, include)}
-    selected = {n: k for n, k in selected.items() if not _matches(n, exclude)}
+
+    # every kind in registry order; `available` counts what the model has, `found` what the selected kinds take
+    order = {name: i for i, name in enumerate(modules)}
+    everything = Discovery(model, modules, classifier)
+    chosen = Discovery(model, modules, classifier, include=include, exclude=exclude)
+    available: dict[str, int] = {}
+    found: list[LatePhaseTarget] = []
+    for kind, cls in KINDS.items():
+        groups = cls.targets(everything)
+        everything.claimed.update(name for group in groups for name in group)
+        if groups:
+            available[kind] = sum(len(group) for group in groups)
+        if kind in kinds:
+            groups = cls.targets(chosen)
+            chosen.claimed.update(name for group in groups for name in group)
+            found += [LatePhaseTarget(kind, tuple(group)) for group in groups]
+    found.sort(key=lambda target: order[target.modules[0]])
+    offered = [name for kind in kinds for group in KINDS[kind].targets(Discovery(model, modules, classifier))
+               for name in group]
+    for flag, patterns in (("--include", include), ("--exclude", exclude)):
+        for pattern in patterns:
+            if not any(matches(name, [pattern]) for name in offered):
+                raise LatePhaseError(f"{flag} pattern {pattern!r} matches no {'/'.join(kinds)} layer")
 
     calls: Counter = Counter()
     functional: list[str] = []
@@ -313,25 +255,18 @@ def plan(
         for name, count in trace.calls.items():
             calls[name] = max(calls[name], count)
         functional.extend(f for f in trace.functional if f not in functional)
-
-    def params_of(name: str, kind: str) -> int:
-        module = modules[name]
-        if kind == "rank1":
-            weight = module.weight
-            return weight.shape[0] + weight.shape[1] * getattr(module, "groups", 1)
-        return _own_parameter_count(module)
-
+    layers = [name for target in found for name in target.modules]
     return Plan(
         num_members=K,
         kinds=kinds,
-        layers=selected,
-        params_per_member=sum(params_of(n, k) for n, k in selected.items()),
+        targets=found,
+        params_per_member=sum(KINDS[t.kind].member_parameters([modules[n] for n in t.modules]) for t in found),
         model_params=sum(p.numel() for p in model.parameters()),
         available=available,
         traced=bool(traces),
         functional_calls=functional,
-        reused=[n for n in selected if calls[n] > 1],
-        uncalled=[n for n in selected if traces and calls[n] == 0],
+        reused=[n for n in layers if calls[n] > 1],
+        uncalled=[n for n in layers if traces and calls[n] == 0],
         warnings=warn,
     )
 
@@ -365,13 +300,14 @@ def convert(
     Each target layer becomes a late-phase layer with K members initialised by Eq. 2,
     φ_k = φ0 + σ0 · ‖φ0‖/√D · ε_k (σ0 = 0: identical members, the output is unchanged). `targets` are kinds
     (``batchnorm``, ``classifier``, ``layernorm``, ``groupnorm``, ``rank1``; aliases ``bn``, ``norm``, ``head``);
-    `include`/`exclude` are glob patterns on qualified names (``"layer4.*"``). All-or-nothing: on any error the model
-    is left as it was.
+    `include`/`exclude` are glob patterns on qualified names (``"layer4.*"``). The result carries its
+    :class:`~lpconvert.late_phase_config.LatePhaseConfig` as ``model.late_phase_config``. All-or-nothing: on any error
+    the model is left as it was.
 
     >>> model = lpconvert.convert(timm.create_model("resnet50", pretrained=True), K=10)
     """
-    if not isinstance(sigma0, (int, float)) or sigma0 < 0:
-        raise LatePhaseError(f"sigma0 must be a number >= 0, got {sigma0!r}")
+    if isinstance(sigma0, bool) or not isinstance(sigma0, (int, float)) or not 0 <= sigma0 < float("inf"):
+        raise LatePhaseError(f"sigma0 must be a finite number >= 0, got {sigma0!r}")
     report = plan(model, K, targets, include=include, exclude=exclude)
     for message in report.warnings:
         warnings.warn(message, stacklevel=2)
@@ -381,22 +317,38 @@ def convert(
             + "; ".join(report.functional_calls[:3]),
             stacklevel=2,
         )
-    if not report.layers:
-        raise LatePhaseError(_nothing_to_convert(model, report))
-    generator = torch.Generator().manual_seed(seed) if seed is not None else None
-    selection = MemberSelection(K)
-    replacements = {
-        name: LAYER_TYPES[kind](model.get_submodule(name), K, selection, float(sigma0), generator)
-        for name, kind in report.layers.items()
-    }
+    if not report.targets:
+        raise LatePhaseError(nothing_to_convert(model, report))
+    return convert_from_config(model, LatePhaseConfig(K, report.targets, float(sigma0), seed))
+
+
+def convert_from_config(model: nn.Module, config: LatePhaseConfig) -> nn.Module:
+    """Inject the late-phase layers of `config` into `model` by their exact names, in place, without tracing (how a
+    saved late-phase model is rebuilt). Members are initialised by Eq. 2 from ``config.sigma0`` and ``config.seed``."""
+    if any(isinstance(m, LatePhaseLayer) for m in model.modules()):
+        raise LatePhaseError("this model is already late-phase (converted); collapse it before converting again")
+    _check_members(config.K)
+    generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
+    selection = MemberSelection(config.K)
+    replacements: dict[str, LatePhaseLayer] = {}
+    for target in config.targets:
+        if target.kind not in KINDS:
+            raise LatePhaseError(f"unknown late-phase kind {target.kind!r}; this lpconvert knows {', '.join(KINDS)}")
+        try:
+            modules = [model.get_submodule(name) for name in target.modules]
+        except AttributeError as err:
+            raise LatePhaseError(f"the model has no layer {target.modules}: {err}; it is not the converted one") from err
+        layers = KINDS[target.kind].build(modules, config.K, selection, config.sigma0, generator)
+        replacements.update(zip(target.modules, layers))
     # every replacement is built before the first swap, so a failure above leaves the model untouched
     for name, layer in replacements.items():
         _set_submodule(model, name, layer)
-    logger.debug("converted %d layers to K=%d late-phase layers", len(replacements), K)
+    setattr(model, ATTRIBUTE, config)
+    logger.debug("converted %d layers to K=%d late-phase layers", len(replacements), config.K)
     return model
 
 
-def _nothing_to_convert(model: nn.Module, report: Plan) -> str:
+def nothing_to_convert(model: nn.Module, report: Plan) -> str:
     """What the model has instead, and the late-phase targets that would work."""
     name = type(model).__name__
     if report.available.keys() & set(report.kinds):  # the kinds are there: include/exclude removed every layer
@@ -413,6 +365,17 @@ def _nothing_to_convert(model: nn.Module, report: Plan) -> str:
     )
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model inside DistributedDataParallel / DataParallel and torch.compile wrappers."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
+            model = model._orig_mod
+        else:
+            return model
+
+
 def late_phase_layers(model: nn.Module) -> dict[str, LatePhaseLayer]:
     """The late-phase layers of a converted model by qualified name (empty for a model never converted)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, LatePhaseLayer)}
@@ -420,10 +383,7 @@ def late_phase_layers(model: nn.Module) -> dict[str, LatePhaseLayer]:
 
 def num_members(model: nn.Module) -> int:
     """K of a converted model."""
-    layers = late_phase_layers(model)
-    if not layers:
-        raise LatePhaseError("this model has no late-phase layers; run lpconvert.convert(model, K=...) first")
-    return next(iter(layers.values())).num_members
+    return late_phase_config(model).K
 
 
 def select_members(model: nn.Module, members: int | Sequence[int], sizes: Sequence[int] | None = None) -> None:

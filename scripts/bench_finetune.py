@@ -115,13 +115,12 @@ def measure_loader(name: str, args, device) -> dict[str, float]:
     """The same comparison fed by lpconvert's real data pipeline (decode, augmentation, transfer)."""
     from lpconvert.config import FinetuneConfig
     from lpconvert.engine import iterate_members
-    from lpconvert.finetune import Runtime, build_data, train_loader
+    from lpconvert.data import build_data, train_loader
 
     base = timm.create_model(name, num_classes=10).to(device)
-    runtime = Runtime(device, amp_dtype=args.amp_dtype, channels_last=args.channels_last)
     config = FinetuneConfig(model=name, data=args.data, batch_size=args.batch, workers=args.workers,
                             train_subset=args.batch * args.K * (args.steps + args.warmup))
-    loader = train_loader(build_data(config, base), config, runtime)
+    loader = train_loader(build_data(config, base).train, config.batch_size, seed=config.seed, workers=config.workers)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
 
     def stream():

@@ -24,8 +24,8 @@ from lpconvert.surgery import late_phase_layers
 
 
 def spread(run: str, which: str) -> dict[str, float]:
-    model, state = load_late_phase(run, which)
-    config = state["config"]
+    model, checkpoint = load_late_phase(run, which)
+    config = checkpoint.config
     if not config.get("weights") and not config.get("pretrained", True):
         raise SystemExit(f"{run} started from a random initialisation; its start cannot be rebuilt")
     start, _ = load_model(config["model"], weights=config.get("weights"), num_classes=config.get("num_classes"),

@@ -17,15 +17,23 @@ import yaml
 from torch import nn
 
 from lpconvert import checkpoint
-from lpconvert.checkpoint import load_run_checkpoint, read_output_dir, save_pretrained
+from lpconvert.checkpoint import read_output_dir, save_pretrained
 from lpconvert.errors import LatePhaseError
 from lpconvert.files import (
-    atomic_save_safetensors,
     atomic_save_torch,
     atomic_write_bytes,
     atomic_write_json,
 )
-from lpconvert.loading import ModelSource, load_model, load_weights, read_state_dict
+from lpconvert.files import prepare_tensors
+from lpconvert.loading import ModelSource, load_model
+from lpconvert.run_dir import RunCheckpoint
+from lpconvert.weights import load_weights, read_state_dict
+
+
+def atomic_save_safetensors(tensors, path):
+    """A weights file as users have them (safetensors of a state dict)."""
+    safetensors.torch.save_file(prepare_tensors(tensors), str(path))
+    return path
 
 METRICS = {
     "base": {"top1": 76.128, "top5": 92.862, "nll": 0.9618},
@@ -229,12 +237,16 @@ def test_key_mismatch_lists_missing_and_unexpected(tmp_path, timm_model):
     assert "1 missing keys (fc.weight)" in message and "1 unexpected keys (head.extra)" in message
 
 
-def test_shape_mismatch_is_explained(tmp_path, timm_model):
+def test_shape_mismatch_is_explained_and_num_classes_transfers(tmp_path, timm_model):
     model, _ = timm_model
     path = atomic_save_safetensors(model.state_dict(), tmp_path / "w.safetensors")
     with pytest.raises(LatePhaseError) as err:
-        load_model("test_resnet", num_classes=7, weights=path)
-    assert "fc.weight (5, 96) vs (7, 96)" in one_line(err)
+        load_model("test_resnet", weights=path)  # built with timm's 1000 classes
+    assert "fc.weight (5, 96) vs (1000, 96)" in one_line(err)
+    # --weights with --num-classes: the backbone from the file, a new head, as for the other sources
+    transferred, _ = load_model("test_resnet", num_classes=7, weights=path)
+    assert transferred.fc.weight.shape == (7, 96)
+    assert torch.equal(transferred.state_dict()["conv1.0.weight"], model.state_dict()["conv1.0.weight"])
 
 
 def test_local_dir_with_new_num_classes_keeps_the_backbone(tmp_path, timm_model):
@@ -316,9 +328,15 @@ def test_existing_non_empty_dir_is_refused_unless_forced(tmp_path, timm_model):
         save_pretrained(model, out, source=source)
     assert "--force" in one_line(err) and (out / "keep.txt").exists()
 
-    save_pretrained(model, out, source=source, force=True)
-    assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+    with pytest.raises(LatePhaseError) as err:  # --force replaces only what lpconvert made
+        save_pretrained(model, out, source=source, force=True)
+    assert "not an lpconvert model folder" in one_line(err) and [p.name for p in out.iterdir()] == ["keep.txt"]
+
+    ours = save_pretrained(model, tmp_path / "ours", source=source)
+    (ours / "config.json").write_text("{}")  # an older export, to be replaced
+    save_pretrained(model, ours, source=source, force=True)
+    assert json.loads((ours / "config.json").read_text())["architecture"] == "test_resnet"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "out"]
 
 
 def test_empty_existing_dir_is_used(tmp_path, timm_model):
@@ -333,8 +351,8 @@ def test_failure_while_writing_leaves_nothing_behind(tmp_path, monkeypatch, timm
     model, source = timm_model
     out = tmp_path / "out"
     if existing:
-        out.mkdir()
-        (out / "old.txt").write_text("previous result")
+        save_pretrained(model, out, source=source)
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if existing else {}
 
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
@@ -343,7 +361,7 @@ def test_failure_while_writing_leaves_nothing_behind(tmp_path, monkeypatch, timm
     with pytest.raises(RuntimeError, match="disk full"):
         save_pretrained(model, out, source=source, force=True)
     if existing:
-        assert [p.name for p in out.iterdir()] == ["old.txt"]
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous export, untouched
     else:
         assert not out.exists()
     assert [p.name for p in tmp_path.iterdir()] == (["out"] if existing else [])
@@ -409,32 +427,43 @@ def test_atomic_writes_replace_and_clean_up(tmp_path, monkeypatch):
     atomic_write_bytes(target, b"new")
     assert target.read_bytes() == b"new"
 
-    def broken(tensors, filename, metadata=None):
+    def broken(obj, filename, *args, **kwargs):
         Path(filename).write_bytes(b"partial")
         raise OSError("no space left on device")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", broken)
-    weights = tmp_path / "sub" / "w.safetensors"
+    monkeypatch.setattr(torch, "save", broken)
+    weights = tmp_path / "sub" / "w.pt"
     weights.write_bytes(b"previous")
     with pytest.raises(OSError):
-        atomic_save_safetensors({"x": torch.zeros(2)}, weights)
+        atomic_save_torch({"x": torch.zeros(2)}, weights)
     assert weights.read_bytes() == b"previous"
-    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["data.json", "w.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["data.json", "w.pt"]
 
 
 def test_training_checkpoints_round_trip_weights_only(tmp_path):
     import random
 
-    state = {"format": "lpconvert-run", "model": {"w": torch.arange(3.0)}, "rng": {"python": random.getstate()},
-             "history": {"best_epoch": None, "epochs": [{"top1": 50.5}]}}
-    path = atomic_save_torch(state, tmp_path / "checkpoints" / "last.pt")
-    loaded = load_run_checkpoint(path)
-    assert torch.equal(loaded["model"]["w"], state["model"]["w"]) and loaded["rng"]["python"] == state["rng"]["python"]
-    assert loaded["history"] == state["history"]
+    from lpconvert.late_phase_config import LatePhaseConfig, LatePhaseTarget
+    from lpconvert.run_dir import History, Position
+
+    checkpoint = RunCheckpoint(
+        config={"model": "x"}, source={}, late_phase=LatePhaseConfig(3, [LatePhaseTarget("batchnorm", ("bn1",))]),
+        model={"w": torch.arange(3.0)}, engine={}, position=Position(epoch=1, iteration=7),
+        history=History({"top1": 10.0}, [{"epoch": 0, "val_top1": 50.5}], None), swa=None,
+        rng={"python": random.getstate(), "torch": torch.get_rng_state()}, started="now",
+    )
+    path = checkpoint.save(tmp_path / "checkpoints" / "last.pt")
+    loaded = RunCheckpoint.load(path)
+    assert torch.equal(loaded.model["w"], checkpoint.model["w"]) and loaded.rng["python"] == checkpoint.rng["python"]
+    assert loaded.history == checkpoint.history and loaded.position == checkpoint.position
+    assert loaded.late_phase.layers == {"bn1": "batchnorm"} and loaded.late_phase.K == 3
 
     atomic_save_torch({"trainer": NotAWeight()}, path)
     with pytest.raises(LatePhaseError, match="NotAWeight"):
-        load_run_checkpoint(path)
+        RunCheckpoint.load(path)
+    atomic_save_torch({"model": {}}, path)
+    with pytest.raises(LatePhaseError, match="not an lpconvert run checkpoint"):
+        RunCheckpoint.load(path)
     with pytest.raises(LatePhaseError, match="checkpoint not found"):
-        load_run_checkpoint(tmp_path / "missing.pt")
+        RunCheckpoint.load(tmp_path / "missing.pt")
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt"]

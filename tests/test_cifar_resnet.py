@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 import lpconvert.models  # noqa: F401  (registers the architectures)
-from lpconvert.data import build_datasets, build_loader
+from lpconvert.data import build_datasets
 from lpconvert.errors import LatePhaseError
 from lpconvert.models.cifar_resnet import BasicBlock
 
@@ -79,7 +79,7 @@ def test_shared_checkpoints_load_strictly(
 def _accuracy(model: torch.nn.Module, dataset) -> float:
     correct = 0
     with torch.inference_mode():
-        for images, labels in build_loader(dataset, 250, train=False):
+        for images, labels in torch.utils.data.DataLoader(dataset, batch_size=250):
             correct += (model(images).argmax(dim=1) == labels).sum().item()
     return 100.0 * correct / len(dataset)
 

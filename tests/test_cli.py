@@ -13,7 +13,8 @@ import lpconvert
 from lpconvert.cli import main
 from lpconvert.sampler import EpochBatchSampler
 
-DIGITS = ["--data", "sklearn-digits", "--batch-size", "40", "--workers", "0", "--quiet", "--no-pretrained"]
+DIGITS = ["--data", "sklearn-digits", "--batch-size", "40", "--workers", "0", "--quiet", "--no-pretrained",
+          "--schedule", "constant"]
 
 
 def invoke(*args, env=None):
@@ -67,7 +68,7 @@ def test_collapse_command_rewrites_the_run_with_another_bn_mode(cifar_run, tmp_p
     assert torch.equal(mean["conv1.weight"], fold["conv1.weight"])  # shared weights: the same
     assert torch.equal(mean["bn1.running_var"], fold["bn1.running_var"])  # fold keeps the mean statistics ...
     assert not torch.equal(mean["bn1.weight"], fold["bn1.weight"])  # ... and solves γ, β for the members' average
-    model, _ = lpconvert.checkpoint.load_late_phase(out)
+    model, _ = lpconvert.load_late_phase(out)
     expected = lpconvert.collapse(model, bn_stats="mean").state_dict()
     assert all(torch.equal(expected[k], mean[k]) for k in expected)
     info = json.loads((tmp_path / "mean" / "lpconvert.json").read_text())
@@ -94,10 +95,10 @@ def test_inspect_reports_the_plan():
         (["finetune", "digits_cnn", "--epochs", "0", *DIGITS], ["--epochs must be a positive integer"]),
         (["finetune", "digits_cnn", "--device", "cuda", *DIGITS], ["no CUDA GPU"]),
         (["finetune", "digits_cnn", "--late-phase", "bn,attention", *DIGITS], ["unknown late-phase target 'attention'"]),
-        (["finetune", "digits_cnn", "--t0", "5", "--epochs", "3", *DIGITS], ["--t0 5 must be smaller"]),
+        (["finetune", "digits_cnn", "--t0", "5", "--epochs", "3", *DIGITS], ["--t0 must be smaller", "got 5"]),
         (["finetune", "digits_cnn", *DIGITS, "--batch-size", "5000"], ["fewer than one batch", "--batch-size"]),
         (["finetune", "digits_cnn", "--recipe", "missing.yaml"], ["missing.yaml", "lpconvert zoo"]),
-        (["finetune", "digits_cnn", "--milestones", "5,x", *DIGITS], ["--milestones", "10,15", "'5,x'"]),
+        (["finetune", "digits_cnn", "--milestones", "5,x", *DIGITS], ["--milestones must be a number", "'x'"]),
         (["collapse", ".", "--out", "elsewhere"], ["not an lpconvert run directory"]),
         (["inspect", "resnet18", "--include", "nothing.*"], ["'nothing.*' matches no"]),
     ],

@@ -16,7 +16,6 @@ from torchvision import transforms
 
 from lpconvert.data import (
     build_datasets,
-    build_loader,
     build_transform,
     class_to_index,
     data_fingerprint,
@@ -229,21 +228,6 @@ def test_dataset_subset_keeps_imagefolder(tmp_path: Path) -> None:
     assert image.shape == (3, 32, 32) and label == 0
 
 
-def test_loader_order_is_seeded() -> None:
-    dataset = torch.utils.data.TensorDataset(torch.arange(20))
-    def order(seed: int) -> list[int]:
-        return torch.cat([b for (b,) in build_loader(dataset, 4, train=True, seed=seed)]).tolist()
-
-    assert order(0) == order(0) != order(1) and sorted(order(0)) == list(range(20))
-    assert len(build_loader(dataset, 6, train=True)) == 3 and len(build_loader(dataset, 6, train=False)) == 4
-    assert [b.tolist() for (b,) in build_loader(dataset, 10, train=False)][0] == list(range(10))
-    with pytest.raises(LatePhaseError):
-        build_loader(dataset, 0, train=True)
-
-
-# ------------------------------------------------------------------------------------------ fingerprints, digits
-
-
 def test_fingerprint_changes_when_a_file_is_added(tmp_path: Path) -> None:
     _tree(tmp_path / "d", {"a": 2, "b": 1})
     before = data_fingerprint(tmp_path / "d")
@@ -287,7 +271,7 @@ def test_fine_tuning_subsets_do_not_depend_on_the_training_seed(tmp_path: Path) 
     import timm
 
     from lpconvert.config import FinetuneConfig
-    from lpconvert.finetune import build_data
+    from lpconvert.data import build_data
 
     _tree(tmp_path / "train", {"a": 12, "b": 8})
     _tree(tmp_path / "val", {"a": 6, "b": 6})

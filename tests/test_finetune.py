@@ -55,7 +55,8 @@ def test_finetune_writes_a_complete_run(tmp_path):
     # the late-phase checkpoint keeps all K members
     checkpoint = _load(run_dir / "checkpoints" / "last.pt")
     assert checkpoint["model"]["fc.weight"].shape == (3, 10, 64)
-    assert checkpoint["late_phase"]["layers"]["fc"] == "classifier"
+    assert {"kind": "classifier", "modules": ["fc"]} in checkpoint["late_phase"]["targets"]
+    assert checkpoint["late_phase"]["K"] == 3 and checkpoint["late_phase"]["sigma0"] == 0.1
 
 
 def test_interrupted_and_resumed_run_equals_the_uninterrupted_run_bitwise(tmp_path):
@@ -124,7 +125,7 @@ def test_swa_on_top_of_late_phase_training(tmp_path):
     report = run(_digits_run(tmp_path, "swa", epochs=3, swa_start=1, swa_lr=0.02))
     assert report["bn_stats"] == "recalibrate"
     checkpoint = _load(tmp_path / "swa" / "checkpoints" / "last.pt")
-    swa = checkpoint["swa"]["model"]
+    swa = checkpoint["swa"]
     assert swa["n_averaged"].item() == 2  # epochs 2 and 3
     assert not torch.equal(swa["module.fc.weight"], checkpoint["model"]["fc.weight"])  # an average, not the last
     assert [json.loads(line)["lr"] for line in (tmp_path / "swa" / "metrics.jsonl").read_text().splitlines()[1:]] == [

@@ -1,13 +1,27 @@
-"""Late-phase layers, one file per family; each holds K members and averages back to the original layer."""
+"""Late-phase layers, one file per kind; each holds K members and averages back to the original layer.
 
-from .base import LatePhaseLayer, MemberSelection, StackedLayer
-from .batchnorm import BN_STATS_MODES, LatePhaseBatchNorm
-from .linear import LatePhaseLinear
-from .norm import LatePhaseGroupNorm, LatePhaseLayerNorm
-from .rank1 import Rank1Layer
+Every module of this package is imported here, so a kind registers itself (``@register_kind``) by existing:
+adding a kind is one file in this folder and its tests.
+"""
+
+import importlib
+import pkgutil
+
+from .base import LatePhaseLayer, MemberSelection, StackedLayer, member_mean
+from .registry import KINDS, Discovery, aliases, kind_names, kinds_help, register_kind, resolve_kinds
+
+for _module in pkgutil.iter_modules(__path__):
+    importlib.import_module(f"{__name__}.{_module.name}")
+
+from .batchnorm import BN_STATS_MODES, LatePhaseBatchNorm  # noqa: E402
+from .classifier import LatePhaseLinear  # noqa: E402
+from .norm import LatePhaseGroupNorm, LatePhaseLayerNorm  # noqa: E402
+from .rank1 import Rank1Layer  # noqa: E402
 
 __all__ = [
     "BN_STATS_MODES",
+    "KINDS",
+    "Discovery",
     "LatePhaseBatchNorm",
     "LatePhaseGroupNorm",
     "LatePhaseLayer",
@@ -16,4 +30,10 @@ __all__ = [
     "MemberSelection",
     "Rank1Layer",
     "StackedLayer",
+    "aliases",
+    "kind_names",
+    "kinds_help",
+    "member_mean",
+    "register_kind",
+    "resolve_kinds",
 ]

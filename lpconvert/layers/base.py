@@ -12,13 +12,16 @@ mode of Algorithm 1, G > 1 the vectorized mode (the members' minibatches stacked
 from __future__ import annotations
 
 import copy
-from typing import Iterator, Sequence
+from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from ..errors import LatePhaseError
+
+if TYPE_CHECKING:
+    from .registry import Discovery
 
 
 class MemberSelection:
@@ -104,11 +107,43 @@ def _hollow_copy(module: nn.Module, tensor_names: Sequence[str], children: dict[
 
 
 class LatePhaseLayer(nn.Module):
-    """Interface of every late-phase layer: K members, a shared :class:`MemberSelection`, a way back."""
+    """Interface of every late-phase layer: K members, a shared :class:`MemberSelection`, a way back.
 
-    kind: str = ""
+    A subclass registered with :func:`~lpconvert.layers.registry.register_kind` is a *kind* of late-phase weights.
+    It declares its name and aliases, the module types torch.fx keeps as leaves, how it finds its targets in a model
+    (:meth:`targets`: single modules, or groups of modules that share state), how many parameters a member adds
+    (:meth:`member_parameters`) and how it is built (:meth:`build`). Surgery, plan, the CLI and loading read that.
+    """
+
+    kind: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    description: ClassVar[str] = ""
+    module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
     num_members: int
     selection: MemberSelection
+
+    # -- the kind ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def accepts(cls, name: str, module: nn.Module, discovery: Discovery) -> bool:
+        """Whether `module` (qualified name `name`) is a target of this kind on its own."""
+        return False
+
+    @classmethod
+    def targets(cls, discovery: Discovery) -> list[tuple[str, ...]]:
+        """The targets of this kind in a model: tuples of qualified names, one module each unless the kind groups
+        layers that share state. The default: every module that :meth:`accepts`."""
+        return [(name,) for name, module in discovery.candidates() if cls.accepts(name, module, discovery)]
+
+    @classmethod
+    def member_parameters(cls, modules: Sequence[nn.Module]) -> int:
+        """Late-phase parameters that one member adds for a target (default: the modules' own parameters)."""
+        return sum(p.numel() for m in modules for p in m.parameters(recurse=False))
+
+    @classmethod
+    def build(cls, modules: Sequence[nn.Module], num_members: int, selection: MemberSelection, sigma0: float,
+              generator: torch.Generator | None) -> list[LatePhaseLayer]:
+        """The late-phase layers replacing a target's modules, in order (Eq. 2 initialisation with `sigma0`)."""
+        return [cls(module, num_members, selection, sigma0, generator) for module in modules]
 
     def late_phase_parameters(self) -> Iterator[nn.Parameter]:
         """The stacked (K, ...) late-phase parameters φ of this layer."""
@@ -174,6 +209,11 @@ class StackedLayer(LatePhaseLayer):
         self.train(module.training)
         if sigma0 > 0:
             self.perturb(sigma0, generator)
+
+    @classmethod
+    def accepts(cls, name: str, module: nn.Module, discovery: Discovery) -> bool:
+        """Every module of the kind's `module_types` that has parameters of its own (affine norms)."""
+        return isinstance(module, cls.module_types) and any(True for _ in module.parameters(recurse=False))
 
     def _stack(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().unsqueeze(0).repeat(self.num_members, *([1] * tensor.dim())).clone()

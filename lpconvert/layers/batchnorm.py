@@ -7,15 +7,21 @@ Covers every ``torch.nn.modules.batchnorm._BatchNorm`` (1d/2d/3d, SyncBatchNorm)
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 from ..errors import LatePhaseError
 from .base import StackedLayer, member_mean
+from .registry import register_kind
 
 BN_STATS_MODES = ("fold", "mean", "recalibrate")
 
 
+@register_kind
 class LatePhaseBatchNorm(StackedLayer):
     kind = "batchnorm"
+    aliases = ("bn", "norm")
+    description = "BatchNorm scale/shift and running statistics (the paper's)"
+    module_types = (nn.modules.batchnorm._BatchNorm,)
 
     def fold_tensors(self) -> dict[str, torch.Tensor]:
         """Eq. 1 for BatchNorm: in eval mode the collapsed layer outputs exactly the mean of its members' outputs, and

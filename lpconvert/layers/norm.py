@@ -4,12 +4,25 @@ Goes beyond the paper so that BatchNorm-free models (ViT, ConvNeXt, Swin) get la
 such as timm's ``LayerNorm2d`` keep their own forward (channels-first permutes and so on).
 """
 
+from __future__ import annotations
+
+from torch import nn
+
 from .base import StackedLayer
+from .registry import register_kind
 
 
+@register_kind
 class LatePhaseLayerNorm(StackedLayer):
     kind = "layernorm"
+    aliases = ("ln", "norm")
+    description = "LayerNorm and RMSNorm scale/shift"
+    module_types = (nn.LayerNorm, nn.RMSNorm)
 
 
+@register_kind
 class LatePhaseGroupNorm(StackedLayer):
     kind = "groupnorm"
+    aliases = ("gn", "norm")
+    description = "GroupNorm scale/shift"
+    module_types = (nn.GroupNorm,)

@@ -6,7 +6,7 @@ y = (W (x ∘ v_k)) ∘ u_k + b. Members average to W̄ = W ∘ mean_k(u_k v_k�
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -14,12 +14,25 @@ from torch.func import functional_call
 
 from ..errors import LatePhaseError
 from .base import LatePhaseLayer, MemberSelection, _hollow_copy
+from .registry import Discovery, register_kind
 
 
+@register_kind
 class Rank1Layer(LatePhaseLayer):
     """Wraps an ``nn.Linear`` or ``nn.Conv{1,2,3}d`` (or a subclass): shared W, b; K × (u ∈ R^out, v ∈ R^in)."""
 
     kind = "rank1"
+    description = "multiplicative u vᵀ on Linear / Conv weights"
+    module_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+    @classmethod
+    def accepts(cls, name: str, module: nn.Module, discovery: Discovery) -> bool:
+        return isinstance(module, cls.module_types)
+
+    @classmethod
+    def member_parameters(cls, modules: Sequence[nn.Module]) -> int:
+        """u and v: out + in entries per layer (a grouped convolution's v spans all input channels)."""
+        return sum(m.weight.shape[0] + m.weight.shape[1] * getattr(m, "groups", 1) for m in modules)
 
     def __init__(
         self,

@@ -1,0 +1,20 @@
+"""Late-phase classifier: K × (W, b) of the layer that produces the logits (paper §2: the classifier as late-phase
+weights) — a linear layer, or a 1×1 convolution followed by pooling (SqueezeNet)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import StackedLayer
+from .registry import Discovery, register_kind
+
+
+@register_kind
+class LatePhaseLinear(StackedLayer):
+    kind = "classifier"
+    aliases = ("head", "fc")
+    description = "the layer producing the logits"
+
+    @classmethod
+    def accepts(cls, name: str, module: nn.Module, discovery: Discovery) -> bool:
+        return name == discovery.classifier

@@ -1,0 +1,71 @@
+"""Where a run executes: device, processes (torchrun's environment), autocast dtype, memory format."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .config import FinetuneConfig
+from .errors import LatePhaseError
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def to_device(self, x: torch.Tensor) -> torch.Tensor:
+        """A batch on the device, channels-last when the run uses it."""
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x
+
+
+def resolve_device(spec: str, local_rank: int = 0) -> torch.device:
+    """``auto`` (this process's GPU when there is one, else the CPU), ``cpu``, ``cuda``, ``cuda:N`` or ``mps``; a device
+    that is not there is a one-line error."""
+    if spec == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise LatePhaseError(f"--device must be auto, cpu, cuda or cuda:N, got {spec!r}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LatePhaseError(f"--device {spec} was asked for but no CUDA GPU is available; use --device cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise LatePhaseError(f"--device {spec} was asked for but MPS is not available; use --device cpu")
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", local_rank)
+    if device.type == "cuda" and device.index >= torch.cuda.device_count():
+        raise LatePhaseError(f"--device {spec}: this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
+
+
+def init_runtime(config: FinetuneConfig) -> Runtime:
+    """Device, distributed process group (from torchrun's environment), autocast dtype and memory format."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    device = resolve_device(config.device, local_rank)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = True
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}.get(config.amp)
+    if config.amp == "auto":
+        amp = torch.bfloat16 if device.type == "cuda" else None
+    channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
+    return Runtime(device, rank, world_size, amp, channels_last)
