@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import typing
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,26 @@ EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 
 class _Group(click.Group):
     """Turns failures into one line (exit 2 for user errors, 130 for interruptions, 1 for bugs) unless --debug."""
+
+    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+        """click's own usage errors (an unknown flag, a value out of range) as one line too."""
+        try:
+            result = super().main(*args, standalone_mode=False, **kwargs)
+        except click.ClickException as exc:
+            if not standalone_mode:
+                raise
+            where = exc.ctx.command_path if isinstance(exc, click.UsageError) and exc.ctx else None
+            hint = f"; see `{where} --help`" if where else ""
+            click.echo(f"error: {exc.format_message().rstrip('.')}{hint}", err=True)
+            sys.exit(exc.exit_code)
+        except click.exceptions.Abort:
+            if not standalone_mode:
+                raise
+            click.echo("interrupted", err=True)
+            sys.exit(EXIT_INTERRUPTED)
+        if standalone_mode:
+            sys.exit(result if isinstance(result, int) else 0)
+        return result
 
     def invoke(self, ctx: click.Context) -> Any:
         from .finetune import RunInterrupted
@@ -60,7 +81,8 @@ def _debug(ctx: click.Context) -> bool:
     return bool(ctx.find_root().params.get("debug")) or os.environ.get("LPCONVERT_DEBUG", "") not in ("", "0")
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.group("lpconvert", cls=_Group,
+             context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(package_name="lpconvert")
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging, including the libraries' own messages.")
 @click.option("--debug", is_flag=True, help="Show the traceback of a failure (also LPCONVERT_DEBUG=1).")

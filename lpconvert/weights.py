@@ -99,6 +99,13 @@ def load_weights(model: nn.Module, path: str | Path, *, new_head: bool = False) 
     ``new_head`` (a ``num_classes`` asked for), tensors of another shape (the classifier) keep their new
     initialisation, as for the other model sources."""
     state = read_state_dict(path)
+    parameters = dict(model.named_parameters())
+    for key, tensor in state.items():
+        if key in parameters and not tensor.is_floating_point():
+            raise LatePhaseError(
+                f"{path} holds {tensor.dtype} weights ({key}); lpconvert fine-tunes floating-point checkpoints, "
+                "dequantize it first"
+            )
     if new_head:
         copy_all_but_head(state, model, str(path))
         return model
@@ -106,14 +113,8 @@ def load_weights(model: nn.Module, path: str | Path, *, new_head: bool = False) 
 
 
 def check_weights(model: nn.Module, where: str) -> None:
-    """Refuse parameters that are not floating point (a quantised checkpoint would train to chance) and non-finite
-    parameters or buffers (NaN/inf weights)."""
-    for name, param in model.named_parameters():
-        if not param.is_floating_point():
-            raise LatePhaseError(
-                f"{where} holds {param.dtype} weights ({name}); lpconvert fine-tunes floating-point checkpoints, "
-                "dequantize it first"
-            )
+    """Refuse non-finite parameters or buffers (NaN/inf weights) of a loaded model. (:func:`load_weights` refuses
+    integer weights in the file: loading would silently turn a quantised checkpoint into a model at chance level.)"""
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
             raise LatePhaseError(f"{where} holds non-finite values (NaN or inf) in {name}; the checkpoint is broken")

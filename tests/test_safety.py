@@ -1,0 +1,332 @@
+"""Never lose what the user has: per family of failure, driven as a user would (the CLI), the exit code, one line
+without a traceback, and the folder listing before and after (nothing written, nothing removed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+from click.testing import CliRunner
+from PIL import Image
+
+import lpconvert
+from lpconvert.cli import main
+from lpconvert.config import FinetuneConfig
+from lpconvert.finetune import RunInterrupted, run
+from lpconvert.run_dir import MARKER, RunLock
+
+DIGITS = ["--data", "sklearn-digits", "--batch-size", "40", "--workers", "0", "--quiet", "--no-pretrained",
+          "--schedule", "constant", "--epochs", "1", "--K", "2"]
+
+
+def invoke(*args, env=None):
+    return CliRunner().invoke(main, [str(a) for a in args], env=env, catch_exceptions=False)
+
+
+def listing(root: Path) -> dict[str, bytes | None]:
+    """Every file (its bytes) and folder (None) under `root`."""
+    return {str(p.relative_to(root)): (p.read_bytes() if p.is_file() else None) for p in sorted(root.rglob("*"))}
+
+
+def assert_one_line(result, *fragments, code=2):
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.output.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(("error: ", "interrupted")), result.output
+    assert "Traceback" not in result.output
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def digits_run(path: Path, **overrides) -> dict:
+    values = dict(model="digits_cnn", pretrained=False, data="sklearn-digits", K=2, epochs=1, batch_size=40,
+                  workers=0, quiet=True, schedule="constant", output=str(path))
+    values.update(overrides)
+    return run(FinetuneConfig(**values))
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    (tmp_path / "home").mkdir()
+    (tmp_path / "home" / "notes.txt").write_text("mine")
+    return tmp_path
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("finished") / "run"
+    digits_run(path)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1. ownership: --force replaces only what lpconvert made; never the working directory, home, or the source
+# --------------------------------------------------------------------------------------------------------------------
+def _user_folder(root: Path) -> None:
+    (root / "mine").mkdir()
+    (root / "mine" / "thesis.tex").write_text("months of work")
+
+
+def _recipe_that_forces(root: Path) -> None:
+    (root / "recipe.yaml").write_text("settings:\n  model: digits_cnn\n  output: .\n  force: true\n")
+
+
+OWNERSHIP = {
+    "force on a user's folder": (_user_folder, ["finetune", "digits_cnn", *DIGITS, "--output", "mine", "--force"],
+                                 ["not an lpconvert run folder", "--force only replaces what lpconvert made"]),
+    "a recipe cannot force": (_recipe_that_forces, ["finetune", "--recipe", "recipe.yaml", *DIGITS],
+                              ["sets 'force'", "command line"]),
+    "force on the working directory": (None, ["finetune", "digits_cnn", *DIGITS, "--output", ".", "--force"],
+                                       ["working directory"]),
+    "force on the home directory": (None, ["finetune", "digits_cnn", *DIGITS, "--output", "~", "--force"],
+                                    ["your home"]),
+    "demo force on a user's folder": (_user_folder, ["demo", "--output", "mine", "--force"],
+                                      ["not an lpconvert demo folder"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(OWNERSHIP))
+def test_force_never_touches_what_lpconvert_did_not_make(workdir, case):
+    setup, args, fragments = OWNERSHIP[case]
+    if setup:
+        setup(workdir)
+    before = listing(workdir)
+    assert_one_line(invoke(*args), *fragments)
+    assert listing(workdir) == before
+
+
+@pytest.mark.parametrize("out", ["run", "run/model/again", "."])
+def test_collapse_never_writes_into_or_over_its_source(workdir, finished_run, out):
+    import shutil
+
+    shutil.copytree(finished_run, workdir / "run")
+    before = listing(workdir)
+    result = invoke("collapse", "run", "--out", out, "--force")
+    assert_one_line(result, "would overwrite the source")
+    assert listing(workdir) == before
+
+
+def test_force_replaces_an_lpconvert_run_only_once_the_new_one_is_complete(workdir):
+    digits_run(workdir / "run", seed=0)
+    old = listing(workdir / "run")
+    with pytest.raises(RunInterrupted) as stopped:  # the replacement is interrupted: the old run is intact
+        run(FinetuneConfig(model="digits_cnn", pretrained=False, data="sklearn-digits", K=2, epochs=2,
+                           batch_size=40, workers=0, quiet=True, schedule="constant", output="run", seed=1, force=True),
+            stop_after=5)
+    assert listing(workdir / "run") == old
+    building = Path(stopped.value.run_dir)
+    assert building.name == "run.replacing" and (building / "checkpoints" / "last.pt").is_file()
+    # the message names the folder to resume; resuming completes the replacement
+    result = invoke("finetune", "--resume", building)
+    assert result.exit_code == 0, result.output
+    assert not building.exists() and json.loads((workdir / "run" / "config.json").read_text())["seed"] == 1
+    assert "replaces" not in json.loads((workdir / "run" / MARKER).read_text())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 2. one writer per run
+# --------------------------------------------------------------------------------------------------------------------
+def test_a_second_process_on_the_same_run_is_refused_and_a_crashed_one_blocks_nothing(workdir):
+    with pytest.raises(RunInterrupted):
+        run(FinetuneConfig(model="digits_cnn", pretrained=False, data="sklearn-digits", K=2, epochs=1, batch_size=40,
+                           workers=0, quiet=True, schedule="constant", output="run"), stop_after=3)
+    lock = RunLock(workdir / "run").acquire()  # "another process" writes the run
+    try:
+        before = listing(workdir)
+        for args in (["finetune", "--resume", "run"], ["finetune", "digits_cnn", *DIGITS, "--output", "run", "--force"]):
+            assert_one_line(invoke(*args), "is being written by process", str(os.getpid()))
+            assert listing(workdir) == before
+    finally:
+        lock.release()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
+                               "from lpconvert.run_dir import RunLock; RunLock(Path('run')).acquire(); "
+                               "print('locked', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    holder.send_signal(signal.SIGKILL)  # a crash
+    holder.wait()
+    result = invoke("finetune", "--resume", "run")
+    assert result.exit_code == 0, result.output
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 3. validate everything, then create: a failure leaves nothing on disk
+# --------------------------------------------------------------------------------------------------------------------
+def _image_tree(root: Path, mode: str = "RGB", corrupt_first: bool = False) -> None:
+    for split in ("train", "val"):
+        for label in ("a", "b"):
+            (root / split / label).mkdir(parents=True)
+            for i in range(6):
+                Image.new(mode, (32, 32), 40 * i).save(root / split / label / f"{i:03d}.png")
+    if corrupt_first:
+        (root / "train" / "a" / "000.png").write_bytes((root / "train" / "a" / "001.png").read_bytes()[:40])
+
+
+def _weights(root: Path, kind: str) -> None:
+    state = timm.create_model("digits_cnn").state_dict()
+    if kind == "nan":
+        state["fc.weight"][0, 0] = float("nan")
+    else:
+        state = {k: (v * 100).to(torch.int8) if v.is_floating_point() else v for k, v in state.items()}
+    safetensors.torch.save_file(state, str(root / f"{kind}.safetensors"))
+
+
+def _recipe(text: str):
+    return lambda root: (root / "r.yaml").write_text("settings:\n  model: digits_cnn\n" + text)
+
+
+CIFAR_LIKE = ["--data", "images", "--batch-size", "4", "--workers", "0", "--quiet", "--no-pretrained",
+              "--schedule", "constant", "--epochs", "1", "--K", "2"]
+DIGITS_CNN = ["digits_cnn", *DIGITS]
+RECIPE = ["--recipe", "r.yaml", *DIGITS]
+INVALID = {  # case: (setup, arguments of `lpconvert finetune`, fragments of the one line)
+    "include matching nothing": (None, [*DIGITS_CNN, "--include", "nothing.*"], ["'nothing.*' matches no"]),
+    "negative momentum": (None, [*DIGITS_CNN, "--momentum", "-1"], ["--momentum must lie in [0, 1)"]),
+    "lr nan": (None, [*DIGITS_CNN, "--lr", "nan"], ["--lr must be a finite number"]),
+    "sigma0 nan": (None, [*DIGITS_CNN, "--sigma0", "nan"], ["--sigma0 must be a finite number"]),
+    "negative gamma-theta": (None, [*DIGITS_CNN, "--gamma-theta", "-1"], ["--gamma-theta must be a positive number"]),
+    "negative lr-end": (None, [*DIGITS_CNN, "--lr-end", "-0.1"], ["--lr-end must be 0 or more"]),
+    "unknown device": (None, [*DIGITS_CNN, "--device", "gpu"], ["--device must be auto, cpu, cuda or cuda:N", "'gpu'"]),
+    "bad hub repo id": (None, [*DIGITS_CNN, "--push-to-hub", "not a repo"], ["--push-to-hub is not a Hub repository"]),
+    "push without a token": (None, [*DIGITS_CNN, "--push-to-hub", "alice/digits-lpw"], ["needs a Hub token"]),
+    "more members than minibatches": (None, [*DIGITS_CNN, "--K", "50"],
+                                      ["--K 50 members", "only 30 late-phase minibatches"]),
+    "NaN weights": (lambda r: _weights(r, "nan"), [*DIGITS_CNN, "--weights", "nan.safetensors"],
+                    ["non-finite", "fc.weight"]),
+    "int8 weights": (lambda r: _weights(r, "int8"), [*DIGITS_CNN, "--weights", "int8.safetensors"],
+                     ["torch.int8", "dequantize"]),
+    "recipe: a word for a number": (_recipe("  lr: fast\n"), RECIPE, ["--lr must be a number, got 'fast'"]),
+    "recipe: an unknown key": (_recipe("  learning_rate: 0.1\n"), RECIPE, ["unknown setting", "learning_rate"]),
+    "recipe: a number for a list of names": (_recipe("  late_phase: 3\n"), RECIPE, ["--late-phase must be a text value"]),
+    "RGB data for a grayscale model": (lambda r: _image_tree(r / "images"), ["digits_cnn", *CIFAR_LIKE, "--num-classes", "2"],
+                                       ["cannot run on this data", "channels"]),
+    "a corrupt image": (lambda r: _image_tree(r / "images", corrupt_first=True), ["cifar_resnet20", *CIFAR_LIKE,
+                        "--num-classes", "2"], ["cannot read image", "000.png", "remove or replace"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(INVALID))
+def test_invalid_input_leaves_the_disk_as_it_was(workdir, monkeypatch, case):
+    monkeypatch.setenv("HF_HOME", str(workdir / "hf"))  # no stored token
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setenv("LPCONVERT_CACHE", str(workdir / "cache"))
+    setup, args, fragments = INVALID[case]
+    if setup:
+        setup(workdir)
+    before = listing(workdir)
+    assert_one_line(invoke("finetune", *args), *fragments)
+    assert listing(workdir) == before and not (workdir / "runs").exists()
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["evaluate", "digits_cnn", "--data", "x", "--batch-size", "0"], ["--batch-size", "x>=1", "lpconvert evaluate --help"]),
+    (["evaluate", "digits_cnn", "--data", "x", "--flatness", "a"], ["--flatness takes comma-separated numbers"]),
+    (["evaluate", "digits_cnn", "--data", "x", "--device", "gpu"], ["--device must be"]),
+    (["finetune", "--bogus"], ["No such option '--bogus'", "lpconvert finetune --help"]),
+    (["collapse", "run", "--out", "m", "--bn-stats", "recalibrate"], ["--bn-stats recalibrate needs --data"]),
+])
+def test_every_command_fails_in_one_line(workdir, finished_run, args, fragments):
+    import shutil
+
+    shutil.copytree(finished_run, workdir / "run")
+    before = listing(workdir)
+    assert_one_line(invoke(*args), *fragments)
+    assert listing(workdir) == before
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 4. what the system does to us: one line too (a traceback only with --debug)
+# --------------------------------------------------------------------------------------------------------------------
+def test_an_unwritable_output_is_one_line(workdir):
+    (workdir / "file.txt").write_text("a file, not a folder")
+    before = listing(workdir)
+    assert_one_line(invoke("finetune", "digits_cnn", *DIGITS, "--output", "file.txt/run"), "file.txt")
+    assert listing(workdir) == before
+
+
+def test_disk_full_is_one_line_and_debug_shows_the_traceback(workdir, monkeypatch):
+    import errno
+
+    def full(self, path):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(lpconvert.run_dir.RunCheckpoint, "save", full)
+    assert_one_line(invoke("finetune", "digits_cnn", *DIGITS, "--output", "a"), "No space left on device", "last.pt")
+    with pytest.raises(OSError):
+        invoke("--debug", "finetune", "digits_cnn", *DIGITS, "--output", "b")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 5–7. members that train, a run that always delivers, provenance that survives resume
+# --------------------------------------------------------------------------------------------------------------------
+def test_every_member_gets_its_share_across_epochs(workdir):
+    """30 minibatches per epoch, K = 4: rounds of 4, 4, …, 2 — the round robin goes on over the epoch boundary."""
+    digits_run(workdir / "run", K=4, epochs=2, late_phase=("batchnorm",))
+    checkpoint = torch.load(workdir / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["model"]["features.0.1.num_batches_tracked"].tolist() == [15, 15, 15, 15]
+
+
+@pytest.mark.parametrize("scores, exported_K", [((90.0, 50.0), 1), ((50.0, 90.0), 3)])
+def test_the_best_epoch_is_exported_before_or_after_t0(workdir, monkeypatch, scores, exported_K):
+    """--t0 1: epoch 1 is plain (K = 1), epoch 2 late-phase; whichever is best is exported as what it is."""
+    from lpconvert import finetune
+
+    real = finetune.Trainer.evaluate_averaged
+    seen = iter(scores)
+
+    def scored(self):
+        metrics = real(self)
+        return {**metrics, "top1": next(seen)}
+
+    monkeypatch.setattr(finetune.Trainer, "evaluate_averaged", scored)
+    report = digits_run(workdir / "run", K=3, epochs=2, t0=1, late_phase=("batchnorm", "classifier"))
+    assert report["K"] == exported_K and report["epoch"] == (1 if exported_K == 1 else 2)
+    assert ("before T0" in report.get("note", "")) == (exported_K == 1)
+    state = safetensors.torch.load_file(str(workdir / "run" / "model" / "model.safetensors"))
+    timm.create_model("digits_cnn").load_state_dict(state, strict=True)
+    card = (workdir / "run" / "model" / "README.md").read_text()
+    assert ("K = 1: plain fine-tuning" in card) == (exported_K == 1)
+
+
+def test_provenance_survives_resume(workdir):
+    base = lpconvert.save_pretrained(timm.create_model("digits_cnn").eval(), workdir / "base")
+    common = dict(model=f"local-dir:{base}", pretrained=True, epochs=2)
+    digits_run(workdir / "straight", **common)
+    with pytest.raises(RunInterrupted):
+        run(FinetuneConfig(data="sklearn-digits", K=2, batch_size=40, workers=0, quiet=True, schedule="constant",
+                           output="resumed", **common), stop_after=20)
+    digits_run(workdir / "resumed", resume="resumed", **common)
+    source = {name: json.loads((workdir / name / "model" / "lpconvert.json").read_text())["source"]
+              for name in ("straight", "resumed")}
+    assert source["resumed"] == source["straight"] and source["resumed"]["pretrained"] is True
+    card = (workdir / "resumed" / "model" / "README.md").read_text()
+    assert "random initialisation" not in card and "`base`" in card
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 8. quiet but never silent
+# --------------------------------------------------------------------------------------------------------------------
+def test_an_interrupt_names_the_real_run_directory(workdir):
+    args = [sys.executable, "-m", "lpconvert", "finetune", "digits_cnn", "--data", "sklearn-digits",
+            "--no-pretrained", "--K", "2", "--epochs", "50", "--batch-size", "40", "--workers", "0", "--quiet",
+            "--schedule", "constant", "--output", "somewhere/run"]
+    process = subprocess.Popen(args, stderr=subprocess.PIPE, text=True)
+    metrics = workdir / "somewhere" / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 130
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted (SIGINT)") and last.endswith("--resume somewhere/run"), err
+    assert "Traceback" not in err and "RUN_DIR" not in err
