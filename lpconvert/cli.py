@@ -106,9 +106,8 @@ def _configure_logging(verbose: bool) -> None:
     --verbose."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING, format="%(message)s", force=True)
     logging.getLogger("lpconvert").setLevel(logging.DEBUG if verbose else logging.INFO)
-    if not verbose:
-        for name in ("httpx", "httpx2", "huggingface_hub", "matplotlib"):
-            logging.getLogger(name).setLevel(logging.ERROR)
+    for name in ("httpx", "httpx2", "huggingface_hub", "matplotlib"):
+        logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
 
 
 def _names(text: str | None) -> tuple[str, ...]:

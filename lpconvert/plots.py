@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +11,6 @@ from .files import atomic_write_bytes
 
 def plot_curves(rows: list[dict[str, Any]], path: Path) -> None:
     """Training loss and validation top-1 of the averaged model per epoch, as a PNG (written atomically)."""
-    logging.getLogger("matplotlib").setLevel(max(logging.getLogger("matplotlib").getEffectiveLevel(), logging.ERROR))
     import matplotlib
 
     matplotlib.use("Agg")

@@ -228,6 +228,13 @@ def test_finetune_push_to_hub_and_the_push_command(hub, tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.equal(local(x), remote(x))
 
+    # quiet by default: no third-party INFO chatter (httpx logs every request); --verbose brings it back
+    assert "HTTP Request" not in result.output
+    again = runner.invoke(main, ["push", "run/model", "--repo", "lpw-org/digits-lp"], catch_exceptions=False)
+    assert again.exit_code == 0 and again.output.startswith("pushed run/model") and "HTTP Request" not in again.output
+    verbose = runner.invoke(main, ["--verbose", "push", "run/model", "--repo", "lpw-org/digits-lp"])
+    assert verbose.exit_code == 0 and "HTTP Request" in verbose.output
+
     bad = runner.invoke(main, ["push", "run/model", "--repo", "lpw-org/digits-lp", "--token", "hf_wrong"])
     assert bad.exit_code == 2 and bad.output.startswith("error: ") and len(bad.output.strip().splitlines()) == 1
     late = runner.invoke(main, ["push", "run", "--repo", "lpw-org/digits-lp"])
