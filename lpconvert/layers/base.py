@@ -122,6 +122,11 @@ class LatePhaseLayer(nn.Module):
     num_members: int
     selection: MemberSelection
 
+    def __init__(self, num_members: int, selection: MemberSelection) -> None:
+        super().__init__()
+        self.num_members = num_members
+        self.__dict__["selection"] = selection  # shared by every layer of the model, not a submodule
+
     # -- the kind ---------------------------------------------------------------------------------------------------
     @classmethod
     def accepts(cls, name: str, module: nn.Module, discovery: Discovery) -> bool:
@@ -189,13 +194,11 @@ class StackedLayer(LatePhaseLayer):
         sigma0: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__()
-        self.num_members = num_members
+        super().__init__(num_members, selection)
         self.param_names = [n for n, p in module._parameters.items() if p is not None]
         self.buffer_names = [n for n, b in module._buffers.items() if b is not None]
         if not self.param_names:
             raise LatePhaseError(f"{type(module).__name__} has no parameters to turn into late-phase members")
-        self.__dict__["selection"] = selection
         self._requires_grad = {n: module._parameters[n].requires_grad for n in self.param_names}
         for name in self.param_names:
             stacked = self._stack(module._parameters[name].detach())

@@ -42,15 +42,13 @@ class Rank1Layer(LatePhaseLayer):
         sigma0: float = 0.0,
         generator: torch.Generator | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(num_members, selection)
         if isinstance(module, nn.Linear):
             out_features, in_features, self.groups = module.out_features, module.in_features, 1
         elif isinstance(module, nn.modules.conv._ConvNd) and not module.transposed:
             out_features, in_features, self.groups = module.out_channels, module.in_channels, module.groups
         else:
             raise LatePhaseError(f"rank-1 late-phase weights need a Linear or Conv layer, not {type(module).__name__}")
-        self.num_members = num_members
-        self.__dict__["selection"] = selection
         self.weight = module.weight
         self.bias = module.bias
         factory = {"dtype": module.weight.dtype, "device": module.weight.device}
