@@ -177,9 +177,8 @@ class LatePhaseEngine:
         with context:
             with self._autocast(x):
                 logits = self.model(x)
-                member_losses = torch.stack(
-                    [self.loss_fn(out, target) for out, target in zip(logits.split(sizes), y.split(sizes))]
-                )
+                member_losses = torch.stack([self.loss_fn(out, target) for out, target in
+                                             zip(_member_rows(logits, sizes), _member_rows(y, sizes))])
             loss = member_losses.sum()
             (self.grad_scaler.scale(loss) if self.grad_scaler else loss).backward()
         if ddp and not sync:
@@ -268,6 +267,18 @@ class LatePhaseEngine:
         if self.grad_scaler and state.get("grad_scaler"):
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.next_member = int(state.get("next_member", 0))
+
+
+def _member_rows(t: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, ...]:
+    """Member g's rows of an output or target: ``sizes[g]`` rows each, or as many times that as the tensor has rows
+    per input example (a sequence model's (batch·time, classes) logits)."""
+    if len(sizes) == 1:
+        return (t,)
+    per_example, rest = divmod(t.shape[0], sum(sizes))
+    if rest:
+        raise LatePhaseError(f"cannot tell the members' rows apart in an output of {t.shape[0]} rows for "
+                             f"{sum(sizes)} inputs; use mode='sequential'")
+    return t.split([size * per_example for size in sizes])
 
 
 def iterate_members(batches: Iterable, K: int) -> Iterable[tuple[list, list]]:

@@ -28,12 +28,14 @@ class LatePhaseTarget:
 
 @dataclass
 class LatePhaseConfig:
-    """K members of the late-phase weights of `targets`, initialised by Eq. 2 with σ0 = `sigma0` from `seed`."""
+    """K members of the late-phase weights of `targets`, initialised by Eq. 2 with σ0 = `sigma0` from `seed`;
+    `options` are per-kind options (``{"rank1": {"input_weights": True}}``)."""
 
     K: int
     targets: list[LatePhaseTarget]
     sigma0: float = 0.0
     seed: int | None = None
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
     lpconvert_version: str = field(default_factory=lpconvert_version)
 
     @property
@@ -51,6 +53,7 @@ class LatePhaseConfig:
             "targets": [{"kind": t.kind, "modules": list(t.modules)} for t in self.targets],
             "sigma0": self.sigma0,
             "seed": self.seed,
+            "options": self.options,
             "lpconvert_version": self.lpconvert_version,
         }
 
@@ -63,7 +66,8 @@ class LatePhaseConfig:
             else:
                 targets = [LatePhaseTarget(kind, (name,)) for name, kind in values["layers"].items()]
             return cls(K=int(values["K"]), targets=targets, sigma0=float(values.get("sigma0", 0.0)),
-                       seed=values.get("seed"), lpconvert_version=str(values.get("lpconvert_version", "0.1.0")))
+                       seed=values.get("seed"), options=dict(values.get("options") or {}),
+                       lpconvert_version=str(values.get("lpconvert_version", "0.1.0")))
         except (KeyError, TypeError, ValueError) as err:
             raise LatePhaseError(f"not a late-phase configuration ({type(err).__name__}: {err}); re-create the run") from err
 

@@ -14,7 +14,7 @@ import logging
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +114,7 @@ class Plan:
     model_params: int
     available: dict[str, int]  # kind -> layers of that kind in the model (before include/exclude)
     traced: bool
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
     functional_calls: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
     uncalled: list[str] = field(default_factory=list)
@@ -194,17 +195,19 @@ def plan(
     *,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
 ) -> Plan:
     """Report what :func:`convert` would replace, without changing `model`.
 
     Every registered kind looks for its targets in registry order (a module an earlier kind took is not offered to
-    a later one); `include`/`exclude` glob patterns on qualified names narrow the modules offered.
+    a later one); `include`/`exclude` glob patterns on qualified names narrow the modules offered; `options` are
+    per-kind options (``{"rank1": {"input_weights": True}}``).
 
     >>> print(lpconvert.plan(timm.create_model("resnet50"), K=10))
     """
     _check_members(K)
     kinds = resolve_kinds(targets)
-    include, exclude = _as_patterns(include), _as_patterns(exclude)
+    include, exclude, options = _as_patterns(include), _as_patterns(exclude), _options(options, kinds)
     modules = dict(model.named_modules())
     if any(isinstance(m, LatePhaseLayer) for m in modules.values()):
         raise LatePhaseError("this model is already late-phase (converted); collapse it before converting again")
@@ -228,8 +231,8 @@ def plan(
 
     # every kind in registry order; `available` counts what the model has, `found` what the selected kinds take
     order = {name: i for i, name in enumerate(modules)}
-    everything = Discovery(model, modules, classifier)
-    chosen = Discovery(model, modules, classifier, include=include, exclude=exclude)
+    everything = Discovery(model, modules, classifier, options=options)
+    chosen = Discovery(model, modules, classifier, include=include, exclude=exclude, options=options)
     available: dict[str, int] = {}
     found: list[LatePhaseTarget] = []
     for kind, cls in KINDS.items():
@@ -242,8 +245,8 @@ def plan(
             chosen.claimed.update(name for group in groups for name in group)
             found += [LatePhaseTarget(kind, tuple(group)) for group in groups]
     found.sort(key=lambda target: order[target.modules[0]])
-    offered = [name for kind in kinds for group in KINDS[kind].targets(Discovery(model, modules, classifier))
-               for name in group]
+    offered = [name for kind in kinds
+               for group in KINDS[kind].targets(Discovery(model, modules, classifier, options=options)) for name in group]
     for flag, patterns in (("--include", include), ("--exclude", exclude)):
         for pattern in patterns:
             if not any(matches(name, [pattern]) for name in offered):
@@ -260,7 +263,9 @@ def plan(
         num_members=K,
         kinds=kinds,
         targets=found,
-        params_per_member=sum(KINDS[t.kind].member_parameters([modules[n] for n in t.modules]) for t in found),
+        params_per_member=sum(KINDS[t.kind].member_parameters([modules[n] for n in t.modules], options.get(t.kind, {}))
+                              for t in found),
+        options=options,
         model_params=sum(p.numel() for p in model.parameters()),
         available=available,
         traced=bool(traces),
@@ -274,6 +279,15 @@ def plan(
 # --------------------------------------------------------------------------------------------------------------------
 # convert
 # --------------------------------------------------------------------------------------------------------------------
+def _options(options: dict[str, dict[str, Any]] | None, kinds: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """Per-kind options, for kinds that are converted (an option for another kind is a mistake worth a message)."""
+    options = dict(options or {})
+    unused = [kind for kind in options if kind not in kinds]
+    if unused:
+        raise LatePhaseError(f"options given for {', '.join(unused)}, which is not converted (targets: {', '.join(kinds)})")
+    return {kind: dict(values) for kind, values in options.items()}
+
+
 def _check_members(K: object) -> None:
     if isinstance(K, bool) or not isinstance(K, int) or K < 1:
         raise LatePhaseError(f"K (the number of late-phase members) must be an integer >= 1, got {K!r}")
@@ -294,13 +308,15 @@ def convert(
     exclude: str | Sequence[str] | None = None,
     sigma0: float = 0.0,
     seed: int | None = None,
+    options: dict[str, dict[str, Any]] | None = None,
 ) -> nn.Module:
     """Turn `model` into its late-phase form at T0 = its current weights, in place, and return it.
 
     Each target layer becomes a late-phase layer with K members initialised by Eq. 2,
     φ_k = φ0 + σ0 · ‖φ0‖/√D · ε_k (σ0 = 0: identical members, the output is unchanged). `targets` are kinds
     (``batchnorm``, ``classifier``, ``layernorm``, ``groupnorm``, ``rank1``; aliases ``bn``, ``norm``, ``head``);
-    `include`/`exclude` are glob patterns on qualified names (``"layer4.*"``). The result carries its
+    `include`/`exclude` are glob patterns on qualified names (``"layer4.*"``); `options` per-kind options
+    (``{"rank1": {"input_weights": True}}``: also the input-to-hidden matrices of recurrent layers). The result carries its
     :class:`~lpconvert.late_phase_config.LatePhaseConfig` as ``model.late_phase_config``. All-or-nothing: on any error
     the model is left as it was.
 
@@ -308,7 +324,7 @@ def convert(
     """
     if isinstance(sigma0, bool) or not isinstance(sigma0, (int, float)) or not 0 <= sigma0 < float("inf"):
         raise LatePhaseError(f"sigma0 must be a finite number >= 0, got {sigma0!r}")
-    report = plan(model, K, targets, include=include, exclude=exclude)
+    report = plan(model, K, targets, include=include, exclude=exclude, options=options)
     for message in report.warnings:
         warnings.warn(message, stacklevel=2)
     if report.functional_calls:
@@ -319,7 +335,7 @@ def convert(
         )
     if not report.targets:
         raise LatePhaseError(nothing_to_convert(model, report))
-    return convert_from_config(model, LatePhaseConfig(K, report.targets, float(sigma0), seed))
+    return convert_from_config(model, LatePhaseConfig(K, report.targets, float(sigma0), seed, report.options))
 
 
 def convert_from_config(model: nn.Module, config: LatePhaseConfig) -> nn.Module:
@@ -338,7 +354,8 @@ def convert_from_config(model: nn.Module, config: LatePhaseConfig) -> nn.Module:
             modules = [model.get_submodule(name) for name in target.modules]
         except AttributeError as err:
             raise LatePhaseError(f"the model has no layer {target.modules}: {err}; it is not the converted one") from err
-        layers = KINDS[target.kind].build(modules, config.K, selection, config.sigma0, generator)
+        layers = KINDS[target.kind].build(modules, config.K, selection, config.sigma0, generator,
+                                          config.options.get(target.kind, {}))
         replacements.update(zip(target.modules, layers))
     # every replacement is built before the first swap, so a failure above leaves the model untouched
     for name, layer in replacements.items():

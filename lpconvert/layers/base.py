@@ -12,7 +12,7 @@ mode of Algorithm 1, G > 1 the vectorized mode (the members' minibatches stacked
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, ClassVar, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -140,15 +140,16 @@ class LatePhaseLayer(nn.Module):
         return [(name,) for name, module in discovery.candidates() if cls.accepts(name, module, discovery)]
 
     @classmethod
-    def member_parameters(cls, modules: Sequence[nn.Module]) -> int:
+    def member_parameters(cls, modules: Sequence[nn.Module], options: dict[str, Any]) -> int:
         """Late-phase parameters that one member adds for a target (default: the modules' own parameters)."""
         return sum(p.numel() for m in modules for p in m.parameters(recurse=False))
 
     @classmethod
     def build(cls, modules: Sequence[nn.Module], num_members: int, selection: MemberSelection, sigma0: float,
-              generator: torch.Generator | None) -> list[LatePhaseLayer]:
-        """The late-phase layers replacing a target's modules, in order (Eq. 2 initialisation with `sigma0`)."""
-        return [cls(module, num_members, selection, sigma0, generator) for module in modules]
+              generator: torch.Generator | None, options: dict[str, Any]) -> list[LatePhaseLayer]:
+        """The late-phase layers replacing a target's modules, in order (Eq. 2 initialisation with `sigma0`);
+        `options` are this kind's options (``convert(..., options={kind: {...}})``)."""
+        return [cls(module, num_members, selection, sigma0, generator, **options) for module in modules]
 
     def late_phase_parameters(self) -> Iterator[nn.Parameter]:
         """The stacked (K, ...) late-phase parameters φ of this layer."""

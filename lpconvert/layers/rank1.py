@@ -1,12 +1,13 @@
-"""Rank-1 multiplicative late-phase weights for Linear and Conv layers (paper §2.2, after Wen et al. 2020).
+"""Rank-1 multiplicative late-phase weights (paper §2.2, after Wen et al. 2020) for Linear and Conv layers, and for
+the recurrent matrices of LSTM / GRU / RNN layers (:mod:`.rank1_recurrent`, the paper's §3.4).
 
-Member k uses W_k = W ∘ (u_k v_kᵀ) with the full weight W (and bias) shared; it is computed without forming W_k as
-y = (W (x ∘ v_k)) ∘ u_k + b. Members average to W̄ = W ∘ mean_k(u_k v_kᵀ) (Eq. 1).
+Member k uses W_k = W ∘ (u_k v_kᵀ) with the full weight W (and bias) shared; for Linear and Conv it is computed
+without forming W_k as y = (W (x ∘ v_k)) ∘ u_k + b. Members average to W̄ = W ∘ mean_k(u_k v_kᵀ) (Eq. 1).
 """
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -22,17 +23,30 @@ class Rank1Layer(LatePhaseLayer):
     """Wraps an ``nn.Linear`` or ``nn.Conv{1,2,3}d`` (or a subclass): shared W, b; K × (u ∈ R^out, v ∈ R^in)."""
 
     kind = "rank1"
-    description = "multiplicative u vᵀ on Linear / Conv weights"
-    module_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+    description = "multiplicative u vᵀ on Linear / Conv weights and LSTM / GRU recurrent matrices"
+    module_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNNBase)
 
     @classmethod
     def accepts(cls, name: str, module: nn.Module, discovery: Discovery) -> bool:
         return isinstance(module, cls.module_types)
 
     @classmethod
-    def member_parameters(cls, modules: Sequence[nn.Module]) -> int:
-        """u and v: out + in entries per layer (a grouped convolution's v spans all input channels)."""
-        return sum(m.weight.shape[0] + m.weight.shape[1] * getattr(m, "groups", 1) for m in modules)
+    def member_parameters(cls, modules: Sequence[nn.Module], options: dict[str, Any]) -> int:
+        """u and v: out + in entries per matrix (a grouped convolution's v spans all input channels)."""
+        from .rank1_recurrent import Rank1RecurrentLayer
+
+        return sum(Rank1RecurrentLayer.factor_entries(m, **options) if isinstance(m, nn.RNNBase)
+                   else m.weight.shape[0] + m.weight.shape[1] * getattr(m, "groups", 1) for m in modules)
+
+    @classmethod
+    def build(cls, modules: Sequence[nn.Module], num_members: int, selection: MemberSelection, sigma0: float,
+              generator: torch.Generator | None, options: dict[str, Any]) -> list[LatePhaseLayer]:
+        """A recurrent layer gets :class:`~.rank1_recurrent.Rank1RecurrentLayer` (option ``input_weights``: the
+        input-to-hidden matrices too), a Linear or Conv layer this class."""
+        from .rank1_recurrent import Rank1RecurrentLayer
+
+        return [Rank1RecurrentLayer(m, num_members, selection, sigma0, generator, **options)
+                if isinstance(m, nn.RNNBase) else cls(m, num_members, selection, sigma0, generator) for m in modules]
 
     def __init__(
         self,
@@ -62,12 +76,8 @@ class Rank1Layer(LatePhaseLayer):
         yield self.rank1_u
         yield self.rank1_v
 
-    @torch.no_grad()
     def perturb(self, sigma0: float, generator: torch.Generator | None = None) -> None:
-        """Eq. 2 with φ0 = 1 (so ‖φ0‖/√D = 1): u_k, v_k = 1 + σ0 ε_k."""
-        for stacked in (self.rank1_u, self.rank1_v):
-            noise = torch.randn(stacked.shape, generator=generator, dtype=torch.float32)
-            stacked.add_((sigma0 * noise).to(stacked))
+        perturb_factors((self.rank1_u, self.rank1_v), sigma0, generator)
 
     def _scale_shape(self, x: torch.Tensor) -> tuple[int, ...]:
         # features sit last for Linear, at dim 1 for convolutions
@@ -103,10 +113,22 @@ class Rank1Layer(LatePhaseLayer):
         return module
 
     def collapse(self, **options) -> nn.Module:
-        """W̄ = W ∘ mean_k(u_k v_kᵀ), summed in float64: products of float32 factors and their sums over up to 32
-        members are exact there, so identical members give back W ∘ u vᵀ bit for bit."""
-        u, v = self.rank1_u.double(), self.rank1_v.double()
-        return self._original((torch.einsum("ko,ki->oi", u, v) / self.num_members).to(self.rank1_u.dtype))
+        """W̄ = W ∘ mean_k(u_k v_kᵀ)."""
+        return self._original(mean_outer(self.rank1_u, self.rank1_v))
 
     def unload(self, k: int) -> nn.Module:
         return self._original(torch.outer(self.rank1_u[k], self.rank1_v[k]))
+
+
+@torch.no_grad()
+def perturb_factors(factors: Sequence[nn.Parameter], sigma0: float, generator: torch.Generator | None) -> None:
+    """Eq. 2 with φ0 = 1 (so ‖φ0‖/√D = 1): u_k, v_k = 1 + σ0 ε_k."""
+    for stacked in factors:
+        noise = torch.randn(stacked.shape, generator=generator, dtype=torch.float32)
+        stacked.add_((sigma0 * noise).to(stacked))
+
+
+def mean_outer(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """mean_k u_k v_kᵀ of (K, out) and (K, in) factors, summed in float64: products of float32 factors and their sums
+    over up to 32 members are exact there, so identical members give back u vᵀ bit for bit."""
+    return (torch.einsum("ko,ki->oi", u.double(), v.double()) / u.shape[0]).to(u.dtype)

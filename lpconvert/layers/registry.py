@@ -10,6 +10,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from torch import nn
 
@@ -76,13 +77,15 @@ def matches(name: str, patterns: Sequence[str]) -> bool:
 
 @dataclass
 class Discovery:
-    """What a kind sees of a model: its modules, the classifier found by torch.fx, include/exclude patterns."""
+    """What a kind sees of a model: its modules, the classifier found by torch.fx, include/exclude patterns and the
+    kinds' options."""
 
     model: nn.Module
     modules: dict[str, nn.Module]
     classifier: str | None = None
     include: Sequence[str] = ()
     exclude: Sequence[str] = ()
+    options: dict[str, dict[str, Any]] = field(default_factory=dict)
     claimed: set[str] = field(default_factory=set)
 
     def candidates(self) -> Iterator[tuple[str, nn.Module]]:
