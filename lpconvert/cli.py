@@ -123,18 +123,21 @@ def _names(text: str | None) -> tuple[str, ...]:
 @click.option("--K", "K", type=int, default=FinetuneConfig.K, show_default=True, help="Late-phase members.")
 @click.option("--late-phase", default=",".join(DEFAULT_TARGETS), show_default=True,
               help=f"Kinds of late-phase weights, comma-separated: {kinds_help()}.")
+@click.option("--late-phase-options", help="Options of the kinds, comma-separated KIND.OPTION=VALUE (see finetune --help).")
 @click.option("--include", help="Comma-separated globs on qualified layer names to convert ('layer4.*').")
 @click.option("--exclude", help="Comma-separated globs on qualified layer names to keep shared.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local weights file for MODEL.")
 @click.option("--num-classes", type=click.IntRange(min=1), help="Replace the classifier with a new head of this size.")
 @click.option("--list-layers", is_flag=True, help="Also list every layer that would be converted.")
-def inspect(model: str, K: int, late_phase: str, include: str | None, exclude: str | None, weights: str | None,
-            num_classes: int | None, list_layers: bool) -> None:
-    """Report what `finetune` would turn into late-phase layers (nothing is downloaded: random init)."""
+def inspect(model: str, K: int, late_phase: str, late_phase_options: str | None, include: str | None,
+            exclude: str | None, weights: str | None, num_classes: int | None, list_layers: bool) -> None:
+    """Report what `finetune` would turn into late-phase layers (random init unless --weights: nothing downloaded)."""
     from . import load_model, plan
 
+    options = FinetuneConfig(late_phase=late_phase, late_phase_options=late_phase_options or ()).kind_options()
     net, _ = load_model(model, weights=weights, num_classes=num_classes, pretrained=False)
-    report = plan(net, K, late_phase, include=_names(include) or None, exclude=_names(exclude) or None)
+    report = plan(net, K, late_phase, include=_names(include) or None, exclude=_names(exclude) or None,
+                  options=options)
     click.echo(str(report))
     if list_layers:
         for name, kind in report.layers.items():
@@ -161,6 +164,9 @@ _FINETUNE_HELP: dict[str, str] = {
     "workers": "Data-loading worker processes.",
     "K": "Late-phase members (1 = plain fine-tuning through the same pipeline).",
     "late_phase": f"Late-phase weights, comma-separated: {kinds_help()}.",
+    "late_phase_options": "Options of the kinds, comma-separated KIND.OPTION=VALUE: hypernet.rank=D (a rank-D "
+                          "hypernetwork, SVD), hypernet.allow_error=true, rank1.input_weights=true (LSTM input "
+                          "matrices too).",
     "include": "Comma-separated globs on qualified layer names to convert ('layer4.*').",
     "exclude": "Comma-separated globs on qualified layer names to keep shared.",
     "sigma0": "Member initialisation noise σ0 (Eq. 2).",

@@ -53,6 +53,7 @@ class FinetuneConfig:
     # late-phase weights (Algorithm 1)
     K: int = 10
     late_phase: tuple[str, ...] = DEFAULT_TARGETS
+    late_phase_options: tuple[str, ...] = ()
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     sigma0: float = 0.0
@@ -136,7 +137,9 @@ class FinetuneConfig:
             value = getattr(self, name)
             self._require(name, value is None or value in allowed, f"is not one of {', '.join(allowed)}")
         self._require("device", _is_device(self.device), "must be auto, cpu, cuda or cuda:N")
-        resolve_kinds(self.late_phase)
+        kinds = resolve_kinds(self.late_phase)
+        unused = [kind for kind in self.kind_options() if kind not in kinds]
+        self._require("late_phase_options", not unused, f"name kinds that --late-phase converts ({', '.join(kinds)})")
         if self.push_to_hub is not None:
             from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -145,6 +148,19 @@ class FinetuneConfig:
             except HFValidationError:
                 self._require("push_to_hub", False, "is not a Hub repository id; use NAMESPACE/NAME (alice/resnet-lpw)")
         return self
+
+    def kind_options(self) -> dict[str, dict[str, Any]]:
+        """``--late-phase-options hypernet.rank=4,rank1.input_weights=true`` as ``{kind: {option: value}}`` (values
+        read as int, float, true/false, else text)."""
+        options: dict[str, dict[str, Any]] = {}
+        for item in self.late_phase_options:
+            key, sep, text = item.partition("=")
+            kind, dot, name = key.strip().partition(".")
+            if not (sep and dot and kind and name):
+                raise LatePhaseError(f"--late-phase-options takes KIND.OPTION=VALUE items such as hypernet.rank=4, "
+                                     f"got {item!r}")
+            options.setdefault(kind, {})[name] = _literal(text.strip())
+        return options
 
     def _require(self, name: str, ok: bool, problem: str) -> None:
         if not ok:
@@ -177,6 +193,17 @@ CHOICES: dict[str, tuple[str, ...]] = {
 def flag(name: str) -> str:
     """The command-line flag of a setting: ``batch_size`` → ``--batch-size``."""
     return "--" + name.replace("_", "-")
+
+
+def _literal(text: str) -> Any:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def _shown(value: Any) -> str:

@@ -98,16 +98,18 @@ class LatePhaseEngine:
         self.grad_scaler = grad_scaler
 
         # a parameter shared by several layers (a kind's group state) is one parameter: one view, one step
-        stacked = {id(p): p for layer in layers.values() for p in layer.late_phase_parameters()}
+        stacked = {id(p): (p, layer.member_weight_decay) for layer in layers.values()
+                   for p in layer.late_phase_parameters()}
         stacked_ids = set(stacked)
-        self.stacked = [p for p in stacked.values() if p.requires_grad]
+        self.stacked = [p for p, _ in stacked.values() if p.requires_grad]
+        no_decay = {id(p) for p, decay in stacked.values() if not decay}
         self.theta_params = [p for p in self.base.parameters() if p.requires_grad and id(p) not in stacked_ids]
         self.theta_optimizer = theta_optimizer(self.theta_params) if self.theta_params else None
         # member k's parameters are leaf views of row k of the stacked parameters: in-place optimizer updates on
         # them update the model, and each member gets an optimizer (and optimizer state) of its own
         self.member_params = [[nn.Parameter(p.data[k]) for p in self.stacked] for k in range(self.num_members)]
         factory = member_optimizer or theta_optimizer
-        self.member_optimizers = [factory(params) for params in self.member_params]
+        self.member_optimizers = [factory(_decay_groups(params, self.stacked, no_decay)) for params in self.member_params]
 
     @property
     def optimizers(self) -> list[torch.optim.Optimizer]:
@@ -267,6 +269,16 @@ class LatePhaseEngine:
         if self.grad_scaler and state.get("grad_scaler"):
             self.grad_scaler.load_state_dict(state["grad_scaler"])
         self.next_member = int(state.get("next_member", 0))
+
+
+def _decay_groups(views: list[nn.Parameter], stacked: list[nn.Parameter], no_decay: set[int]) -> list:
+    """A member's parameters for its optimizer: one group, or two when a kind turns weight decay off for its late-phase
+    weights (hypernetwork embeddings, as the paper does)."""
+    if not no_decay:
+        return views
+    groups = [{"params": [v for v, p in zip(views, stacked) if id(p) not in no_decay]},
+              {"params": [v for v, p in zip(views, stacked) if id(p) in no_decay], "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
 
 
 def _member_rows(t: torch.Tensor, sizes: Sequence[int]) -> tuple[torch.Tensor, ...]:

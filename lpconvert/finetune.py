@@ -178,7 +178,8 @@ def prepare(config: FinetuneConfig, runtime: Runtime, checkpoint: RunCheckpoint 
     recalibration = recalibration_loader(data.train, config.batch_size, seed=config.seed, workers=config.workers,
                                          pin_memory=pin) if runtime.is_main else None
     _check_model_runs_on_data(model, data)
-    report = plan(model, config.K, config.late_phase, include=config.include or None, exclude=config.exclude or None)
+    report = plan(model, config.K, config.late_phase, include=config.include or None, exclude=config.exclude or None,
+                  options=config.kind_options())
     if not report.targets:
         raise LatePhaseError(nothing_to_convert(model, report))
     late_minibatches = (config.epochs - config.t0) * train.batch_sampler.batches_per_epoch
@@ -260,7 +261,7 @@ class Trainer:
         """Turn the model into K members at T0 = its current weights; carry U_θ's state over at a T0 switch."""
         config = self.config
         convert(self.model, K, config.late_phase, include=config.include or None, exclude=config.exclude or None,
-                sigma0=config.sigma0 if K > 1 else 0.0, seed=config.seed)
+                sigma0=config.sigma0 if K > 1 else 0.0, seed=config.seed, options=config.kind_options())
         self._build_engine(K)
         if previous is not None:
             if previous.theta_optimizer is not None and self.engine.theta_optimizer is not None:

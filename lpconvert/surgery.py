@@ -119,6 +119,7 @@ class Plan:
     reused: list[str] = field(default_factory=list)
     uncalled: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
 
     @property
     def layers(self) -> dict[str, str]:
@@ -148,6 +149,7 @@ class Plan:
             ("functional norm calls a module swap misses", self.functional_calls),
             ("layers called more than once per forward", self.reused),
             ("target layers never called by forward", self.uncalled),
+            ("notes", self.notes),
             ("warnings", self.warnings),
         ):
             if items:
@@ -259,6 +261,8 @@ def plan(
             calls[name] = max(calls[name], count)
         functional.extend(f for f in trace.functional if f not in functional)
     layers = [name for target in found for name in target.modules]
+    notes = [note for t in found
+             for note in KINDS[t.kind].check([modules[n] for n in t.modules], options.get(t.kind, {}))]
     return Plan(
         num_members=K,
         kinds=kinds,
@@ -273,6 +277,7 @@ def plan(
         reused=[n for n in layers if calls[n] > 1],
         uncalled=[n for n in layers if traces and calls[n] == 0],
         warnings=warn,
+        notes=notes,
     )
 
 

@@ -15,13 +15,16 @@ for _module in pkgutil.iter_modules(__path__):
 
 from .batchnorm import BN_STATS_MODES, LatePhaseBatchNorm  # noqa: E402
 from .classifier import LatePhaseLinear  # noqa: E402
+from .hypernet import HypernetLayer  # noqa: E402
 from .norm import LatePhaseGroupNorm, LatePhaseLayerNorm  # noqa: E402
 from .rank1 import Rank1Layer  # noqa: E402
+from .rank1_recurrent import Rank1RecurrentLayer  # noqa: E402
 
 __all__ = [
     "BN_STATS_MODES",
     "KINDS",
     "Discovery",
+    "HypernetLayer",
     "LatePhaseBatchNorm",
     "LatePhaseGroupNorm",
     "LatePhaseLayer",
@@ -29,6 +32,7 @@ __all__ = [
     "LatePhaseLinear",
     "MemberSelection",
     "Rank1Layer",
+    "Rank1RecurrentLayer",
     "StackedLayer",
     "aliases",
     "kind_names",

@@ -119,6 +119,7 @@ class LatePhaseLayer(nn.Module):
     aliases: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
     module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
+    member_weight_decay: ClassVar[bool] = True  # False: U_φ applies no weight decay to this kind's members
     num_members: int
     selection: MemberSelection
 
@@ -138,6 +139,11 @@ class LatePhaseLayer(nn.Module):
         """The targets of this kind in a model: tuples of qualified names, one module each unless the kind groups
         layers that share state. The default: every module that :meth:`accepts`."""
         return [(name,) for name, module in discovery.candidates() if cls.accepts(name, module, discovery)]
+
+    @classmethod
+    def check(cls, modules: Sequence[nn.Module], options: dict[str, Any]) -> list[str]:
+        """Refuse a target this kind cannot convert as asked (a :class:`LatePhaseError`); notes for the plan."""
+        return []
 
     @classmethod
     def member_parameters(cls, modules: Sequence[nn.Module], options: dict[str, Any]) -> int:
