@@ -78,6 +78,11 @@ def late_phase_step(model, args, device, mode: str):
 
 def _timed(step, iterations, device, warmup: int) -> float:
     """Images/s of `step` over (xs, ys) iterations of K minibatches each, after `warmup` untimed iterations."""
+    images, seconds = _images_and_seconds(step, iterations, device, warmup)
+    return images / seconds
+
+
+def _images_and_seconds(step, iterations, device, warmup: int) -> tuple[int, float]:
     images, start = 0, None
     for i, (xs, ys) in enumerate(iterations):
         if i == warmup:
@@ -86,7 +91,7 @@ def _timed(step, iterations, device, warmup: int) -> float:
         step(xs, ys)
         images += sum(x.shape[0] for x in xs)
     _sync(device)
-    return images / (time.perf_counter() - start)
+    return images, time.perf_counter() - start
 
 
 def _repeat(xs, ys, count):
@@ -98,16 +103,24 @@ def measure(name: str, size: int, args, device, modes=("plain", "sequential")) -
     if args.channels_last:
         base = base.to(memory_format=torch.channels_last)
     xs, ys = _batches(args, device, size, args.K)
-    out = {}
-    for mode in modes:
+    steps, peaks = {}, {}
+    for mode in modes:  # one at a time: warm-up and the peak memory of each mode alone
         model = copy.deepcopy(base).train()
         _peak_reset(device)
         if mode.startswith("plain"):
-            step = plain_step(model, args, device, stacked=mode == "plain-stacked")
+            steps[mode] = plain_step(model, args, device, stacked=mode == "plain-stacked")
         else:
-            step = late_phase_step(lpconvert.convert(model, K=args.K, targets="batchnorm"), args, device, mode)
-        out[mode] = (_timed(step, _repeat(xs, ys, args.warmup + args.steps), device, args.warmup), _peak(device))
-        del model, step
+            steps[mode] = late_phase_step(lpconvert.convert(model, K=args.K, targets="batchnorm"), args, device, mode)
+        _timed(steps[mode], _repeat(xs, ys, args.warmup + 1), device, args.warmup)
+        peaks[mode] = _peak(device)
+    # then the timed rounds in alternating order (A B B A …): drift of a shared machine hits every mode alike
+    totals = {mode: [0, 0.0] for mode in modes}
+    for r in range(args.rounds):
+        for mode in (modes if r % 2 == 0 else tuple(reversed(modes))):
+            images, seconds = _images_and_seconds(steps[mode], _repeat(xs, ys, args.steps), device, 0)
+            totals[mode][0] += images
+            totals[mode][1] += seconds
+    out = {mode: (images / seconds, peaks[mode]) for mode, (images, seconds) in totals.items()}
     return out
 
 
@@ -142,6 +155,7 @@ def main() -> None:
     parser.add_argument("--K", type=int, default=10)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=4, help="Timed rounds per mode, in alternating order.")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--amp", choices=["bf16", "off"], default=None, help="[default: bf16 on GPU, off on CPU]")
     parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None)
