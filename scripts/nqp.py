@@ -587,6 +587,7 @@ def write_report(result: NQPResult, path: Path, command: str, wall_s: float) -> 
         "no restoring force: the φ_k decay towards 0 and the late-phase loss falls far below the ensemble's.",
         "* The first window holds the transient from w0; compare the last two windows (steady-state check) before "
         "reading the slopes.",
+        "* The verdict on the closed form, with longer runs and other settings: `nqp_closed_form.md`.",
     ]
     path.write_text("\n".join(lines) + "\n")
 
