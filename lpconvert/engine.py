@@ -277,7 +277,8 @@ def _decay_groups(views: list[nn.Parameter], stacked: list[nn.Parameter], no_dec
     if not no_decay:
         return views
     groups = [{"params": [v for v, p in zip(views, stacked) if id(p) not in no_decay]},
-              {"params": [v for v, p in zip(views, stacked) if id(p) in no_decay], "weight_decay": 0.0}]
+              {"params": [v for v, p in zip(views, stacked) if id(p) in no_decay], "weight_decay": 0.0,
+               "no_weight_decay": True}]
     return [group for group in groups if group["params"]]
 
 

@@ -68,25 +68,56 @@ class RunInterrupted(Exception):
 # --------------------------------------------------------------------------------------------------------------------
 # optimizers, members, schedule: one source for each
 # --------------------------------------------------------------------------------------------------------------------
-def minibatches_per_iteration(config: FinetuneConfig, K: int) -> int:
-    """One minibatch per member; K = 1 with ``--accumulate M`` is the gradient-accumulation control (the single
-    member steps on every minibatch, θ once per M)."""
-    return K if K > 1 else config.accumulate
+def has_late_phase(config: FinetuneConfig) -> bool:
+    """K members, or the gradient-accumulation control (``--K 1 --accumulate M``), from epoch T0 on; plain
+    fine-tuning (K = 1) has no late phase."""
+    return config.K > 1 or config.accumulate > 1
 
 
-def gamma_theta(config: FinetuneConfig, K: int) -> float:
+def minibatches_per_iteration(config: FinetuneConfig, K: int, late: bool) -> int:
+    """One minibatch per member; in the late phase, K = 1 with ``--accumulate M`` is the gradient-accumulation control
+    (the single member steps on every minibatch, θ once per M)."""
+    if K > 1:
+        return K
+    return config.accumulate if late else 1
+
+
+def gamma_theta(config: FinetuneConfig, K: int, late: bool) -> float:
     """γθ: the flag, else 1/(minibatches per iteration) — 1/K, 1/M for the control, 1 for plain fine-tuning."""
-    if config.gamma_theta is not None and minibatches_per_iteration(config, K) > 1:
+    per_iteration = minibatches_per_iteration(config, K, late)
+    if config.gamma_theta is not None and per_iteration > 1:
         return config.gamma_theta
-    return 1.0 / minibatches_per_iteration(config, K)
+    return 1.0 / per_iteration
 
 
-def _optimizer_factory(name: str, lr: float, momentum: float, nesterov: bool, weight_decay: float) -> Callable:
-    if name == "sgd":
-        return partial(torch.optim.SGD, lr=lr, momentum=momentum, nesterov=nesterov and momentum > 0,
-                       weight_decay=weight_decay)
-    optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[name]
-    return partial(optimizer, lr=lr, weight_decay=weight_decay)
+@dataclass(frozen=True)
+class OptimizerSettings:
+    name: str
+    lr: float
+    momentum: float
+    nesterov: bool
+    weight_decay: float
+
+    def factory(self) -> Callable:
+        if self.name == "sgd":
+            return partial(torch.optim.SGD, lr=self.lr, momentum=self.momentum,
+                           nesterov=self.nesterov and self.momentum > 0, weight_decay=self.weight_decay)
+        optimizer = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[self.name]
+        return partial(optimizer, lr=self.lr, weight_decay=self.weight_decay)
+
+
+def optimizer_settings(config: FinetuneConfig, late: bool) -> tuple[OptimizerSettings, OptimizerSettings]:
+    """U_θ, and U_φ — which in the late phase inherits every setting its ``--member-*`` flags do not override, and
+    before it (the plain epochs before T0) is U_θ."""
+    theta = OptimizerSettings(config.optimizer, config.lr, config.momentum, config.nesterov, config.weight_decay)
+    if not late:
+        return theta, theta
+    member = OptimizerSettings(
+        config.member_optimizer or config.optimizer, config.member_lr if config.member_lr is not None else config.lr,
+        config.momentum, config.nesterov,
+        config.member_weight_decay if config.member_weight_decay is not None else config.weight_decay,
+    )
+    return theta, member
 
 
 def choose_mode(config: FinetuneConfig, model: nn.Module, K: int, input_size: tuple[int, ...], runtime: Runtime) -> str:
@@ -100,22 +131,30 @@ def choose_mode(config: FinetuneConfig, model: nn.Module, K: int, input_size: tu
     return "vectorized" if pixels <= VECTORIZE_MAX_PIXELS else "sequential"
 
 
-def build_engine(train_model: nn.Module, config: FinetuneConfig, K: int, mode: str, runtime: Runtime) -> LatePhaseEngine:
-    """U_θ and U_φ from the config (U_φ inherits every setting it does not override)."""
-    theta = _optimizer_factory(config.optimizer, config.lr, config.momentum, config.nesterov, config.weight_decay)
-    member = _optimizer_factory(
-        config.member_optimizer or config.optimizer,
-        config.member_lr if config.member_lr is not None else config.lr,
-        config.momentum, config.nesterov,
-        config.member_weight_decay if config.member_weight_decay is not None else config.weight_decay,
-    )
+def build_engine(train_model: nn.Module, config: FinetuneConfig, K: int, mode: str, runtime: Runtime,
+                 late: bool) -> LatePhaseEngine:
+    """The engine with U_θ and U_φ of :func:`optimizer_settings` and γθ of :func:`gamma_theta`."""
+    theta, member = optimizer_settings(config, late)
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.amp_dtype == torch.float16 else None
-    engine = LatePhaseEngine(train_model, theta, member, gamma_theta=gamma_theta(config, K), mode=mode,
-                             group_size=config.group_size, autocast_dtype=runtime.amp_dtype, grad_scaler=scaler)
-    for optimizer in engine.optimizers:
-        for group in optimizer.param_groups:
-            group.setdefault("base_lr", group["lr"])
+    engine = LatePhaseEngine(train_model, theta.factory(), member.factory(), mode=mode, group_size=config.group_size,
+                             autocast_dtype=runtime.amp_dtype, grad_scaler=scaler)
+    apply_settings(engine, config, late)
     return engine
+
+
+def apply_settings(engine: LatePhaseEngine, config: FinetuneConfig, late: bool) -> None:
+    """The config's learning rates (as the schedule's base), weight decay, momentum and γθ — also over optimizer
+    states loaded from a checkpoint, so that a run resumed with changed settings (``--force``) trains with them."""
+    theta, member = optimizer_settings(config, late)
+    pairs = [(engine.theta_optimizer, theta)] + [(optimizer, member) for optimizer in engine.member_optimizers]
+    for optimizer, settings in pairs:
+        for group in optimizer.param_groups if optimizer is not None else ():
+            group["base_lr"] = settings.lr
+            if not group.get("no_weight_decay"):
+                group["weight_decay"] = settings.weight_decay
+            if "nesterov" in group:  # SGD
+                group["momentum"], group["nesterov"] = settings.momentum, settings.nesterov and settings.momentum > 0
+    engine.gamma_theta = gamma_theta(config, engine.num_members, late)
 
 
 def lr_factor(config: FinetuneConfig, epoch: float) -> float:
@@ -250,24 +289,22 @@ class Trainer:
         self.engine: LatePhaseEngine
         self.mode: str
         if checkpoint is None:
+            self.late = has_late_phase(config) and config.t0 == 0
             self.evaluate_start()
-            self._convert(1 if config.t0 > 0 else config.K)
+            self._convert(config.K if self.late else 1)
         else:
+            at = (checkpoint.position.epoch, checkpoint.position.batch)  # (T0, 0): the switch is still to come
+            self.late = has_late_phase(config) and (config.t0 == 0 or at > (config.t0, 0))
             self._convert_as(checkpoint)
             self._restore(checkpoint)
 
     # -- members ----------------------------------------------------------------------------------------------------
-    def _convert(self, K: int, previous: LatePhaseEngine | None = None) -> None:
-        """Turn the model into K members at T0 = its current weights; carry U_θ's state over at a T0 switch."""
+    def _convert(self, K: int) -> None:
+        """Turn the model into K members at T0 = its current weights (Eq. 2 initialisation)."""
         config = self.config
         convert(self.model, K, config.late_phase, include=config.include or None, exclude=config.exclude or None,
                 sigma0=config.sigma0 if K > 1 else 0.0, seed=config.seed, options=config.kind_options())
         self._build_engine(K)
-        if previous is not None:
-            if previous.theta_optimizer is not None and self.engine.theta_optimizer is not None:
-                self.engine.theta_optimizer.load_state_dict(previous.theta_optimizer.state_dict())
-            for optimizer in self.engine.member_optimizers:
-                optimizer.load_state_dict(previous.member_optimizers[0].state_dict())
 
     def _convert_as(self, checkpoint: RunCheckpoint) -> None:
         """The late-phase layers a checkpoint was saved with, by their names (no tracing)."""
@@ -286,13 +323,22 @@ class Trainer:
         if self.config.compile:
             train_model = torch.compile(train_model)
         self.mode = choose_mode(self.config, self.model, K, self.job.input_size, runtime)
-        self.engine = build_engine(train_model, self.config, K, self.mode, runtime)
+        self.engine = build_engine(train_model, self.config, K, self.mode, runtime, self.late)
 
     def _switch_to_late_phase(self) -> None:
-        """T0 reached: the single member so far becomes K members (Eq. 2 initialisation)."""
+        """T0 reached: the single member so far becomes K members (or the control's accumulating one), U_φ takes the
+        late-phase settings; U_θ's state carries over, and the members start from the single member's optimizer
+        state when U_φ keeps its optimizer class."""
         previous = self.engine
+        self.late = True
         self.model = collapse(self.model, bn_stats="mean", inplace=True)
-        self._convert(self.config.K, previous)
+        self._convert(self.config.K)
+        if previous.theta_optimizer is not None and self.engine.theta_optimizer is not None:
+            self.engine.theta_optimizer.load_state_dict(previous.theta_optimizer.state_dict())
+        for optimizer in self.engine.member_optimizers:
+            if type(optimizer) is type(previous.member_optimizers[0]):
+                optimizer.load_state_dict(previous.member_optimizers[0].state_dict())
+        apply_settings(self.engine, self.config, self.late)
 
     # -- checkpoints ------------------------------------------------------------------------------------------------
     def checkpoint(self) -> RunCheckpoint:
@@ -309,6 +355,7 @@ class Trainer:
     def _restore(self, checkpoint: RunCheckpoint) -> None:
         self.model.load_state_dict(checkpoint.model)
         self.engine.load_state_dict(checkpoint.engine)
+        apply_settings(self.engine, self.config, self.late)  # the config's settings, also when they changed (--force)
         self.position, self.history = checkpoint.position, checkpoint.history
         if checkpoint.swa is not None:
             self._start_swa()
@@ -340,7 +387,7 @@ class Trainer:
         config = self.config
         while self.position.epoch < config.epochs:
             epoch = self.position.epoch
-            if epoch == config.t0 and self.engine.num_members != config.K and self.position.batch == 0:
+            if epoch == config.t0 and has_late_phase(config) and not self.late and self.position.batch == 0:
                 self._switch_to_late_phase()
             if config.swa_start is not None and epoch >= config.swa_start and self.swa is None:
                 self._start_swa()
@@ -376,7 +423,7 @@ class Trainer:
         """Algorithm 1 over one epoch: iterations of one minibatch per member (round robin, continued across epochs),
         learning rates set per iteration, no host sync except every ``--log-every`` iterations."""
         config, runtime, engine, position = self.config, self.runtime, self.engine, self.position
-        per_iteration = minibatches_per_iteration(config, engine.num_members)
+        per_iteration = minibatches_per_iteration(config, engine.num_members, self.late)
         self.job.train.batch_sampler.set_position(position.epoch, position.batch)
         self.model.train()
         loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)

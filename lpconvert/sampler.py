@@ -76,7 +76,7 @@ class SeededSamples(Dataset):
         epoch, index = key if isinstance(key, tuple) else (0, key)
         sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(sample_seed)
+            torch.random.default_generator.manual_seed(sample_seed)  # the CPU generator only: no CUDA seeding
             state = random.getstate()
             random.seed(sample_seed)
             try:

@@ -187,3 +187,32 @@ def test_gradient_accumulation_control(tmp_path):
         assert not torch.allclose(checkpoint["model"][key], plain["model"][key])
     with pytest.raises(lpconvert.LatePhaseError, match="--accumulate"):
         run(_digits_run(tmp_path, "bad", K=3, accumulate=3))
+
+
+def test_member_settings_start_at_t0_and_a_forced_resume_applies_changed_settings(tmp_path):
+    """Before T0 the late-phase weights train as plain weights (U_θ's settings); from T0 on U_φ takes --member-*;
+    --resume --force with other settings trains with them (saved optimizer states do not override the config)."""
+    settings = dict(K=3, epochs=3, t0=1, member_weight_decay=0.5, weight_decay=1e-4, member_lr=0.02)
+
+    def groups(path):
+        engine = _load(path / "checkpoints" / "last.pt")["engine"]
+        return engine["theta_optimizer"]["param_groups"][0], engine["member_optimizers"][0]["param_groups"][0]
+
+    with pytest.raises(RunInterrupted):
+        run(_digits_run(tmp_path, "run", **settings), stop_after=12)  # epoch 0 (30 batches): before T0
+    theta, member = groups(tmp_path / "run")
+    assert member["weight_decay"] == theta["weight_decay"] == 1e-4 and member["base_lr"] == theta["base_lr"] == 0.05
+    with pytest.raises(RunInterrupted):
+        run(_digits_run(tmp_path, "run", resume=str(tmp_path / "run"), **settings), stop_after=35)  # past T0
+    theta, member = groups(tmp_path / "run")
+    assert member["weight_decay"] == 0.5 and member["base_lr"] == 0.02 and theta["weight_decay"] == 1e-4
+    changed = dict(settings, member_weight_decay=0.05, lr=0.01)
+    run(_digits_run(tmp_path, "run", resume=str(tmp_path / "run"), force=True, **changed))
+    theta, member = groups(tmp_path / "run")
+    assert member["weight_decay"] == 0.05 and theta["base_lr"] == 0.01 and member["base_lr"] == 0.02
+
+
+def test_the_accumulation_control_starts_at_t0(tmp_path):
+    """--K 1 --accumulate 3 --t0 1: plain steps in epoch 1 (30 iterations), accumulation after (10 per epoch)."""
+    run(_digits_run(tmp_path, "control", K=1, accumulate=3, t0=1, epochs=2))
+    assert _load(tmp_path / "control" / "checkpoints" / "last.pt")["position"]["iteration"] == 30 + 10
