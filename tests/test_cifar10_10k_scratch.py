@@ -25,7 +25,8 @@ def script():
 def test_tiny_experiment_end_to_end(script, shared_dir, lpconvert_cache, tmp_path, monkeypatch):
     monkeypatch.setenv("LPCONVERT_CACHE", str(lpconvert_cache))
     threads = torch.get_num_threads()
-    argv = ["--tiny", "--data", str(shared_dir / "data/cifar10"), "--ood", str(shared_dir / "data/cifar100/test.tar.gz"),
+    argv = ["--tiny", "--data", str(shared_dir / "data/cifar10"),
+            "--ood", str(shared_dir / "data/cifar100/test.tar.gz"),
             "--runs", str(tmp_path / "runs"), "--out", str(tmp_path / "report")]
     try:
         report = script.main(argv)
@@ -55,8 +56,8 @@ def test_tiny_experiment_end_to_end(script, shared_dir, lpconvert_cache, tmp_pat
         assert [r["val_top1"] for r in history[:2]] == [r["val_top1"] for r in shared]
         at_t0.add((history[2]["val_top1"], history[2]["val_nll"]))
     assert len(at_t0) == 1  # every arm starts its late phase from the same weights
-    swa = torch.load(runs / script.slug("plain + SWA") / "checkpoints" / "last.pt", weights_only=False)["swa"]
-    assert swa["model"]["n_averaged"].item() == 1  # SWA from epoch index 3: the last epoch averaged
+    swa = script.read_checkpoint(runs / script.slug("plain + SWA") / "checkpoints" / "last.pt")["swa"]
+    assert swa["n_averaged"].item() == 1  # SWA from epoch index 3: the last epoch averaged
     control = json.loads((runs / script.slug("accumulation control") / "model" / "lpconvert.json").read_text())
     assert control["provenance"]["config"]["accumulate"] == 2 and control["provenance"]["config"]["K"] == 1
 
@@ -83,3 +84,16 @@ def test_tiny_experiment_end_to_end(script, shared_dir, lpconvert_cache, tmp_pat
         r for r in report["rows"] if r["arm"] == "accumulation control"]
     assert len(again["rows"]) == len(report["rows"]) and len(again["invocations"]) == 2
     assert (tmp_path / "report.md").read_text().endswith("hand-written analysis\n")
+
+
+def test_zoo_recipe_is_the_late_phase_arm_of_the_experiment(script):
+    """zoo/cifar10_10k_scratch_resnet20.yaml trains, in one invocation, exactly the late-phase BN arm (seed 0) of the
+    script's default experiment (the branching of that arm equals a run in one go: see the test above)."""
+    from lpconvert.config import FinetuneConfig, read_recipe
+
+    recipe = read_recipe(SCRIPT.parents[1] / "zoo" / "cifar10_10k_scratch_resnet20.yaml")
+    args = script.parse_args([])
+    arm = dict(script.common_settings(args), **script.arm_settings("late-phase BN", args), seed=0)
+    environment = {"data", "workers", "quiet"}  # where the data is and how it is loaded: not part of the result
+    expected = {k: v for k, v in FinetuneConfig(**arm).to_dict().items() if k not in environment}
+    assert {k: v for k, v in FinetuneConfig.from_dict(recipe).to_dict().items() if k not in environment} == expected
