@@ -190,6 +190,50 @@ def _find_classifier(model: nn.Module, traces: list[_Trace], modules: dict[str, 
     return None
 
 
+def _traces(model: nn.Module) -> tuple[list[_Trace], list[str]]:
+    """The model traced in train and eval mode, or no trace (and why) when torch.fx cannot follow it."""
+    traces = []
+    for training in (True, False):
+        try:
+            traces.append(_trace(model, training))
+        except Exception as exc:  # fx fails on data-dependent control flow and friends
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            return [], [
+                f"torch.fx could not trace {type(model).__name__} in {'train' if training else 'eval'} mode "
+                f"({reason}); converting by module type, so functional norm calls and the classifier position were "
+                "not checked"
+            ]
+    return traces, []
+
+
+def _targets(model: nn.Module, modules: dict[str, nn.Module], classifier: str | None, kinds: Sequence[str],
+             include: list[str], exclude: list[str], options: dict[str, dict[str, Any]]
+             ) -> tuple[list[LatePhaseTarget], dict[str, int]]:
+    """Every kind in registry order looks for its targets (a module an earlier kind took is not offered to a later
+    one): what the selected kinds take, in module order, and how many layers of each kind the model has."""
+    order = {name: i for i, name in enumerate(modules)}
+    everything = Discovery(model, modules, classifier, options=options)
+    chosen = Discovery(model, modules, classifier, include=include, exclude=exclude, options=options)
+    available: dict[str, int] = {}
+    found: list[LatePhaseTarget] = []
+    for kind, cls in KINDS.items():
+        groups = cls.targets(everything)
+        everything.claimed.update(name for group in groups for name in group)
+        if groups:
+            available[kind] = sum(len(group) for group in groups)
+        if kind in kinds:
+            groups = cls.targets(chosen)
+            chosen.claimed.update(name for group in groups for name in group)
+            found += [LatePhaseTarget(kind, tuple(group)) for group in groups]
+    offered = [name for kind in kinds
+               for group in KINDS[kind].targets(Discovery(model, modules, classifier, options=options)) for name in group]
+    for flag, patterns in (("--include", include), ("--exclude", exclude)):
+        for pattern in patterns:
+            if not any(matches(name, [pattern]) for name in offered):
+                raise LatePhaseError(f"{flag} pattern {pattern!r} matches no {'/'.join(kinds)} layer")
+    return sorted(found, key=lambda target: order[target.modules[0]]), available
+
+
 def plan(
     model: nn.Module,
     K: int = 10,
@@ -214,45 +258,11 @@ def plan(
     if any(isinstance(m, LatePhaseLayer) for m in modules.values()):
         raise LatePhaseError("this model is already late-phase (converted); collapse it before converting again")
 
-    traces, warn = [], []
-    for training in (True, False):
-        try:
-            traces.append(_trace(model, training))
-        except Exception as exc:  # fx fails on data-dependent control flow and friends
-            warn.append(
-                f"torch.fx could not trace {type(model).__name__} in {'train' if training else 'eval'} mode "
-                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); converting by module type, "
-                "so functional norm calls and the classifier position were not checked"
-            )
-            break
-    if len(traces) < 2:
-        traces = []
+    traces, warn = _traces(model)
     classifier = _find_classifier(model, traces, modules)
     if "classifier" in kinds and classifier is None:
         warn.append("no classifier (a linear or 1×1-convolution layer feeding the output) was found")
-
-    # every kind in registry order; `available` counts what the model has, `found` what the selected kinds take
-    order = {name: i for i, name in enumerate(modules)}
-    everything = Discovery(model, modules, classifier, options=options)
-    chosen = Discovery(model, modules, classifier, include=include, exclude=exclude, options=options)
-    available: dict[str, int] = {}
-    found: list[LatePhaseTarget] = []
-    for kind, cls in KINDS.items():
-        groups = cls.targets(everything)
-        everything.claimed.update(name for group in groups for name in group)
-        if groups:
-            available[kind] = sum(len(group) for group in groups)
-        if kind in kinds:
-            groups = cls.targets(chosen)
-            chosen.claimed.update(name for group in groups for name in group)
-            found += [LatePhaseTarget(kind, tuple(group)) for group in groups]
-    found.sort(key=lambda target: order[target.modules[0]])
-    offered = [name for kind in kinds
-               for group in KINDS[kind].targets(Discovery(model, modules, classifier, options=options)) for name in group]
-    for flag, patterns in (("--include", include), ("--exclude", exclude)):
-        for pattern in patterns:
-            if not any(matches(name, [pattern]) for name in offered):
-                raise LatePhaseError(f"{flag} pattern {pattern!r} matches no {'/'.join(kinds)} layer")
+    found, available = _targets(model, modules, classifier, kinds, include, exclude, options)
 
     calls: Counter = Counter()
     functional: list[str] = []
