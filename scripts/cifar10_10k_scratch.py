@@ -65,21 +65,15 @@ from lpconvert.config import FinetuneConfig
 from lpconvert.evaluate import evaluate
 from lpconvert.finetune import RunInterrupted, run
 
-try:  # lpconvert after 083a594: the run directory and its RunCheckpoint in one module
-    from lpconvert.run_dir import RunCheckpoint, load_late_phase
+from lpconvert.run_dir import RunCheckpoint, load_late_phase
 
-    def read_checkpoint(path: Path) -> dict:
-        """config, model, engine, position (dict), swa (the AveragedModel state or None) of a run checkpoint."""
-        state = RunCheckpoint.load(Path(path))
-        return {"config": state.config, "model": state.model, "engine": state.engine,
-                "position": dataclasses.asdict(state.position), "swa": state.swa}
-except ImportError:  # 751eb99, the commit the experiment of the report ran on
-    from lpconvert.checkpoint import load_late_phase, load_run_checkpoint
 
-    def read_checkpoint(path: Path) -> dict:
-        state = load_run_checkpoint(Path(path))
-        return {"config": state["config"], "model": state["model"], "engine": state["engine"],
-                "position": state["position"], "swa": state["swa"]["model"] if state["swa"] else None}
+def read_checkpoint(path: Path) -> dict:
+    """config, model, engine, position (dict), swa (the AveragedModel state or None) of a run checkpoint."""
+    state = RunCheckpoint.load(Path(path))
+    return {"config": state.config, "model": state.model, "engine": state.engine,
+            "position": dataclasses.asdict(state.position), "swa": state.swa}
+
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ARMS = ("plain", "late-phase BN", "plain + SWA", "late-phase BN + SWA", "accumulation control")
