@@ -53,14 +53,15 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import lpconvert  # noqa: E402
+from lpconvert.finetune import VECTORIZE_MAX_PIXELS  # noqa: E402
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))
 import bench_finetune as bench  # noqa: E402  (scripts/ is not a package: its timing helpers are reused as they are)
 
-# `lpconvert finetune --mode auto` stacks the K minibatches when K·B·H·W stays at or below this (the value of
-# lpconvert.finetune.VECTORIZE_MAX_PIXELS when this script was written): "vectorized where it applies".
-AUTO_VECTORIZE_MAX_PIXELS = 2**22
+# `lpconvert finetune --mode auto` stacks the K minibatches when K·B·H·W stays at or below this: "vectorized where
+# it applies"
+AUTO_VECTORIZE_MAX_PIXELS = VECTORIZE_MAX_PIXELS
 
 TARGETS = {
     "late_phase_over_plain_min": 1.00,  # paper, Table 17: 0.997

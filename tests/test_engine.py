@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+import algorithm1
 import lpconvert
 from lpconvert import LatePhaseEngine
 
@@ -59,29 +60,10 @@ def data(iterations=ITERATIONS, seed=0):
 
 
 def reference_algorithm1(members, batches, theta_factory, phi_factory, gamma):
-    """Algorithm 1 written plainly: K model copies (one per member, starting from its own weights); θ is kept apart
-    and copied into copy k before its minibatch. The same copy listed K times is one member trained K times."""
-    theta = {n: p.detach().clone().requires_grad_(True) for n, p in members[0].named_parameters() if n not in LATE}
-    theta_opt = theta_factory(list(theta.values()))
-    optimizers = {id(m): phi_factory([p for n, p in m.named_parameters() if n in LATE]) for m in members}
-    phi_opts = [optimizers[id(m)] for m in members]
-    for xs, ys in batches:
-        accumulated = {n: torch.zeros_like(p) for n, p in theta.items()}
-        for k, m in enumerate(members):
-            with torch.no_grad():
-                for n, p in m.named_parameters():
-                    if n in theta:
-                        p.copy_(theta[n])
-            m.zero_grad()
-            F.cross_entropy(m(xs[k]), ys[k]).backward()
-            for n, p in m.named_parameters():
-                if n in theta:
-                    accumulated[n] += p.grad  # Δθ_k, θ not changed yet
-            phi_opts[k].step()  # φ_k updated immediately
-        for n, p in theta.items():
-            p.grad = gamma * accumulated[n]
-        theta_opt.step()
-    return theta, members
+    """The plain reference with this file's late-phase weights (BN and classifier)."""
+    return algorithm1.reference_algorithm1(
+        members, batches, theta_factory, lambda m: phi_factory([p for n, p in m.named_parameters() if n in LATE]),
+        gamma, lambda name: name in LATE)
 
 
 def converted(model, sigma0=0.05):

@@ -8,9 +8,9 @@ from functools import partial
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 
 import lpconvert
+from algorithm1 import reference_algorithm1
 from lpconvert import LatePhaseEngine
 from lpconvert.layers import HypernetLayer
 
@@ -107,27 +107,12 @@ def test_engine_one_theta_per_group_equals_a_plain_k_copy_algorithm_1(mode):
     def is_late(name):
         return name.endswith(("hyper_embedding", "bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias"))
 
-    theta = {n: p.detach().clone().requires_grad_(True) for n, p in copies[0].named_parameters() if not is_late(n)}
-    theta_opt = theta_factory(list(theta.values()))
-    phi_opts = [torch.optim.SGD([{"params": [p for n, p in m.named_parameters() if is_late(n) and "hyper" not in n]},
-                                 {"params": [p for n, p in m.named_parameters() if "hyper_embedding" in n],
-                                  "weight_decay": 0.0}], lr=0.1, momentum=0.9, weight_decay=0.5) for m in copies]
-    for xs, ys in batches:
-        total = {n: torch.zeros_like(p) for n, p in theta.items()}
-        for k, m in enumerate(copies):
-            with torch.no_grad():
-                for n, p in m.named_parameters():
-                    if n in theta:
-                        p.copy_(theta[n])
-            m.zero_grad()
-            F.cross_entropy(m(xs[k]), ys[k]).backward()
-            for n, p in m.named_parameters():
-                if n in theta:
-                    total[n] += p.grad
-            phi_opts[k].step()
-        for n, p in theta.items():
-            p.grad = total[n]
-        theta_opt.step()
+    def phi_optimizer(m):  # the engine's U_φ: SGD with weight decay, none on the embeddings
+        return torch.optim.SGD([{"params": [p for n, p in m.named_parameters() if is_late(n) and "hyper" not in n]},
+                                {"params": [p for n, p in m.named_parameters() if "hyper_embedding" in n],
+                                 "weight_decay": 0.0}], lr=0.1, momentum=0.9, weight_decay=0.5)
+
+    theta, copies = reference_algorithm1(copies, batches, theta_factory, phi_optimizer, 1.0, is_late)
 
     state = lp.state_dict()
     for n, p in theta.items():

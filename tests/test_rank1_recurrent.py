@@ -6,10 +6,10 @@ from functools import partial
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import lpconvert
+from algorithm1 import reference_algorithm1
 from lpconvert import LatePhaseEngine
 
 K = 3
@@ -112,25 +112,9 @@ def test_engine_equals_a_plain_k_copy_algorithm_1(mode):
     for xs, ys in batches:
         engine.step(xs, ys)
 
-    theta = {n: p.detach().clone().requires_grad_(True) for n, p in copies[0].named_parameters() if "rank1_" not in n}
-    theta_opt = theta_factory(list(theta.values()))
-    phi_opts = [phi_factory([p for n, p in m.named_parameters() if "rank1_" in n]) for m in copies]
-    for xs, ys in batches:
-        total = {n: torch.zeros_like(p) for n, p in theta.items()}
-        for k, m in enumerate(copies):
-            with torch.no_grad():
-                for n, p in m.named_parameters():
-                    if n in theta:
-                        p.copy_(theta[n])
-            m.zero_grad()
-            F.cross_entropy(m(xs[k]), ys[k]).backward()
-            for n, p in m.named_parameters():
-                if n in theta:
-                    total[n] += p.grad
-            phi_opts[k].step()
-        for n, p in theta.items():
-            p.grad = total[n] / K
-        theta_opt.step()
+    theta, copies = reference_algorithm1(
+        copies, batches, theta_factory, lambda m: phi_factory([p for n, p in m.named_parameters() if "rank1_" in n]),
+        1.0 / K, lambda name: "rank1_" in name)
 
     state = lp.state_dict()
     for n, p in theta.items():
