@@ -18,7 +18,7 @@ from typing import Any
 
 import click
 
-from .config import CHOICES, FinetuneConfig, read_recipe
+from .config import CHOICES, FinetuneConfig, field_types, read_recipe
 from .errors import LatePhaseError, os_error_message, user_message
 from .layers import kinds_help
 from .surgery import DEFAULT_TARGETS
@@ -215,9 +215,7 @@ _PATHS = {"weights": click.Path(dir_okay=False), "resume": click.Path(file_okay=
 
 
 def _finetune_options(function):
-    from .config import _field_types
-
-    types = _field_types()
+    types = field_types()
     for name, help_text in reversed(_FINETUNE_HELP.items()):
         default = getattr(_DEFAULTS, name)
         shown = help_text if "[default:" in help_text else f"{help_text}  [default: {_show(default)}]"

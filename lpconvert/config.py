@@ -103,7 +103,7 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         """Coerce every field to its declared type (refusing what cannot be), then :meth:`validate`."""
-        for name, hint in _field_types().items():
+        for name, hint in field_types().items():
             setattr(self, name, _coerce(name, getattr(self, name), hint))
         self.validate()
 
@@ -172,7 +172,7 @@ class FinetuneConfig:
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> FinetuneConfig:
         """A config from a mapping (recipe, saved run); unknown keys are refused, values coerced or refused."""
-        unknown = sorted(set(values) - set(_field_types()))
+        unknown = sorted(set(values) - set(field_types()))
         if unknown:
             raise LatePhaseError(f"unknown setting(s) {', '.join(unknown)}; see `lpconvert finetune --help`")
         return cls(**values)
@@ -221,7 +221,7 @@ def _is_device(value: str) -> bool:
         return False
 
 
-def _field_types() -> dict[str, Any]:
+def field_types() -> dict[str, Any]:
     return typing.get_type_hints(FinetuneConfig)
 
 

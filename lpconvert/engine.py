@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import LatePhaseError
+from .layers import LatePhaseLayer
 from .surgery import late_phase_layers, num_members, select_members, unwrap
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
@@ -30,8 +31,6 @@ EXECUTION_MODES = ("sequential", "vectorized")
 
 def shared_batch_norms(model: nn.Module) -> list[str]:
     """BatchNorm layers that are NOT late-phase: in training they mix the statistics of stacked members."""
-    from .layers import LatePhaseLayer
-
     late = {id(m) for layer in late_phase_layers(model).values() for m in layer.modules()}
     return [
         name

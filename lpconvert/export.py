@@ -21,6 +21,7 @@ from .late_phase_config import late_phase_config
 from .loading import ModelSource
 from .metrics import METRIC_NAMES
 from .run_dir import History, check_apart, check_replaceable, checkpoint_file, load_late_phase
+from .surgery import resolve_kinds
 
 
 def eval_bn_stats(config: FinetuneConfig, swa: bool) -> str:
@@ -83,8 +84,6 @@ def describe_training_data(config: FinetuneConfig, fingerprint: dict[str, Any] |
 
 
 def _hparams(config: FinetuneConfig) -> dict[str, Any]:
-    from .surgery import resolve_kinds
-
     return {
         "K": config.K, "T0 (epochs)": config.t0, "sigma0": config.sigma0,
         "gamma_theta": config.gamma_theta if config.gamma_theta is not None else f"1/K = {1 / config.K:.4g}",

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from lpconvert.files import PROVENANCE_NAME, WEIGHTS_NAME
+from lpconvert.models import is_lpconvert_architecture
 
 if TYPE_CHECKING:
     from lpconvert.loading import ModelSource
@@ -161,8 +162,6 @@ def _what_it_is(source: ModelSource, averaging: Mapping[str, Any] | None) -> lis
 
 def _loading_snippet(source: ModelSource, repo_id: str) -> list[str]:
     if source.library == "timm":
-        from lpconvert.models import is_lpconvert_architecture
-
         load = f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True)  # or "local-dir:PATH/TO/THIS/FOLDER"'
         if is_lpconvert_architecture(source.architecture):
             return [

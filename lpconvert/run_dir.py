@@ -47,6 +47,8 @@ from .errors import LatePhaseError
 from .files import OUTPUT_FILES, PROVENANCE_NAME, atomic_save_torch, atomic_write_bytes, atomic_write_json, fsync_dir
 from .files import torch_load_weights_only
 from .late_phase_config import LatePhaseConfig
+from .loading import load_model
+from .surgery import convert_from_config
 
 MARKER = ".lpconvert-run"
 DEMO_MARKER = ".lpconvert-demo"
@@ -404,9 +406,6 @@ def load_late_phase(path: str | Path, which: str = "best") -> tuple[nn.Module, R
     The architecture is rebuilt from the run's model spec without downloading weights, the late-phase layers are
     re-injected by their recorded names (no tracing), then the state is loaded strictly: ready for collapsing,
     ensemble inference or inspection."""
-    from .loading import load_model
-    from .surgery import convert_from_config
-
     checkpoint = RunCheckpoint.load(checkpoint_file(Path(path), which))
     config = checkpoint.config
     model, _ = load_model(config["model"], num_classes=config.get("num_classes"), pretrained=False)

@@ -293,3 +293,17 @@ class StackedLayer(LatePhaseLayer):
 
     def unload(self, k: int) -> nn.Module:
         return self.to_original(self.member_tensors(k))
+
+
+@torch.no_grad()
+def perturb_factors(factors: Sequence[nn.Parameter], sigma0: float, generator: torch.Generator | None) -> None:
+    """Eq. 2 with φ0 = 1 (so ‖φ0‖/√D = 1): u_k, v_k = 1 + σ0 ε_k."""
+    for stacked in factors:
+        noise = torch.randn(stacked.shape, generator=generator, dtype=torch.float32)
+        stacked.add_((sigma0 * noise).to(stacked))
+
+
+def mean_outer(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """mean_k u_k v_kᵀ of (K, out) and (K, in) factors, summed in float64: products of float32 factors and their sums
+    over up to 32 members are exact there, so identical members give back u vᵀ bit for bit."""
+    return (torch.einsum("ko,ki->oi", u.double(), v.double()) / u.shape[0]).to(u.dtype)

@@ -14,7 +14,8 @@ from torch import nn
 from torch.func import functional_call
 
 from ..errors import LatePhaseError
-from .base import LatePhaseLayer, MemberSelection, _hollow_copy
+from .base import LatePhaseLayer, MemberSelection, _hollow_copy, mean_outer, perturb_factors
+from .rank1_recurrent import Rank1RecurrentLayer
 from .registry import Discovery, register_kind
 
 
@@ -33,8 +34,6 @@ class Rank1Layer(LatePhaseLayer):
     @classmethod
     def member_parameters(cls, modules: Sequence[nn.Module], options: dict[str, Any]) -> int:
         """u and v: out + in entries per matrix (a grouped convolution's v spans all input channels)."""
-        from .rank1_recurrent import Rank1RecurrentLayer
-
         return sum(Rank1RecurrentLayer.factor_entries(m, **options) if isinstance(m, nn.RNNBase)
                    else m.weight.shape[0] + m.weight.shape[1] * getattr(m, "groups", 1) for m in modules)
 
@@ -43,8 +42,6 @@ class Rank1Layer(LatePhaseLayer):
               generator: torch.Generator | None, options: dict[str, Any]) -> list[LatePhaseLayer]:
         """A recurrent layer gets :class:`~.rank1_recurrent.Rank1RecurrentLayer` (option ``input_weights``: the
         input-to-hidden matrices too), a Linear or Conv layer this class."""
-        from .rank1_recurrent import Rank1RecurrentLayer
-
         return [Rank1RecurrentLayer(m, num_members, selection, sigma0, generator, **options)
                 if isinstance(m, nn.RNNBase) else cls(m, num_members, selection, sigma0, generator) for m in modules]
 
@@ -118,17 +115,3 @@ class Rank1Layer(LatePhaseLayer):
 
     def unload(self, k: int) -> nn.Module:
         return self._original(torch.outer(self.rank1_u[k], self.rank1_v[k]))
-
-
-@torch.no_grad()
-def perturb_factors(factors: Sequence[nn.Parameter], sigma0: float, generator: torch.Generator | None) -> None:
-    """Eq. 2 with φ0 = 1 (so ‖φ0‖/√D = 1): u_k, v_k = 1 + σ0 ε_k."""
-    for stacked in factors:
-        noise = torch.randn(stacked.shape, generator=generator, dtype=torch.float32)
-        stacked.add_((sigma0 * noise).to(stacked))
-
-
-def mean_outer(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """mean_k u_k v_kᵀ of (K, out) and (K, in) factors, summed in float64: products of float32 factors and their sums
-    over up to 32 members are exact there, so identical members give back u vᵀ bit for bit."""
-    return (torch.einsum("ko,ki->oi", u.double(), v.double()) / u.shape[0]).to(u.dtype)

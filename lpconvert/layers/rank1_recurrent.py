@@ -15,8 +15,7 @@ from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
 from ..errors import LatePhaseError
-from .base import LatePhaseLayer, MemberSelection, _hollow_copy
-from .rank1 import mean_outer, perturb_factors
+from .base import LatePhaseLayer, MemberSelection, _hollow_copy, mean_outer, perturb_factors
 
 
 class Rank1RecurrentLayer(LatePhaseLayer):
