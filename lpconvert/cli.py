@@ -20,7 +20,7 @@ import click
 
 from .config import CHOICES, FinetuneConfig, field_types, read_recipe
 from .errors import LatePhaseError, os_error_message, user_message
-from .layers import kinds_help
+from .layers import kinds_help, options_help
 from .surgery import DEFAULT_TARGETS
 
 EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
@@ -164,9 +164,8 @@ _FINETUNE_HELP: dict[str, str] = {
     "workers": "Data-loading worker processes.",
     "K": "Late-phase members (1 = plain fine-tuning through the same pipeline).",
     "late_phase": f"Late-phase weights, comma-separated: {kinds_help()}.",
-    "late_phase_options": "Options of the kinds, comma-separated KIND.OPTION=VALUE: hypernet.rank=D (a rank-D "
-                          "hypernetwork, SVD), hypernet.allow_error=true, rank1.input_weights=true (LSTM input "
-                          "matrices too).",
+    "late_phase_options": f"Options of the kinds, comma-separated KIND.OPTION=VALUE (hypernet.rank=4): "
+                          f"{options_help()}.",
     "include": "Comma-separated globs on qualified layer names to convert ('layer4.*').",
     "exclude": "Comma-separated globs on qualified layer names to keep shared.",
     "sigma0": "Member initialisation noise σ0 (Eq. 2).",

@@ -8,7 +8,7 @@ import importlib
 import pkgutil
 
 from .base import LatePhaseLayer, MemberSelection, StackedLayer, member_mean
-from .registry import KINDS, Discovery, aliases, kind_names, kinds_help, register_kind, resolve_kinds
+from .registry import KINDS, Discovery, aliases, kind_names, kinds_help, options_help, register_kind, resolve_kinds
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -38,6 +38,7 @@ __all__ = [
     "kind_names",
     "kinds_help",
     "member_mean",
+    "options_help",
     "register_kind",
     "resolve_kinds",
 ]

@@ -120,6 +120,7 @@ class LatePhaseLayer(nn.Module):
     description: ClassVar[str] = ""
     module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
     member_weight_decay: ClassVar[bool] = True  # False: U_φ applies no weight decay to this kind's members
+    options_help: ClassVar[str] = ""  # the kind's options (``convert(options={kind: ...})``), for ``--help``
     num_members: int
     selection: MemberSelection
 

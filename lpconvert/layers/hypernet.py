@@ -37,6 +37,7 @@ class HypernetLayer(LatePhaseLayer):
     description = "hypernetwork embeddings: W = θ φ per layer, θ shared by layers of one shape"
     module_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     member_weight_decay = False
+    options_help = "rank=D (a rank-D embedding by truncated SVD), tolerance=T (its largest error), allow_error=true"
 
     def __init__(
         self,

@@ -26,6 +26,7 @@ class Rank1Layer(LatePhaseLayer):
     kind = "rank1"
     description = "multiplicative u vᵀ on Linear / Conv weights and LSTM / GRU recurrent matrices"
     module_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNNBase)
+    options_help = "input_weights=true (a recurrent layer's input matrices too)"
 
     @classmethod
     def accepts(cls, name: str, module: nn.Module, discovery: Discovery) -> bool:

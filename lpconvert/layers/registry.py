@@ -70,6 +70,11 @@ def kinds_help() -> str:
     )
 
 
+def options_help() -> str:
+    """The kinds' options for ``--help``: ``kind.option=…`` per kind that has any."""
+    return "; ".join(f"{kind}: {cls.options_help}" for kind, cls in KINDS.items() if cls.options_help)
+
+
 def matches(name: str, patterns: Sequence[str]) -> bool:
     """Whether a qualified module name matches one of the glob patterns (or equals one)."""
     return any(fnmatch.fnmatchcase(name, p) or name == p for p in patterns)
