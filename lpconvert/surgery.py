@@ -112,6 +112,7 @@ class Plan:
     targets: list[LatePhaseTarget]  # in module order
     params_per_member: int
     model_params: int
+    params_after: int  # the converted model's parameters (each shared tensor once)
     available: dict[str, int]  # kind -> layers of that kind in the model (before include/exclude)
     traced: bool
     options: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -141,7 +142,7 @@ class Plan:
         lines.append(
             f"  late-phase parameters per member: {self.params_per_member:,} "
             f"({100 * self.fraction:.3f}% of {self.model_params:,}); "
-            f"after conversion {self.model_params + (self.num_members - 1) * self.params_per_member:,} parameters"
+            f"after conversion {self.params_after:,} parameters"
         )
         if not self.traced:
             lines.append("  torch.fx could not trace the model: layers were found by type only")
@@ -273,6 +274,7 @@ def plan(
     layers = [name for target in found for name in target.modules]
     notes = [note for t in found
              for note in KINDS[t.kind].check([modules[n] for n in t.modules], options.get(t.kind, {}))]
+    model_params = sum(p.numel() for p in model.parameters())
     return Plan(
         num_members=K,
         kinds=kinds,
@@ -280,7 +282,9 @@ def plan(
         params_per_member=sum(KINDS[t.kind].member_parameters([modules[n] for n in t.modules], options.get(t.kind, {}))
                               for t in found),
         options=options,
-        model_params=sum(p.numel() for p in model.parameters()),
+        model_params=model_params,
+        params_after=model_params + sum(
+            KINDS[t.kind].added_parameters([modules[n] for n in t.modules], K, options.get(t.kind, {})) for t in found),
         available=available,
         traced=bool(traces),
         functional_calls=functional,

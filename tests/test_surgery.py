@@ -61,6 +61,35 @@ def test_plan_counts_and_classifier_found_by_fx():
     assert "batchnorm" in text and "2 layers" in text and f"{report.params_per_member:,}" in text
 
 
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(7, 4)
+        self.lstm = nn.LSTM(4, 5, num_layers=2, bidirectional=True, batch_first=True)
+        self.norm = nn.LayerNorm(10)
+        self.head = nn.Linear(10, 7)
+
+    def forward(self, x):
+        return self.head(self.norm(self.lstm(self.embed(x))[0]))
+
+
+@pytest.mark.parametrize("model, targets, options", [
+    ("cifar_resnet20", ("batchnorm", "classifier"), None),
+    ("cifar_resnet20", "rank1", None),
+    ("cifar_resnet20", "hypernet", None),
+    ("cifar_resnet20", "hypernet", {"hypernet": {"rank": 2, "allow_error": True}}),
+    ("recurrent", ("rank1", "norm"), {"rank1": {"input_weights": True}}),
+])
+def test_plan_counts_the_converted_models_parameters(model, targets, options):
+    """`after conversion` is the converted model's parameter count, whether the members replace the original tensors
+    (BatchNorm, classifier, norm), multiply a weight that stays (rank-1) or replace a group by θ (hypernetwork)."""
+    model = Recurrent() if model == "recurrent" else timm.create_model(model)
+    report = lpconvert.plan(model, K=3, targets=targets, options=options)
+    converted = lpconvert.convert(model, K=3, targets=targets, options=options)
+    assert report.params_after == sum(p.numel() for p in converted.parameters())
+    assert f"after conversion {report.params_after:,} parameters" in str(report)
+
+
 def test_plan_reports_functional_calls_reuse_and_untraceable_models():
     assert any("layer_norm" in f for f in lpconvert.plan(FunctionalNorm()).functional_calls)
     assert lpconvert.plan(ReusedNorm()).reused == ["stem.1"]

@@ -152,6 +152,12 @@ class LatePhaseLayer(nn.Module):
         return sum(p.numel() for m in modules for p in m.parameters(recurse=False))
 
     @classmethod
+    def added_parameters(cls, modules: Sequence[nn.Module], num_members: int, options: dict[str, Any]) -> int:
+        """Parameters the conversion adds to the model for a target (default: the K members replace the modules' own
+        parameters, so K − 1 members' worth)."""
+        return (num_members - 1) * cls.member_parameters(modules, options)
+
+    @classmethod
     def build(cls, modules: Sequence[nn.Module], num_members: int, selection: MemberSelection, sigma0: float,
               generator: torch.Generator | None, options: dict[str, Any]) -> list[LatePhaseLayer]:
         """The late-phase layers replacing a target's modules, in order (Eq. 2 initialisation with `sigma0`);

@@ -90,6 +90,12 @@ class HypernetLayer(LatePhaseLayer):
         return len(modules) * _rank(modules, options)
 
     @classmethod
+    def added_parameters(cls, modules: Sequence[nn.Module], num_members: int, options: dict[str, Any]) -> int:
+        """The L weights (n entries each) become θ (n × d) and K × L embeddings of d entries."""
+        n, rank = modules[0].weight.numel(), _rank(modules, options)
+        return n * rank - n * len(modules) + num_members * cls.member_parameters(modules, options)
+
+    @classmethod
     def build(cls, modules: Sequence[nn.Module], num_members: int, selection: MemberSelection, sigma0: float,
               generator: torch.Generator | None, options: dict[str, Any]) -> list[LatePhaseLayer]:
         cls.check(modules, options)

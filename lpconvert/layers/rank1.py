@@ -39,6 +39,11 @@ class Rank1Layer(LatePhaseLayer):
                    else m.weight.shape[0] + m.weight.shape[1] * getattr(m, "groups", 1) for m in modules)
 
     @classmethod
+    def added_parameters(cls, modules: Sequence[nn.Module], num_members: int, options: dict[str, Any]) -> int:
+        """W stays (shared); all K members' factors are new."""
+        return num_members * cls.member_parameters(modules, options)
+
+    @classmethod
     def build(cls, modules: Sequence[nn.Module], num_members: int, selection: MemberSelection, sigma0: float,
               generator: torch.Generator | None, options: dict[str, Any]) -> list[LatePhaseLayer]:
         """A recurrent layer gets :class:`~.rank1_recurrent.Rank1RecurrentLayer` (option ``input_weights``: the
