@@ -3,7 +3,6 @@ training subset, 100 test and 100 CIFAR-100 images), K = 2, 4 epochs, T0 = 2."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -11,15 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from script_module import load_script
+
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "cifar10_10k_scratch.py"
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("cifar10_10k_scratch", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("cifar10_10k_scratch")
 
 
 def test_tiny_experiment_end_to_end(script, shared_dir, lpconvert_cache, tmp_path, monkeypatch):

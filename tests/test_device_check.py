@@ -4,7 +4,6 @@ Nothing here is about speed (machines are shared and noisy): only that the figur
 other, and that the exactness, recompilation and budget machinery work.
 """
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -14,6 +13,8 @@ from pathlib import Path
 import pytest
 import timm
 import torch
+
+from script_module import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "device_check.py"
 
@@ -34,11 +35,7 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def device_check():
-    """The script as a module (scripts/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("device_check", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("device_check")
 
 
 def _positive(x) -> bool:

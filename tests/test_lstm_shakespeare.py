@@ -3,10 +3,8 @@ tiny-shakespeare text (a 16-unit LSTM, 10 epochs of 3 minibatches, T0 = epoch 6,
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,15 +12,12 @@ from torch import nn
 
 import lpconvert
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "lstm_shakespeare.py"
+from script_module import load_script
 
 
 @pytest.fixture(scope="module")
 def script():
-    spec = importlib.util.spec_from_file_location("lstm_shakespeare", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("lstm_shakespeare")
 
 
 def _main(script, argv):

@@ -1,7 +1,5 @@
 """scripts/member_spread.py on real digits runs: spread grows with the members' learning rate; θ's move is exact."""
 
-import importlib.util
-from pathlib import Path
 
 import pytest
 import safetensors.torch
@@ -12,11 +10,9 @@ import lpconvert
 from lpconvert.config import FinetuneConfig
 from lpconvert.finetune import DIGITS, run
 from lpconvert.surgery import late_phase_layers
+from script_module import load_script
 
-_SPEC = importlib.util.spec_from_file_location(
-    "member_spread", Path(__file__).resolve().parents[1] / "scripts" / "member_spread.py")
-member_spread = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(member_spread)
+member_spread = load_script("member_spread")
 
 
 @pytest.fixture(scope="module")

@@ -1,14 +1,11 @@
-import importlib.util
-import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 import pytest
 
-_SPEC = importlib.util.spec_from_file_location("nqp", Path(__file__).resolve().parents[1] / "scripts" / "nqp.py")
-nqp = sys.modules.setdefault("nqp", importlib.util.module_from_spec(_SPEC))  # dataclasses look their module up
-_SPEC.loader.exec_module(nqp)
+from script_module import load_script
+
+nqp = load_script("nqp")
 
 KS = (1, 4, 16)
 
