@@ -361,10 +361,14 @@ def zoo() -> None:
     """List the recipes of zoo/ with the paper's numbers; run one with `lpconvert finetune --recipe FILE`."""
     from .config import list_recipes
 
+    def numbers(values: Any, empty: str) -> str:
+        if isinstance(values, dict):
+            return " → ".join(f"{k} {v}" for k, v in values.items()) or empty
+        return str(values) if values else empty
+
     for recipe in list_recipes():
-        paper = recipe["paper"] or {}
-        numbers = " → ".join(f"{k} {v}" for k, v in paper.items()) or "no paper numbers"
-        click.echo(f"{recipe['name']}\n  {recipe['file']}\n  paper: {numbers}; measured: {recipe['measured'] or '—'}")
+        click.echo(f"{recipe['name']}\n  {recipe['file']}\n  paper: {numbers(recipe['paper'], 'no paper numbers')}; "
+                   f"measured: {numbers(recipe['measured'], '—')}")
         click.echo(f"  {recipe['description']}")
 
 

@@ -49,3 +49,17 @@ def test_the_zoo_recipes_parse_and_carry_the_paper_numbers():
     assert recipes["imagenet_resnet152"]["paper"] == {"base": 78.31, "fine-tuned": 78.37, "late-phase": 78.77}
     for recipe in recipes.values():
         build_config(None, recipe["file"], {})  # every recipe is a valid configuration
+
+
+def test_lpconvert_zoo_lists_paper_and_measured_numbers_alike():
+    from click.testing import CliRunner
+
+    from lpconvert.cli import main
+
+    result = CliRunner().invoke(main, ["zoo"])
+    assert result.exit_code == 0, result.output
+    lines = result.output.splitlines()
+    scratch = lines[lines.index("cifar10_10k_scratch_resnet20") + 2]
+    assert scratch.strip() == "paper: base 88.98 → late-phase BN 89.58; measured: base 80.25 → late-phase BN 80.09"
+    resnet152 = lines[lines.index("imagenet_resnet152") + 2]
+    assert resnet152.strip() == "paper: base 78.31 → fine-tuned 78.37 → late-phase 78.77; measured: —"
