@@ -73,14 +73,7 @@ class HypernetLayer(LatePhaseLayer):
         rank = _rank(modules, options)
         if rank == len(modules):
             return []
-        error = _factorise(modules, rank)[2]
-        limit = float(options.get("tolerance", TOLERANCE))
-        if error > limit and not options.get("allow_error", False):
-            raise LatePhaseError(
-                f"a rank-{rank} hypernetwork reproduces the {len(modules)} layers of shape "
-                f"{tuple(modules[0].weight.shape)} only to a relative error of {error:.3g} (> {limit:g}); raise "
-                "'rank', or pass allow_error=True to accept a model that differs from the original"
-            )
+        error = _checked_factorise(modules, options)[2]
         return [f"hypernet group of {len(modules)} layers {tuple(modules[0].weight.shape)}: rank {rank}, "
                 f"relative reconstruction error {error:.3g}"]
 
@@ -98,8 +91,7 @@ class HypernetLayer(LatePhaseLayer):
     @classmethod
     def build(cls, modules: Sequence[nn.Module], num_members: int, selection: MemberSelection, sigma0: float,
               generator: torch.Generator | None, options: dict[str, Any]) -> list[LatePhaseLayer]:
-        cls.check(modules, options)
-        theta, embeddings, _ = _factorise(modules, _rank(modules, options))
+        theta, embeddings, _ = _checked_factorise(modules, options)
         shared = nn.Parameter(theta, requires_grad=modules[0].weight.requires_grad)
         return [cls(module, num_members, selection, shared, embeddings[l], sigma0, generator)
                 for l, module in enumerate(modules)]
@@ -154,6 +146,20 @@ def _rank(modules: Sequence[nn.Module], options: dict[str, Any]) -> int:
         raise LatePhaseError(f"hypernet option rank must be an integer in [1, {len(modules)}] (the group's layers), "
                              f"got {rank!r}")
     return rank
+
+
+def _checked_factorise(modules: Sequence[nn.Module], options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """:func:`_factorise` at the option's rank, refused above the tolerance unless ``allow_error``."""
+    rank = _rank(modules, options)
+    theta, embeddings, error = _factorise(modules, rank)
+    limit = float(options.get("tolerance", TOLERANCE))
+    if error > limit and not options.get("allow_error", False):
+        raise LatePhaseError(
+            f"a rank-{rank} hypernetwork reproduces the {len(modules)} layers of shape "
+            f"{tuple(modules[0].weight.shape)} only to a relative error of {error:.3g} (> {limit:g}); raise "
+            "'rank', or pass allow_error=True to accept a model that differs from the original"
+        )
+    return theta, embeddings, error
 
 
 def _factorise(modules: Sequence[nn.Module], rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
