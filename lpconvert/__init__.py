@@ -8,14 +8,17 @@
 """
 
 from . import models  # noqa: F401  (registers lpconvert's architectures (cifar_resnet20, digits_cnn, …) with timm)
-from .checkpoint import save_pretrained
 from .collapse import collapse, ensemble_predict, recalibrate_batch_norm, unload
 from .engine import LatePhaseEngine, iterate_members
 from .errors import LatePhaseError
+from .late_phase import enter_late_phase
 from .late_phase_config import LatePhaseConfig, late_phase_config
+from .late_phase_model import load_late_phase
+from .layers import KINDS
 from .loading import load_model
-from .run_dir import load_late_phase
-from .surgery import KINDS, Plan, convert, convert_from_config, late_phase_layers, num_members, plan, select_members
+from .members import late_phase_layers, num_members, select_members
+from .model_folder import save_pretrained
+from .surgery import Plan, convert, convert_from_config, plan
 from .version import lpconvert_version
 
 __version__ = lpconvert_version()
@@ -30,6 +33,7 @@ __all__ = [
     "convert",
     "convert_from_config",
     "ensemble_predict",
+    "enter_late_phase",
     "iterate_members",
     "late_phase_config",
     "late_phase_layers",

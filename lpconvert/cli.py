@@ -8,20 +8,21 @@ comma-separated (``--late-phase bn,classifier``, ``--include 'layer4.*,fc'``); p
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
 import sys
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import click
 
-from .config import CHOICES, FinetuneConfig, field_types, read_recipe
+from .config import SELECT, FinetuneConfig, field_types, flag, read_recipe
 from .errors import LatePhaseError, os_error_message, user_message
-from .layers import kinds_help, options_help
-from .surgery import DEFAULT_TARGETS
+from .layers import BN_STATS_MODES
 
 EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -116,28 +117,77 @@ def _names(text: str | None) -> tuple[str, ...]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# the flags of FinetuneConfig's fields
+# --------------------------------------------------------------------------------------------------------------------
+_DEFAULTS = FinetuneConfig()
+_FIELDS = {field.name: field for field in dataclasses.fields(FinetuneConfig)}
+_TYPES = field_types()
+#: Every setting that ``finetune`` takes as a flag: all but its MODEL argument.
+_FLAG_SETTINGS = tuple(name for name, field in _FIELDS.items() if not field.metadata.get("argument"))
+_PATH_TYPES = {"file": click.Path(dir_okay=False), "dir": click.Path(file_okay=False)}
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def config_option(name: str) -> Callable[[_F], _F]:
+    """The flag of setting `name`, all from its FinetuneConfig field: the help (the default shown unless the help
+    says it), the type (choices, a path, an on/off pair for a bool; lists are comma-separated text). Its value is None
+    when not given, so that a recipe's value stands."""
+    field = _FIELDS[name]
+    help_text = field.metadata.get("help")  # none: tests/test_cli.py names the flag
+    if help_text and "[default:" not in help_text:
+        help_text = f"{help_text}  [default: {_show(getattr(_DEFAULTS, name))}]"
+    hint = _TYPES[name]
+    base = tuple if typing.get_origin(hint) is tuple else next(
+        (t for t in typing.get_args(hint) if t is not type(None)), hint)
+    declaration = flag(name)
+    kind: click.ParamType | type | None = None
+    if "choices" in field.metadata:
+        kind = click.Choice(field.metadata["choices"])
+    elif "path" in field.metadata:
+        kind = _PATH_TYPES[field.metadata["path"]]
+    elif base is bool:
+        declaration = f"{declaration}/--no-{declaration[2:]}"
+    else:
+        kind = base if base in (int, float) else str  # lists: comma-separated text
+    return click.option(declaration, name, type=kind, default=None, help=help_text)
+
+
+def config_options(*names: str) -> Callable[[_F], _F]:
+    """:func:`config_option` of each of `names`, listed in that order."""
+    def decorate(function: _F) -> _F:
+        for name in reversed(names):
+            function = config_option(name)(function)
+        return function
+
+    return decorate
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, tuple):
+        return ",".join(map(str, value)) or "none"
+    return "none" if value is None else str(value)
+
+
+def _given(flags: dict[str, Any]) -> dict[str, Any]:
+    """The settings given on the command line: the flags whose value is not None."""
+    return {k: v for k, v in flags.items() if v is not None}
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # inspect
 # --------------------------------------------------------------------------------------------------------------------
 @main.command()
 @click.argument("model")
-@click.option("--K", "K", type=int, default=FinetuneConfig.K, show_default=True, help="Late-phase members.")
-@click.option("--late-phase", default=",".join(DEFAULT_TARGETS), show_default=True,
-              help=f"Kinds of late-phase weights, comma-separated: {kinds_help()}.")
-@click.option("--late-phase-options", help="Options of the kinds, comma-separated KIND.OPTION=VALUE (see finetune --help).")
-@click.option("--include", help="Comma-separated globs on qualified layer names to convert ('layer4.*').")
-@click.option("--exclude", help="Comma-separated globs on qualified layer names to keep shared.")
-@click.option("--weights", type=click.Path(dir_okay=False), help="Local weights file for MODEL.")
-@click.option("--num-classes", type=click.IntRange(min=1), help="Replace the classifier with a new head of this size.")
+@config_options("K", "late_phase", "late_phase_options", "include", "exclude", "weights", "num_classes")
 @click.option("--list-layers", is_flag=True, help="Also list every layer that would be converted.")
-def inspect(model: str, K: int, late_phase: str, late_phase_options: str | None, include: str | None,
-            exclude: str | None, weights: str | None, num_classes: int | None, list_layers: bool) -> None:
+def inspect(model: str, list_layers: bool, **flags: Any) -> None:
     """Report what `finetune` would turn into late-phase layers (random init unless --weights: nothing downloaded)."""
     from . import load_model, plan
 
-    options = FinetuneConfig(late_phase=late_phase, late_phase_options=late_phase_options or ()).kind_options()
-    net, _ = load_model(model, weights=weights, num_classes=num_classes, pretrained=False)
-    report = plan(net, K, late_phase, include=_names(include) or None, exclude=_names(exclude) or None,
-                  options=options)
+    config = FinetuneConfig.from_dict({"model": model, **_given(flags)})
+    net, _ = load_model(config.model, weights=config.weights, num_classes=config.num_classes, pretrained=False)
+    report = plan(net, config.K, config.late_phase, include=config.include or None, exclude=config.exclude or None,
+                  options=config.kind_options())
     click.echo(str(report))
     if list_layers:
         for name, kind in report.layers.items():
@@ -147,102 +197,6 @@ def inspect(model: str, K: int, late_phase: str, late_phase_options: str | None,
 # --------------------------------------------------------------------------------------------------------------------
 # finetune
 # --------------------------------------------------------------------------------------------------------------------
-_DEFAULTS = FinetuneConfig()
-# setting → help; the flag, its click type (choices from the config's tuples) and the default shown all come from
-# FinetuneConfig (a recipe's values, which flags override, replace the defaults)
-_FINETUNE_HELP: dict[str, str] = {
-    "weights": "Local weights (.safetensors, or a state_dict loaded weights-only).",
-    "num_classes": "New classifier with this many classes (transfer), whatever the source of the weights.",
-    "pretrained": "Start from the hub's pretrained weights.",
-    "data": "Data root with train/ and val/ (folders or tar archives), or 'sklearn-digits'.",
-    "train_dir": "Training ImageFolder tree or archive.",
-    "val_dir": "Validation ImageFolder tree or archive.",
-    "train_subset": "Use a stratified subset of this many training images.",
-    "val_subset": "Use a stratified subset of this many validation images.",
-    "subset_seed": "Which stratified subsets (fixed across --seed, so seeds compare on the same images).",
-    "train_transform": "Training augmentation (auto: cifar up to 64 px, else timm).",
-    "workers": "Data-loading worker processes.",
-    "K": "Late-phase members (1 = plain fine-tuning through the same pipeline).",
-    "late_phase": f"Late-phase weights, comma-separated: {kinds_help()}.",
-    "late_phase_options": f"Options of the kinds, comma-separated KIND.OPTION=VALUE (hypernet.rank=4): "
-                          f"{options_help()}.",
-    "include": "Comma-separated globs on qualified layer names to convert ('layer4.*').",
-    "exclude": "Comma-separated globs on qualified layer names to keep shared.",
-    "sigma0": "Member initialisation noise σ0 (Eq. 2).",
-    "gamma_theta": "γθ scaling the accumulated shared-weight gradient [default: 1/K].",
-    "t0": "Epoch at which late-phase training starts (plain training before).",
-    "accumulate": "With --K 1: θ accumulates over this many minibatches (Table 10 control).",
-    "epochs": "Epochs.",
-    "batch_size": "Global minibatch size per member step.",
-    "optimizer": "U_θ.",
-    "lr": "Learning rate of U_θ (and U_φ unless --member-lr).",
-    "momentum": "SGD momentum.",
-    "nesterov": "Nesterov momentum.",
-    "weight_decay": "Weight decay of U_θ (and U_φ unless --member-weight-decay).",
-    "member_optimizer": "U_φ [default: as U_θ].",
-    "member_lr": "Learning rate of U_φ [default: --lr].",
-    "member_weight_decay": "Late-phase weight decay (paper, CIFAR: 5e-4·K) [default: --weight-decay].",
-    "schedule": "Learning-rate schedule.",
-    "milestones": "Epochs (comma-separated, fractions allowed) where multistep scales the lr by --lr-gamma.",
-    "lr_gamma": "Multistep factor.",
-    "lr_end": "Final learning rate of the linear and cosine schedules.",
-    "anneal_start": "Linear schedule: epoch where annealing starts.",
-    "anneal_end": "Linear schedule: epoch where annealing ends [default: --epochs].",
-    "swa_start": "Epoch from which SWA averages the late-phase model (per epoch).",
-    "swa_lr": "Constant learning rate during SWA.",
-    "mode": "Member execution (identical results).",
-    "group_size": "Members per forward in vectorized mode [default: K].",
-    "device": "auto, cpu, cuda or cuda:N.",
-    "amp": "Autocast (auto: bf16 on GPU, off on CPU).",
-    "channels_last": "Memory format [default: on GPU].",
-    "compile": "torch.compile the model.",
-    "sync_bn": "SyncBatchNorm across GPUs under torchrun.",
-    "seed": "Seed of data order, augmentation and σ0 noise.",
-    "output": "Run directory [default: runs/MODEL-K<K>].",
-    "bn_stats": "BN statistics of the averaged model (fold: members' mean statistics, eval outputs averaged).",
-    "recalibrate_batches": "Training batches used by --bn-stats recalibrate (and SWA).",
-    "select": "Which epoch's model is collapsed and written.",
-    "checkpoint_every": "Also checkpoint every N iterations (0: epoch ends only).",
-    "log_every": "Progress update every N iterations (no host sync in between).",
-    "resume": "Continue the run in this directory exactly.",
-    "force": "Replace an lpconvert run at --output (after the new one succeeded), or resume with changed settings.",
-    "quiet": "No progress bars; per-epoch log lines only.",
-    "push_to_hub": "Push the collapsed model to this Hub repo (ORG/NAME) at the end.",
-    "allow_regression": "Push even if worse than the start.",
-}
-_PATHS = {"weights": click.Path(dir_okay=False), "resume": click.Path(file_okay=False)}
-
-
-def _finetune_options(function):
-    types = field_types()
-    for name, help_text in reversed(_FINETUNE_HELP.items()):
-        default = getattr(_DEFAULTS, name)
-        shown = help_text if "[default:" in help_text else f"{help_text}  [default: {_show(default)}]"
-        flag = "--K" if name == "K" else "--" + name.replace("_", "-")
-        hint = types[name]
-        base = next((t for t in typing.get_args(hint) if t is not type(None)), hint) if typing.get_origin(
-            hint) is not tuple else tuple
-        if name in CHOICES:
-            kind: Any = click.Choice(CHOICES[name])
-        elif name in _PATHS:
-            kind = _PATHS[name]
-        elif base is bool:
-            flag, kind = f"{flag}/--no-{flag[2:]}", None
-        else:
-            kind = base if base in (int, float) else str  # lists: comma-separated text
-        if kind is None:
-            function = click.option(flag, name, default=None, help=shown)(function)
-        else:
-            function = click.option(flag, name, type=kind, default=None, help=shown)(function)
-    return function
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value)) or "none"
-    return "none" if value is None else str(value)
-
-
 def build_config(model: str | None, recipe: str | None, flags: dict[str, Any]) -> FinetuneConfig:
     """Defaults ← recipe file (or, for a bare --resume, the run's own settings) ← flags given on the command line."""
     values: dict[str, Any] = read_recipe(recipe) if recipe else {}
@@ -253,7 +207,7 @@ def build_config(model: str | None, recipe: str | None, flags: dict[str, Any]) -
         values["model"] = model
     if "model" not in values:
         raise LatePhaseError("no MODEL given; name one (e.g. resnet152, tv:resnet50, hf-hub:ORG/NAME) or use --recipe")
-    values.update({k: v for k, v in flags.items() if v is not None})
+    values.update(_given(flags))
     return FinetuneConfig.from_dict(values)
 
 
@@ -261,7 +215,7 @@ def build_config(model: str | None, recipe: str | None, flags: dict[str, Any]) -
 @click.argument("model", required=False)
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe file (YAML/TOML, e.g. zoo/*.yaml); flags override it.")
 @click.option("--baseline", is_flag=True, help="Plain fine-tuning (K=1) through the identical pipeline.")
-@_finetune_options
+@config_options(*_FLAG_SETTINGS)
 def finetune(model: str | None, recipe: str | None, baseline: bool, **flags: Any) -> None:
     """Fine-tune MODEL with late-phase weights (Algorithm 1) and write the averaged model.
 
@@ -294,6 +248,49 @@ def _report_table(report: dict[str, Any]) -> str:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# compare
+# --------------------------------------------------------------------------------------------------------------------
+def _compare_settings() -> tuple[str, ...]:
+    from .compare import NOT_PER_ARM
+
+    return tuple(name for name in _FLAG_SETTINGS if name not in NOT_PER_ARM)
+
+
+@main.command()
+@click.argument("model", required=False)
+@click.option("--recipe", type=click.Path(dir_okay=False), help="Base settings from a recipe file; flags override it.")
+@click.option("--arm", "arms", multiple=True, required=True,
+              help="An arm, repeatable (two or more): NAME, or 'NAME: SETTING=VALUE ...' over the base settings, "
+                   "e.g. --arm plain --arm 'late: K=10 sigma0=0.5'. The first arm is the reference.")
+@click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Comma-separated seeds; each seed pairs the arms.")
+@click.option("--ood", multiple=True, help="Out-of-distribution set (tree or archive), repeatable: AUROC per set + mean.")
+@click.option("--output", required=True, type=click.Path(file_okay=False),
+              help="The comparison's folder (new, or this same comparison to continue it).")
+@config_options(*_compare_settings())
+def compare(model: str | None, recipe: str | None, arms: tuple[str, ...], seeds: str, ood: tuple[str, ...],
+            output: str, **flags: Any) -> None:
+    """Does late-phase training beat plain fine-tuning on MODEL and its data, by more than the seed noise?
+
+    \b
+    Trains every arm with every seed: per seed the epochs before --t0 once, each arm branching from them (same data
+    order and augmentation); every arm at its last epoch, evaluated on the validation split (averaged model, and
+    the members' ensemble for late-phase arms); writes OUTPUT/report.json, report.md, report.png with per-seed
+    values, mean ± std and paired differences (95 % interval, p-value). Rerun the same command to continue.
+    """
+    from .compare import parse_arm, plan_comparison, run_comparison
+    from .compare_report import to_markdown
+
+    flags["include"], flags["exclude"] = _names(flags["include"]) or None, _names(flags["exclude"]) or None
+    base = build_config(model, recipe, flags)
+    try:
+        seed_list = [int(s) for s in _names(seeds)]
+    except ValueError:
+        raise LatePhaseError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
+    comparison = plan_comparison(base, [parse_arm(a) for a in arms], seed_list, output, ood)
+    click.echo(to_markdown(run_comparison(comparison)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # demo
 # --------------------------------------------------------------------------------------------------------------------
 @main.command()
@@ -318,18 +315,20 @@ def demo(output: str, K: int, seeds: int, force: bool) -> None:
 @click.option("--data", required=True, help="Dataset root (its val/ or test/ split is used) or one ImageFolder tree/archive.")
 @click.option("--ood", multiple=True, help="Out-of-distribution set (tree or archive), repeatable: AUROC per set + mean.")
 @click.option("--ensemble", is_flag=True, help="Late-phase run: also the non-averaged ensemble (mean of member softmax).")
-@click.option("--bn-stats", type=click.Choice([*CHOICES["bn_stats"], "all"]),
+@click.option("--bn-stats", type=click.Choice([*BN_STATS_MODES, "all"]),
               help="Late-phase run: collapse mode(s) to evaluate [default: the run's]; recalibrate re-estimates the "
                    "statistics on the train/ split exactly as the run does.")
-@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
+@click.option("--checkpoint", type=click.Choice(SELECT), default="best", show_default=True,
               help="Late-phase run: which checkpoint.")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local weights for a model spec.")
 @click.option("--subset", type=click.IntRange(min=1), help="Evaluate a stratified subset of this many images.")
 @click.option("--flatness", default="", help="Comma-separated σz for the flatness score δL(σz) (paper Fig. 3).")
 @click.option("--flatness-draws", type=click.IntRange(min=1), default=10, show_default=True,
               help="Noise draws per σz.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Images per evaluation batch.")
+@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True,
+              help="Data-loading worker processes.")
 @click.option("--device", default="auto", show_default=True, help="auto (GPU when there is one), cpu, cuda, cuda:N.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the rows as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the rows as CSV.")
@@ -378,10 +377,10 @@ def zoo() -> None:
 @main.command("collapse")
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--bn-stats", type=click.Choice(CHOICES["bn_stats"]), default=_DEFAULTS.bn_stats, show_default=True,
+@click.option("--bn-stats", type=click.Choice(BN_STATS_MODES), default=_DEFAULTS.bn_stats, show_default=True,
               help="BN statistics of the averaged model (recalibrate needs --data).")
 @click.option("--data", help="Data root or training folder for --bn-stats recalibrate.")
-@click.option("--checkpoint", type=click.Choice(["best", "last"]), default="best", show_default=True,
+@click.option("--checkpoint", type=click.Choice(SELECT), default="best", show_default=True,
               help="Which checkpoint of a run directory.")
 @click.option("--force", is_flag=True, help="Replace an lpconvert model folder at --out (only that).")
 def collapse_command(source: str, out: str, bn_stats: str, data: str | None, checkpoint: str, force: bool) -> None:

@@ -11,7 +11,7 @@ from torch import nn
 from .errors import LatePhaseError
 from .late_phase_config import ATTRIBUTE
 from .layers import BN_STATS_MODES
-from .surgery import _set_submodule, late_phase_layers, num_members, select_members
+from .members import late_phase_layers, num_members, select_members, set_submodule
 
 
 def _layers_or_error(model: nn.Module) -> dict:
@@ -89,11 +89,15 @@ def collapse(
     """Average the members into ONE model of the original architecture (Eq. 1: w̄ = h(θ, mean_k φ_k)).
 
     The result has the original classes and exactly the state_dict keys of the model before :func:`convert`, so it
-    loads with ``strict=True`` into a freshly constructed model. BatchNorm statistics of the averaged model:
+    loads with ``strict=True`` into a freshly constructed model. Each layer's members are averaged by its kind, as
+    φ_1 + mean_k(φ_k − φ_1) in float64: identical members give back the original tensors bit for bit. BatchNorm
+    statistics of the averaged model:
 
-    - ``"fold"`` (default): γ' = mean_k γ_k/√(v_k+ε), β' = mean_k (β_k − γ_k μ_k/√(v_k+ε)), statistics (0, 1−ε):
-      in eval mode each BN outputs exactly the average of its members' outputs;
-    - ``"mean"``: the members' running statistics are averaged;
+    - ``"fold"`` (default): the members' mean statistics μ' = mean_k μ_k, v' = mean_k v_k, and
+      γ' = mean_k γ_k √(v'+ε)/√(v_k+ε), β' = mean_k (β_k + γ_k (μ' − μ_k)/√(v_k+ε)): in eval mode each BN outputs
+      exactly the average of its members' outputs, in train mode it normalises with batch statistics like the
+      Eq.-1 model (:meth:`~lpconvert.layers.LatePhaseBatchNorm.fold_tensors`);
+    - ``"mean"``: γ, β and the members' running statistics are averaged;
     - ``"recalibrate"``: statistics re-estimated with a pass over `data` (every BN layer of the model); give it
       training images WITH the training augmentation — statistics of un-augmented images cost the shared CIFAR-10
       ResNet-20 3 points of test accuracy.
@@ -112,7 +116,7 @@ def collapse(
         layers = late_phase_layers(model)
     originals = {name: layer.collapse(bn_stats=bn_stats) for name, layer in layers.items()}
     for name, module in originals.items():
-        _set_submodule(model, name, module)
+        set_submodule(model, name, module)
     model.__dict__.pop(ATTRIBUTE, None)
     if bn_stats == "recalibrate":
         recalibrate_batch_norm(model, data, input_fn=input_fn, num_batches=num_batches)
@@ -129,7 +133,7 @@ def unload(model: nn.Module, k: int, *, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
         layers = late_phase_layers(model)
     for name, layer in layers.items():
-        _set_submodule(model, name, layer.unload(k))
+        set_submodule(model, name, layer.unload(k))
     model.__dict__.pop(ATTRIBUTE, None)
     return model
 

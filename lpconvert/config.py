@@ -16,12 +16,13 @@ import tomllib
 import typing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
+from .data.memory import IN_MEMORY_MODES, MEMORY_BUDGET
 from .errors import LatePhaseError
-from .layers import BN_STATS_MODES
+from .layers import BN_STATS_MODES, kinds_help, options_help
 from .surgery import DEFAULT_TARGETS, resolve_kinds
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -34,72 +35,104 @@ TRAIN_TRANSFORMS = ("auto", "timm", "cifar")
 COMMAND_LINE_ONLY = ("force",)
 
 
+def _setting(default: Any, help: str, *, choices: tuple[str, ...] = (), path: Literal["file", "dir"] | None = None,
+             argument: bool = False) -> Any:
+    """A :class:`FinetuneConfig` field with its command-line facts as metadata (see the class)."""
+    metadata: dict[str, Any] = {"help": help}
+    if choices:
+        metadata["choices"] = choices
+    if path:
+        metadata["path"] = path
+    if argument:
+        metadata["argument"] = True
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclass
 class FinetuneConfig:
+    """Every setting of a run. Each field carries its command-line facts in its metadata, from which ``lpconvert
+    finetune`` (and ``inspect``, for the settings it shares) makes its flags: ``help`` (every field), ``choices`` (the
+    values allowed; :data:`CHOICES`), ``path`` (``"file"`` or ``"dir"``: the flag takes a path to one) and
+    ``argument`` (the command's positional argument rather than a flag). A flag is ``--`` and the field's name with
+    dashes (:func:`flag`); its type is the field's."""
+
     # model
-    model: str = "resnet152"
-    weights: str | None = None
-    num_classes: int | None = None
-    pretrained: bool = True
+    model: str = _setting("resnet152", "timm name, tv:NAME, hf-hub:ORG/NAME, local-dir:DIR or a registered model.",
+                          argument=True)
+    weights: str | None = _setting(None, "Local weights (.safetensors, or a state_dict loaded weights-only).",
+                                   path="file")
+    num_classes: int | None = _setting(None, "New classifier with this many classes (transfer), whatever the source "
+                                             "of the weights.")
+    pretrained: bool = _setting(True, "Start from the hub's pretrained weights.")
     # data
-    data: str | None = None
-    train_dir: str | None = None
-    val_dir: str | None = None
-    train_subset: int | None = None
-    val_subset: int | None = None
-    subset_seed: int = 0
-    train_transform: str = "auto"
-    workers: int = 4
+    data: str | None = _setting(None, "Data root with train/ and val/ (folders or tar archives), or 'sklearn-digits'.")
+    train_dir: str | None = _setting(None, "Training ImageFolder tree or archive.")
+    val_dir: str | None = _setting(None, "Validation ImageFolder tree or archive.")
+    train_subset: int | None = _setting(None, "Use a stratified subset of this many training images.")
+    val_subset: int | None = _setting(None, "Use a stratified subset of this many validation images.")
+    subset_seed: int = _setting(0, "Which stratified subsets (fixed across --seed, so seeds compare on the same "
+                                   "images).")
+    train_transform: str = _setting("auto", "Training augmentation (auto: cifar up to 64 px, else timm).",
+                                    choices=TRAIN_TRANSFORMS)
+    data_in_memory: str = _setting("auto", "Decode image folders once into memory and augment whole batches (auto: "
+                                           "with the cifar augmentation, when training and validation images fit in "
+                                           f"{MEMORY_BUDGET / 2**30:g} GiB).", choices=IN_MEMORY_MODES)
+    workers: int = _setting(4, "Data-loading worker processes.")
     # late-phase weights (Algorithm 1)
-    K: int = 10
-    late_phase: tuple[str, ...] = DEFAULT_TARGETS
-    late_phase_options: tuple[str, ...] = ()
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
-    sigma0: float = 0.0
-    gamma_theta: float | None = None
-    t0: int = 0
-    accumulate: int = 1
+    K: int = _setting(10, "Late-phase members (1 = plain fine-tuning through the same pipeline).")
+    late_phase: tuple[str, ...] = _setting(DEFAULT_TARGETS, f"Late-phase weights, comma-separated: {kinds_help()}.")
+    late_phase_options: tuple[str, ...] = _setting((), f"Options of the kinds, comma-separated KIND.OPTION=VALUE "
+                                                       f"(hypernet.rank=4): {options_help()}.")
+    include: tuple[str, ...] = _setting((), "Comma-separated globs on qualified layer names to convert ('layer4.*').")
+    exclude: tuple[str, ...] = _setting((), "Comma-separated globs on qualified layer names to keep shared.")
+    sigma0: float = _setting(0.0, "Member initialisation noise σ0 (Eq. 2).")
+    gamma_theta: float | None = _setting(None, "γθ scaling the accumulated shared-weight gradient [default: 1/K].")
+    t0: int = _setting(0, "Epoch at which late-phase training starts (plain training before).")
+    accumulate: int = _setting(1, "With --K 1: θ accumulates over this many minibatches (Table 10 control).")
     # optimisation: U_θ, and U_φ where the member_* fields differ
-    epochs: int = 20
-    batch_size: int = 256
-    optimizer: str = "sgd"
-    lr: float = 0.001
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 1e-4
-    member_optimizer: str | None = None
-    member_lr: float | None = None
-    member_weight_decay: float | None = None
-    schedule: str = "multistep"
-    milestones: tuple[float, ...] = (10,)
-    lr_gamma: float = 0.1
-    lr_end: float = 0.0
-    anneal_start: float = 0.0
-    anneal_end: float | None = None
-    swa_start: int | None = None
-    swa_lr: float | None = None
+    epochs: int = _setting(20, "Epochs.")
+    batch_size: int = _setting(256, "Global minibatch size per member step.")
+    optimizer: str = _setting("sgd", "U_θ.", choices=OPTIMIZERS)
+    lr: float = _setting(0.001, "Learning rate of U_θ (and U_φ unless --member-lr).")
+    momentum: float = _setting(0.9, "SGD momentum.")
+    nesterov: bool = _setting(False, "Nesterov momentum.")
+    weight_decay: float = _setting(1e-4, "Weight decay of U_θ (and U_φ unless --member-weight-decay).")
+    member_optimizer: str | None = _setting(None, "U_φ [default: as U_θ].", choices=OPTIMIZERS)
+    member_lr: float | None = _setting(None, "Learning rate of U_φ [default: --lr].")
+    member_weight_decay: float | None = _setting(None, "Late-phase weight decay (paper, CIFAR: 5e-4·K) "
+                                                       "[default: --weight-decay].")
+    schedule: str = _setting("multistep", "Learning-rate schedule.", choices=SCHEDULES)
+    milestones: tuple[float, ...] = _setting((10,), "Epochs (comma-separated, fractions allowed) where multistep "
+                                                    "scales the lr by --lr-gamma.")
+    lr_gamma: float = _setting(0.1, "Multistep factor.")
+    lr_end: float = _setting(0.0, "Final learning rate of the linear and cosine schedules.")
+    anneal_start: float = _setting(0.0, "Linear schedule: epoch where annealing starts.")
+    anneal_end: float | None = _setting(None, "Linear schedule: epoch where annealing ends [default: --epochs].")
+    swa_start: int | None = _setting(None, "Epoch from which SWA averages the late-phase model (per epoch).")
+    swa_lr: float | None = _setting(None, "Constant learning rate during SWA.")
     # execution
-    mode: str = "auto"
-    group_size: int | None = None
-    device: str = "auto"
-    amp: str = "auto"
-    channels_last: bool | None = None
-    compile: bool = False
-    sync_bn: bool = False
+    mode: str = _setting("auto", "Member execution (identical results).", choices=MODES)
+    group_size: int | None = _setting(None, "Members per forward in vectorized mode [default: K].")
+    device: str = _setting("auto", "auto, cpu, cuda or cuda:N.")
+    amp: str = _setting("auto", "Autocast (auto: bf16 on GPU, off on CPU).", choices=AMP_MODES)
+    channels_last: bool | None = _setting(None, "Memory format [default: on GPU].")
+    compile: bool = _setting(False, "torch.compile the model.")
+    sync_bn: bool = _setting(False, "SyncBatchNorm across GPUs under torchrun.")
     # bookkeeping
-    seed: int = 0
-    output: str | None = None
-    bn_stats: str = "fold"
-    recalibrate_batches: int = 100
-    select: str = "best"
-    checkpoint_every: int = 0
-    log_every: int = 50
-    resume: str | None = None
-    force: bool = False
-    quiet: bool = False
-    push_to_hub: str | None = None
-    allow_regression: bool = False
+    seed: int = _setting(0, "Seed of data order, augmentation and σ0 noise.")
+    output: str | None = _setting(None, "Run directory [default: runs/MODEL-K<K>].")
+    bn_stats: str = _setting("fold", "BN statistics of the averaged model (fold: members' mean statistics, eval "
+                                     "outputs averaged).", choices=BN_STATS_MODES)
+    recalibrate_batches: int = _setting(100, "Training batches used by --bn-stats recalibrate (and SWA).")
+    select: str = _setting("best", "Which epoch's model is collapsed and written.", choices=SELECT)
+    checkpoint_every: int = _setting(0, "Also checkpoint every N iterations (0: epoch ends only).")
+    log_every: int = _setting(50, "Progress update every N iterations (no host sync in between).")
+    resume: str | None = _setting(None, "Continue the run in this directory exactly.", path="dir")
+    force: bool = _setting(False, "Replace an lpconvert run at --output (after the new one succeeded), or resume "
+                                  "with changed settings.")
+    quiet: bool = _setting(False, "No progress bars; per-epoch log lines only.")
+    push_to_hub: str | None = _setting(None, "Push the collapsed model to this Hub repo (ORG/NAME) at the end.")
+    allow_regression: bool = _setting(False, "Push even if worse than the start.")
 
     def __post_init__(self) -> None:
         """Coerce every field to its declared type (refusing what cannot be), then :meth:`validate`."""
@@ -178,16 +211,9 @@ class FinetuneConfig:
         return cls(**values)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "optimizer": OPTIMIZERS,
-    "member_optimizer": OPTIMIZERS,
-    "schedule": SCHEDULES,
-    "mode": MODES,
-    "amp": AMP_MODES,
-    "select": SELECT,
-    "bn_stats": BN_STATS_MODES,
-    "train_transform": TRAIN_TRANSFORMS,
-}
+#: The values allowed for each setting that has a fixed set (its field's ``choices``).
+CHOICES: dict[str, tuple[str, ...]] = {f.name: f.metadata["choices"] for f in dataclasses.fields(FinetuneConfig)
+                                       if "choices" in f.metadata}
 
 
 def flag(name: str) -> str:

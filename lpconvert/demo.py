@@ -16,7 +16,7 @@ from .config import FinetuneConfig
 from .data import DIGITS
 from .files import atomic_write_json
 from .finetune import run
-from .run_dir import DEMO_MARKER, REPLACING, check_replaceable, recognise, swap_into_place
+from .ownership import DEMO_MARKER, REPLACING, check_replaceable, recognise, swap_into_place
 
 PRETRAIN_EPOCHS, FINETUNE_EPOCHS = 2, 6
 

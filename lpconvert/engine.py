@@ -23,7 +23,7 @@ from torch import nn
 
 from .errors import LatePhaseError
 from .layers import LatePhaseLayer
-from .surgery import late_phase_layers, num_members, select_members, unwrap
+from .members import late_phase_layers, num_members, select_members, unwrap
 
 OptimizerFactory = Callable[[list[nn.Parameter]], torch.optim.Optimizer]
 EXECUTION_MODES = ("sequential", "vectorized")

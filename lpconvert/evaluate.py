@@ -23,10 +23,13 @@ from .collapse import collapse, ensemble_predict
 from .config import FinetuneConfig
 from .data import build_data, build_datasets, recalibration_loader, resolve_data_dirs
 from .errors import LatePhaseError
+from .evaluation import evaluate_model, flatness
+from .late_phase_model import load_late_phase
 from .layers import BN_STATS_MODES
 from .loading import load_model
-from .metrics import METRIC_NAMES, evaluate_model, flatness
-from .run_dir import RunCheckpoint, is_run, load_late_phase
+from .metrics import METRIC_NAMES
+from .run_dir import is_run
+from .run_state import RunCheckpoint
 from .runtime import resolve_device
 
 
@@ -42,7 +45,7 @@ def _split_dir(data: str, split: str) -> Path:
     return found
 
 
-def _eval_set(model: nn.Module, data: str, *, subset: int | None, batch_size: int, workers: int,
+def eval_set(model: nn.Module, data: str, *, subset: int | None, batch_size: int, workers: int,
               num_classes: int | None) -> DataLoader:
     """Evaluation-transform loader (the model's timm data config) over the validation split of `data`."""
     config = timm.data.resolve_data_config(model=model)
@@ -113,8 +116,8 @@ def evaluate(
         rows.append(("model", model.to(device_), None))
         reference = model
     num_classes = getattr(reference, "num_classes", None)
-    val = _eval_set(reference, data, subset=subset, batch_size=batch_size, workers=workers, num_classes=num_classes)
-    ood_loaders = {Path(p).name.split(".")[0] or p: _eval_set(reference, p, subset=subset, batch_size=batch_size,
+    val = eval_set(reference, data, subset=subset, batch_size=batch_size, workers=workers, num_classes=num_classes)
+    ood_loaders = {Path(p).name.split(".")[0] or p: eval_set(reference, p, subset=subset, batch_size=batch_size,
                                                              workers=workers, num_classes=None) for p in ood}
     results = []
     for name, model, predict in rows:

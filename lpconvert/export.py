@@ -12,15 +12,18 @@ from typing import Any, Iterable
 
 from torch import nn
 
-from .checkpoint import save_pretrained
 from .collapse import collapse
 from .config import FinetuneConfig
 from .data import DIGITS, build_data, recalibration_loader
 from .errors import LatePhaseError
 from .late_phase_config import late_phase_config
+from .late_phase_model import load_late_phase
 from .loading import ModelSource
 from .metrics import METRIC_NAMES
-from .run_dir import History, check_apart, check_replaceable, checkpoint_file, load_late_phase
+from .model_folder import save_pretrained
+from .ownership import check_apart, check_replaceable
+from .run_dir import checkpoint_file
+from .run_state import History
 from .surgery import resolve_kinds
 
 

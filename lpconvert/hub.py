@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lpconvert.checkpoint import OutputDir, read_output_dir
 from lpconvert.errors import LatePhaseError, http_client_modules, is_network_error, one_line
 from lpconvert.files import MODEL_CARD_NAME, OUTPUT_FILES, PROVENANCE_NAME, WEIGHTS_NAME, sha256_file
 from lpconvert.model_card import REPO_ID_PLACEHOLDER
+from lpconvert.model_folder import OutputDir, read_output_dir
 from lpconvert.version import lpconvert_version
 
 __all__ = ["push"]
@@ -30,7 +30,7 @@ def push(
     include_extra: bool = False,
     commit_message: str | None = None,
 ) -> str:
-    """Upload ``folder`` (written by :func:`lpconvert.checkpoint.save_pretrained`) to ``repo_id``; return the commit
+    """Upload ``folder`` (written by :func:`lpconvert.model_folder.save_pretrained`) to ``repo_id``; return the commit
     URL (the pull-request URL with ``create_pr``).
 
     The repository is created if needed, then ONE commit adds ``model.safetensors``, ``config.json``, ``README.md``

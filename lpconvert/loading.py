@@ -2,7 +2,7 @@
 
 :func:`load_model` builds an original-architecture model from a timm name (``resnet50``, ``resnet50.tv_in1k``),
 a Hugging Face Hub repo (``hf-hub:ORG/NAME``), a torchvision name (``tv:resnet18``) or a local directory
-(``local-dir:DIR`` or a plain path) written by :func:`lpconvert.checkpoint.save_pretrained` or
+(``local-dir:DIR`` or a plain path) written by :func:`lpconvert.model_folder.save_pretrained` or
 ``timm.models.save_for_hf``, and says where it came from (:class:`ModelSource`); optionally it loads a local weights
 file on top (:mod:`lpconvert.weights`). Downloads that cannot happen fail at once, in one line
 (:mod:`lpconvert.downloads`); weights that are not floating point or not finite are refused.

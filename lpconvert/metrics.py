@@ -1,4 +1,5 @@
-"""Evaluation metrics: accuracy, NLL, calibration, OOD detection and the flatness score of the late-phase paper.
+"""Evaluation metrics: accuracy, NLL, calibration and OOD detection; :mod:`lpconvert.evaluation` runs them over a
+model.
 
 Conventions (N examples, C classes, ``probs`` of shape (N, C), integer ``labels`` of shape (N,)):
 
@@ -12,13 +13,10 @@ Conventions (N examples, C classes, ``probs`` of shape (N, C), integer ``labels`
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from contextlib import nullcontext
-from itertools import chain
+from collections.abc import Mapping
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from lpconvert.errors import LatePhaseError
 
@@ -32,8 +30,6 @@ __all__ = [
     "ClassificationMeter",
     "auroc",
     "ece",
-    "evaluate_model",
-    "flatness",
     "nll",
     "ood_auroc",
     "predictive_entropy",
@@ -245,140 +241,3 @@ class ClassificationMeter:
         if not self._entropies:
             return torch.empty(0)
         return torch.cat(self._entropies).cpu()
-
-
-def _model_device(model: nn.Module | None) -> torch.device:
-    tensor = next(chain(model.parameters(), model.buffers()), None) if model is not None else None
-    return tensor.device if tensor is not None else torch.device("cpu")
-
-
-def _inputs(batch: object, need_labels: bool) -> tuple[Tensor, Tensor | None]:
-    if isinstance(batch, Tensor) and not need_labels:
-        return batch, None
-    if isinstance(batch, (tuple, list)) and len(batch) == 2:
-        return batch[0], batch[1]
-    expected = "(x, y) pairs" if need_labels else "(x, y) pairs or input tensors"
-    raise LatePhaseError(f"the loader must yield {expected}, got {type(batch).__name__}")
-
-
-def _progress(loader: Iterable, description: str | None) -> Iterable:
-    if description is None:
-        return loader
-    from tqdm.auto import tqdm
-
-    return tqdm(loader, desc=description, disable=None, leave=False, unit=" batches")
-
-
-def evaluate_model(
-    model: nn.Module | None,
-    loader: Iterable,
-    *,
-    device: torch.device | str | None = None,
-    amp_dtype: torch.dtype | None = None,
-    ood_loaders: Mapping[str, Iterable] | None = None,
-    predict_fn: Callable[[Tensor], Tensor] | None = None,
-    progress: str | None = None,
-) -> dict[str, float]:
-    """Evaluate a classifier: :class:`ClassificationMeter` metrics, "auroc/<name>" per OOD set and "auroc/mean".
-
-    Runs under ``torch.no_grad`` with every module in eval mode (each module's mode is restored afterwards) and, with
-    ``amp_dtype``, under ``torch.autocast``. Probabilities are ``softmax(model(x))`` in float32, or ``predict_fn(x)``
-    when given (e.g. the mean of the members' softmax outputs of an ensemble; ``model`` may then be None). ``device``
-    defaults to the model's; when given, the model is moved there. ``loader`` yields (x, y); OOD loaders yield (x, y)
-    or x, and their labels are ignored. The OOD score is the predictive entropy (OOD = positive class). With
-    ``progress`` (a description), a progress bar shows on a terminal.
-    """
-    if model is None and predict_fn is None:
-        raise LatePhaseError("pass a model or a predict_fn")
-    device = _model_device(model) if device is None else torch.device(device)
-    if model is not None:
-        model.to(device)
-    autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
-
-    def predict(x: Tensor) -> Tensor:
-        x = x.to(device, non_blocking=True)
-        with autocast():
-            return predict_fn(x).float() if predict_fn is not None else model(x).float().softmax(-1)
-
-    modes = [(module, module.training) for module in model.modules()] if model is not None else []
-    if model is not None:
-        model.eval()
-    try:
-        with torch.no_grad():
-            meter = ClassificationMeter()
-            for batch in _progress(loader, progress):
-                x, y = _inputs(batch, need_labels=True)
-                meter.update(predict(x), y.to(device, non_blocking=True))
-            result: dict[str, float] = meter.compute()
-            if ood_loaders:
-                ood = {}
-                for name, ood_loader in ood_loaders.items():
-                    scores = [predictive_entropy(predict(_inputs(batch, need_labels=False)[0])) for batch in ood_loader]
-                    if not scores:
-                        raise LatePhaseError(f"OOD loader {name!r} yielded no batches")
-                    ood[name] = torch.cat(scores)
-                result.update({f"auroc/{name}": value for name, value in ood_auroc(meter.entropies(), ood).items()})
-    finally:
-        for module, training in modes:
-            module.training = training
-    return result
-
-
-def flatness(
-    model: nn.Module,
-    batches: Iterable[Sequence[Tensor]],
-    sigmas: Iterable[float],
-    *,
-    draws: int = 10,
-    seed: int = 0,
-) -> dict[float, dict[str, float]]:
-    """Flatness score of Fig. 3: δL(σz) = E_z[L(w + z) − L(w)], z_i ~ N(0, w_i² σz²), for each σz in ``sigmas``.
-
-    Every parameter entry is perturbed multiplicatively, w_i ← w_i (1 + σz ε_i) with ε_i ~ N(0, 1); L is the mean
-    cross-entropy over all examples of ``batches`` ((x, y) pairs, read once and kept on the model's device). The same
-    ``draws`` noise draws (from a CPU generator seeded with ``seed``) are used for every σz. Modules are in eval mode
-    (BatchNorm uses its running statistics). Returns {σz: {"mean": δL averaged over draws, "std": its sample std over
-    draws (0 for one draw)}}; the model's weights and modes are restored exactly.
-    """
-    sigmas = [float(s) for s in sigmas]
-    if not sigmas or any(not (s >= 0 and s < float("inf")) for s in sigmas):
-        raise LatePhaseError(f"sigmas must be a non-empty list of finite values >= 0, got {sigmas}")
-    if draws < 1:
-        raise LatePhaseError(f"draws must be at least 1, got {draws}")
-    params = list(model.parameters())
-    if not params:
-        raise LatePhaseError("the model has no parameters to perturb")
-    device = params[0].device
-    data = [tuple(t.to(device) for t in _inputs(batch, need_labels=True)) for batch in batches]
-    if not data:
-        raise LatePhaseError("flatness needs at least one batch")
-
-    def loss() -> float:
-        total, count = 0.0, 0
-        for x, y in data:
-            total += F.cross_entropy(model(x).float(), y, reduction="sum").item()
-            count += y.shape[0]
-        return total / count
-
-    generator = torch.Generator().manual_seed(seed)
-    original = [p.detach().clone() for p in params]
-    modes = [(module, module.training) for module in model.modules()]
-    model.eval()
-    deltas = torch.zeros(draws, len(sigmas), dtype=torch.float64)
-    try:
-        with torch.no_grad():
-            base = loss()
-            for d in range(draws):
-                noise = [torch.randn(p.shape, generator=generator).to(device=p.device, dtype=p.dtype) for p in params]
-                for j, sigma in enumerate(sigmas):
-                    for p, w, eps in zip(params, original, noise):
-                        p.copy_(w * (sigma * eps + 1))
-                    deltas[d, j] = loss() - base
-    finally:
-        with torch.no_grad():
-            for p, w in zip(params, original):
-                p.copy_(w)
-        for module, training in modes:
-            module.training = training
-    std = deltas.std(0) if draws > 1 else torch.zeros(len(sigmas), dtype=torch.float64)
-    return {s: {"mean": deltas[:, j].mean().item(), "std": std[j].item()} for j, s in enumerate(sigmas)}

@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .errors import LatePhaseError
-from .late_phase_config import ATTRIBUTE, LatePhaseConfig, LatePhaseTarget, late_phase_config
+from .late_phase_config import ATTRIBUTE, LatePhaseConfig, LatePhaseTarget
 from .layers import KINDS, Discovery, LatePhaseLayer, MemberSelection, resolve_kinds
-from .layers.registry import matches, module_types
+from .layers.discovery import matches
+from .layers.registry import module_types
+from .members import set_submodule
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +132,24 @@ class Plan:
     def counts(self) -> dict[str, int]:
         return dict(Counter(self.layers.values()))
 
+    def warn(self, stacklevel: int = 2) -> None:
+        """Warn about what converting this plan will not do as the model does: the plan's warnings, and functional
+        norm calls that stay shared. `stacklevel` counts from the caller of this method, as in ``warnings.warn``:
+        the default 2 names the line that called the function calling ``warn`` (for :func:`convert`, its caller)."""
+        for message in self.warnings:
+            warnings.warn(message, stacklevel=stacklevel + 1)
+        if self.functional_calls:
+            warnings.warn(
+                f"{len(self.functional_calls)} functional norm call(s) stay shared (a module swap cannot reach them): "
+                + "; ".join(self.functional_calls[:3]),
+                stacklevel=stacklevel + 1,
+            )
+
+    def late_phase_config(self, sigma0: float, seed: int | None) -> LatePhaseConfig:
+        """The :class:`~lpconvert.late_phase_config.LatePhaseConfig` that converts this plan's targets, members
+        initialised by Eq. 2 with σ0 = `sigma0` from `seed`."""
+        return LatePhaseConfig(self.num_members, self.targets, float(sigma0), seed, self.options)
+
     @property
     def fraction(self) -> float:
         """Late-phase parameters of one member as a fraction of the original model's parameters."""
@@ -210,8 +230,9 @@ def _traces(model: nn.Module) -> tuple[list[_Trace], list[str]]:
 def _targets(model: nn.Module, modules: dict[str, nn.Module], classifier: str | None, kinds: Sequence[str],
              include: list[str], exclude: list[str], options: dict[str, dict[str, Any]]
              ) -> tuple[list[LatePhaseTarget], dict[str, int]]:
-    """Every kind in registry order looks for its targets (a module an earlier kind took is not offered to a later
-    one): what the selected kinds take, in module order, and how many layers of each kind the model has."""
+    """Every kind in registry order (decreasing precedence) looks for its targets (a module an earlier kind took is
+    not offered to a later one): what the selected kinds take, in module order, and how many layers of each kind the
+    model has."""
     order = {name: i for i, name in enumerate(modules)}
     everything = Discovery(model, modules, classifier, options=options)
     chosen = Discovery(model, modules, classifier, include=include, exclude=exclude, options=options)
@@ -246,9 +267,9 @@ def plan(
 ) -> Plan:
     """Report what :func:`convert` would replace, without changing `model`.
 
-    Every registered kind looks for its targets in registry order (a module an earlier kind took is not offered to
-    a later one); `include`/`exclude` glob patterns on qualified names narrow the modules offered; `options` are
-    per-kind options (``{"rank1": {"input_weights": True}}``).
+    Every registered kind looks for its targets in registry order, by decreasing ``precedence`` (a module an earlier
+    kind took is not offered to a later one); `include`/`exclude` glob patterns on qualified names narrow the modules
+    offered; `options` are per-kind options (``{"rank1": {"input_weights": True}}``).
 
     >>> print(lpconvert.plan(timm.create_model("resnet50"), K=10))
     """
@@ -312,12 +333,6 @@ def _check_members(K: object) -> None:
         raise LatePhaseError(f"K (the number of late-phase members) must be an integer >= 1, got {K!r}")
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, module)
-
-
 def convert(
     model: nn.Module,
     K: int = 10,
@@ -333,7 +348,8 @@ def convert(
 
     Each target layer becomes a late-phase layer with K members initialised by Eq. 2,
     φ_k = φ0 + σ0 · ‖φ0‖/√D · ε_k (σ0 = 0: identical members, the output is unchanged). `targets` are kinds
-    (``batchnorm``, ``classifier``, ``layernorm``, ``groupnorm``, ``rank1``; aliases ``bn``, ``norm``, ``head``);
+    (``batchnorm``, ``classifier``, ``layernorm``, ``groupnorm``, ``rank1``, ``hypernet``: the registry's
+    :data:`~lpconvert.layers.KINDS`; aliases ``bn``, ``norm``, ``head``);
     `include`/`exclude` are glob patterns on qualified names (``"layer4.*"``); `options` per-kind options
     (``{"rank1": {"input_weights": True}}``: also the input-to-hidden matrices of recurrent layers). The result carries its
     :class:`~lpconvert.late_phase_config.LatePhaseConfig` as ``model.late_phase_config``. All-or-nothing: on any error
@@ -344,17 +360,10 @@ def convert(
     if isinstance(sigma0, bool) or not isinstance(sigma0, (int, float)) or not 0 <= sigma0 < float("inf"):
         raise LatePhaseError(f"sigma0 must be a finite number >= 0, got {sigma0!r}")
     report = plan(model, K, targets, include=include, exclude=exclude, options=options)
-    for message in report.warnings:
-        warnings.warn(message, stacklevel=2)
-    if report.functional_calls:
-        warnings.warn(
-            f"{len(report.functional_calls)} functional norm call(s) stay shared (a module swap cannot reach them): "
-            + "; ".join(report.functional_calls[:3]),
-            stacklevel=2,
-        )
+    report.warn()
     if not report.targets:
         raise LatePhaseError(nothing_to_convert(model, report))
-    return convert_from_config(model, LatePhaseConfig(K, report.targets, float(sigma0), seed, report.options))
+    return convert_from_config(model, report.late_phase_config(sigma0, seed))
 
 
 def convert_from_config(model: nn.Module, config: LatePhaseConfig) -> nn.Module:
@@ -378,7 +387,7 @@ def convert_from_config(model: nn.Module, config: LatePhaseConfig) -> nn.Module:
         replacements.update(zip(target.modules, layers))
     # every replacement is built before the first swap, so a failure above leaves the model untouched
     for name, layer in replacements.items():
-        _set_submodule(model, name, layer)
+        set_submodule(model, name, layer)
     setattr(model, ATTRIBUTE, config)
     logger.debug("converted %d layers to K=%d late-phase layers", len(replacements), config.K)
     return model
@@ -399,35 +408,3 @@ def nothing_to_convert(model: nn.Module, report: Plan) -> str:
         f"{name} has no {'/'.join(report.kinds)} layers to convert; kinds present: {present}; "
         f"use those as late-phase weights, e.g. targets={suggestion!r} (--late-phase {suggestion})"
     )
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The model inside DistributedDataParallel / DataParallel and torch.compile wrappers."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):  # torch.compile
-            model = model._orig_mod
-        else:
-            return model
-
-
-def late_phase_layers(model: nn.Module) -> dict[str, LatePhaseLayer]:
-    """The late-phase layers of a converted model by qualified name (empty for a model never converted)."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, LatePhaseLayer)}
-
-
-def num_members(model: nn.Module) -> int:
-    """K of a converted model."""
-    return late_phase_config(model).K
-
-
-def select_members(model: nn.Module, members: int | Sequence[int], sizes: Sequence[int] | None = None) -> None:
-    """Choose the member(s) that the next forward runs: one index, or G indices for a batch of G slices (equal, or
-    ``sizes[g]`` rows for member ``members[g]``)."""
-    layers = late_phase_layers(model)
-    if not layers:
-        raise LatePhaseError("this model has no late-phase layers; run lpconvert.convert(model, K=...) first")
-    members = [members] if isinstance(members, int) else list(members)
-    for selection in {id(layer.selection): layer.selection for layer in layers.values()}.values():
-        selection.select(members, sizes)

@@ -65,7 +65,8 @@ from lpconvert.config import FinetuneConfig
 from lpconvert.evaluate import evaluate
 from lpconvert.finetune import RunInterrupted, run
 
-from lpconvert.run_dir import RunCheckpoint, load_late_phase
+from lpconvert.late_phase_model import load_late_phase
+from lpconvert.run_state import RunCheckpoint
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -292,7 +293,7 @@ def swa_member_ensemble(arm_dir: Path, args: argparse.Namespace) -> dict:
 
     from lpconvert.collapse import recalibrate_batch_norm, unload
     from lpconvert.data import build_datasets, resolve_data_dirs
-    from lpconvert.metrics import evaluate_model
+    from lpconvert.evaluation import evaluate_model
 
     late, _ = load_late_phase(str(arm_dir), "last")
     state = read_checkpoint(arm_dir / "checkpoints" / "last.pt")

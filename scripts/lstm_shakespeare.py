@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import hashlib
 import json
 import math
@@ -219,10 +220,14 @@ class Run:
         self.engine: lpconvert.LatePhaseEngine | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         if lpconvert.late_phase_layers(model):
-            self.engine = lpconvert.LatePhaseEngine(model, partial(torch.optim.Adam, lr=cfg["lr"]), gamma_theta=1.0)
+            self.engine = self.new_engine(model)
         else:
             self.optimizer = torch.optim.Adam(model.parameters(), lr=cfg["lr"])
         self.seconds = 0.0
+
+    def new_engine(self, model: nn.Module) -> lpconvert.LatePhaseEngine:
+        """Algorithm 1 with Adam for θ and the members, γθ = 1."""
+        return lpconvert.LatePhaseEngine(model, partial(torch.optim.Adam, lr=self.cfg["lr"]), gamma_theta=1.0)
 
     def train_epoch(self) -> float:
         """S minibatches (K at a time through Algorithm 1 for a converted model); returns their mean loss in bits."""
@@ -257,35 +262,35 @@ class Run:
         other.batches.generator = torch.Generator().set_state(self.batches.generator.get_state())
         other.swa = copy.deepcopy(self.swa)
         other.curve = copy.deepcopy(self.curve)
-        other.engine = lpconvert.LatePhaseEngine(other.model, partial(torch.optim.Adam, lr=self.cfg["lr"]),
-                                                 gamma_theta=1.0)
+        other.engine = self.new_engine(other.model)
         other.engine.load_state_dict(copy.deepcopy(self.engine.state_dict()))
         return other
 
     def late_phase(self, seed: int) -> dict:
-        """T0: fold the K = 1 factors into W_hh, convert to K members around them (factors 1 + σ0 ε), carry θ's Adam
-        state (W_hh's moments divided by u vᵀ, resp. (u vᵀ)², the gradient's factor in the folded parametrisation)."""
-        old_engine, old = self.engine, self.model
-        layer = lpconvert.late_phase_layers(old)["lstm"]
+        """T0 through :func:`lpconvert.enter_late_phase`: fold the K = 1 factors into W_hh, convert to K members
+        around them (factors 1 + σ0 ε), carry θ's Adam state (W_hh's moments divided by u vᵀ, resp. (u vᵀ)², the
+        gradient's factor in the folded parametrisation); the members' Adam states start afresh."""
+        layer = lpconvert.late_phase_layers(self.model)["lstm"]
         multipliers = {n: torch.outer(getattr(layer, f"rank1_u_{n}")[0], getattr(layer, f"rank1_v_{n}")[0]).detach()
                        for n in layer.factored}
-        names_old = _theta_names(old, old_engine)
-        folded = lpconvert.collapse(old)
-        assert type(folded.lstm) is nn.LSTM
-        self.model = lpconvert.convert(folded, K=self.cfg["K"], targets="rank1", include="lstm",
-                                       sigma0=self.cfg["sigma0"], seed=seed, options=RANK1_OPTIONS)
-        self.engine = lpconvert.LatePhaseEngine(self.model, partial(torch.optim.Adam, lr=self.cfg["lr"]),
-                                                gamma_theta=1.0)
+        names_old = _theta_names(self.model, self.engine)
+        members = dataclasses.replace(lpconvert.late_phase_config(self.model), K=self.cfg["K"],
+                                      sigma0=self.cfg["sigma0"], seed=seed)
+
+        def folded_theta_state(state: dict) -> dict:
+            state = copy.deepcopy(state)
+            for i, name in enumerate(names_old):
+                short = name.removeprefix("lstm.")
+                if name.startswith("lstm.") and short in multipliers and i in state["state"]:
+                    m = multipliers[short]
+                    state["state"][i]["exp_avg"] /= m
+                    state["state"][i]["exp_avg_sq"] /= m * m
+            return state
+
+        self.model, self.engine = lpconvert.enter_late_phase(self.model, self.engine, members, self.new_engine,
+                                                             carry_member_state=False, theta_state=folded_theta_state)
         if _theta_names(self.model, self.engine) != names_old:
             raise RuntimeError("θ's parameters changed order across T0; cannot carry Adam's state")
-        state = copy.deepcopy(old_engine.theta_optimizer.state_dict())
-        for i, name in enumerate(names_old):
-            short = name.removeprefix("lstm.")
-            if name.startswith("lstm.") and short in multipliers and i in state["state"]:
-                m = multipliers[short]
-                state["state"][i]["exp_avg"] /= m
-                state["state"][i]["exp_avg_sq"] /= m * m
-        self.engine.theta_optimizer.load_state_dict(state)
         all_m = torch.cat([m.flatten() for m in multipliers.values()])
         return {"K_after_t0": lpconvert.num_members(self.model),
                 "uv_at_t0": {"mean": all_m.mean().item(), "std": all_m.std().item(),

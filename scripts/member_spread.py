@@ -20,7 +20,7 @@ import math
 import torch
 
 from lpconvert import load_late_phase, load_model
-from lpconvert.surgery import late_phase_layers
+from lpconvert.members import late_phase_layers
 
 
 def spread(run: str, which: str) -> dict[str, float]:

@@ -16,8 +16,7 @@ import torchvision
 import yaml
 from torch import nn
 
-from lpconvert import checkpoint
-from lpconvert.checkpoint import read_output_dir, save_pretrained
+from lpconvert import model_folder
 from lpconvert.errors import LatePhaseError
 from lpconvert.files import (
     atomic_save_torch,
@@ -26,7 +25,8 @@ from lpconvert.files import (
 )
 from lpconvert.files import prepare_tensors
 from lpconvert.loading import ModelSource, load_model
-from lpconvert.run_dir import RunCheckpoint
+from lpconvert.model_folder import read_output_dir, save_pretrained
+from lpconvert.run_state import RunCheckpoint
 from lpconvert.weights import load_weights, read_state_dict
 
 
@@ -357,7 +357,7 @@ def test_failure_while_writing_leaves_nothing_behind(tmp_path, monkeypatch, timm
     def broken(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(checkpoint, "render_model_card", broken)
+    monkeypatch.setattr(model_folder, "render_model_card", broken)
     with pytest.raises(RuntimeError, match="disk full"):
         save_pretrained(model, out, source=source, force=True)
     if existing:
@@ -444,7 +444,7 @@ def test_training_checkpoints_round_trip_weights_only(tmp_path):
     import random
 
     from lpconvert.late_phase_config import LatePhaseConfig, LatePhaseTarget
-    from lpconvert.run_dir import History, Position
+    from lpconvert.run_state import History, Position
 
     checkpoint = RunCheckpoint(
         config={"model": "x"}, source={}, late_phase=LatePhaseConfig(3, [LatePhaseTarget("batchnorm", ("bn1",))]),

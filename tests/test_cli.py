@@ -1,7 +1,9 @@
 """The command line: a real CIFAR-10 fine-tune of the shared ResNet-20, collapse, inspect, and every bad input."""
 
+import dataclasses
 import json
 
+import click
 import pytest
 import safetensors.torch
 import timm
@@ -11,7 +13,8 @@ from PIL import Image
 
 import lpconvert
 from lpconvert.cli import main
-from lpconvert.sampler import EpochBatchSampler
+from lpconvert.config import FinetuneConfig
+from lpconvert.data.sampler import EpochBatchSampler
 
 DIGITS = ["--data", "sklearn-digits", "--batch-size", "40", "--workers", "0", "--quiet", "--no-pretrained",
           "--schedule", "constant"]
@@ -75,6 +78,31 @@ def test_collapse_command_rewrites_the_run_with_another_bn_mode(cifar_run, tmp_p
     assert info["collapsed"] is True and info["metrics"] is None  # measured with fold: no numbers claimed for mean
     again = invoke("collapse", out, "--out", tmp_path / "mean")
     assert_one_line_error(again, "not empty", "--force")
+
+
+def _options(command):
+    return {p.name: p for p in command.params if isinstance(p, click.Option)}
+
+
+def test_every_setting_has_a_finetune_flag_and_every_option_a_help():
+    finetune = main.commands["finetune"]
+    flags = _options(finetune)
+    arguments = {p.name for p in finetune.params if isinstance(p, click.Argument)}
+    for field in dataclasses.fields(FinetuneConfig):
+        where = arguments if field.metadata.get("argument") else flags
+        assert field.name in where, f"FinetuneConfig.{field.name} has no finetune flag (or argument)"
+    for command in (main, *main.commands.values()):
+        for option in _options(command).values():
+            assert (option.help or "").strip(), f"lpconvert {command.name} {option.opts[0]} has no help text"
+
+
+def test_inspect_shares_the_flags_of_finetune():
+    inspect, finetune = _options(main.commands["inspect"]), _options(main.commands["finetune"])
+    shared = set(inspect) & {field.name for field in dataclasses.fields(FinetuneConfig)}
+    assert shared == {"K", "late_phase", "late_phase_options", "include", "exclude", "weights", "num_classes"}
+    for name in shared:
+        assert (inspect[name].opts, inspect[name].help, inspect[name].type.to_info_dict()) == (
+            finetune[name].opts, finetune[name].help, finetune[name].type.to_info_dict())
 
 
 def test_inspect_reports_the_plan():

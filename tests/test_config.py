@@ -1,11 +1,13 @@
 """Settings: defaults are the paper's ImageNet recipe; recipes (YAML, TOML) set fields; flags override them."""
 
+import dataclasses
+
 import pytest
 
 from lpconvert.cli import build_config
-from lpconvert.config import FinetuneConfig, list_recipes, read_recipe
+from lpconvert.config import CHOICES, SELECT, FinetuneConfig, list_recipes, read_recipe
 from lpconvert.errors import LatePhaseError
-from lpconvert.finetune import lr_factor
+from lpconvert.optim import lr_factor
 
 
 def test_defaults_are_the_paper_imagenet_recipe():
@@ -16,6 +18,18 @@ def test_defaults_are_the_paper_imagenet_recipe():
     assert lr_factor(c, 9.99) == 1.0 and lr_factor(c, 10.0) == pytest.approx(0.1)
     half = FinetuneConfig(epochs=1, milestones=(0.5,))  # fractional milestones: one-epoch schedules
     assert lr_factor(half, 0.49) == 1.0 and lr_factor(half, 0.5) == pytest.approx(0.1)
+
+
+def test_every_setting_documents_itself():
+    fields = dataclasses.fields(FinetuneConfig)
+    for field in fields:
+        assert field.metadata.get("help", "").strip(), f"FinetuneConfig.{field.name} has no help"
+        assert set(field.metadata) <= {"help", "choices", "path", "argument"}, field.name
+        assert field.metadata.get("path") in (None, "file", "dir"), field.name
+    assert [f.name for f in fields if f.metadata.get("argument")] == ["model"]  # the MODEL argument, not a flag
+    assert CHOICES["select"] == SELECT and CHOICES["member_optimizer"] == CHOICES["optimizer"]
+    with pytest.raises(LatePhaseError, match="--select is not one of best, last"):
+        FinetuneConfig(select="first")
 
 
 def test_yaml_and_toml_recipes_with_flag_overrides(tmp_path):

@@ -191,7 +191,8 @@ def test_gradient_accumulation_control(tmp_path):
 
 def test_member_settings_start_at_t0_and_a_forced_resume_applies_changed_settings(tmp_path):
     """Before T0 the late-phase weights train as plain weights (U_θ's settings); from T0 on U_φ takes --member-*;
-    --resume --force with other settings trains with them (saved optimizer states do not override the config)."""
+    --resume --force with other settings trains with them (saved optimizer states do not override the config; the
+    schedule is constant, so the saved learning rates are the settings')."""
     settings = dict(K=3, epochs=3, t0=1, member_weight_decay=0.5, weight_decay=1e-4, member_lr=0.02)
 
     def groups(path):
@@ -201,18 +202,69 @@ def test_member_settings_start_at_t0_and_a_forced_resume_applies_changed_setting
     with pytest.raises(RunInterrupted):
         run(_digits_run(tmp_path, "run", **settings), stop_after=12)  # epoch 0 (30 batches): before T0
     theta, member = groups(tmp_path / "run")
-    assert member["weight_decay"] == theta["weight_decay"] == 1e-4 and member["base_lr"] == theta["base_lr"] == 0.05
+    assert member["weight_decay"] == theta["weight_decay"] == 1e-4 and member["lr"] == theta["lr"] == 0.05
     with pytest.raises(RunInterrupted):
         run(_digits_run(tmp_path, "run", resume=str(tmp_path / "run"), **settings), stop_after=35)  # past T0
     theta, member = groups(tmp_path / "run")
-    assert member["weight_decay"] == 0.5 and member["base_lr"] == 0.02 and theta["weight_decay"] == 1e-4
+    assert member["weight_decay"] == 0.5 and member["lr"] == 0.02 and theta["weight_decay"] == 1e-4
     changed = dict(settings, member_weight_decay=0.05, lr=0.01)
     run(_digits_run(tmp_path, "run", resume=str(tmp_path / "run"), force=True, **changed))
     theta, member = groups(tmp_path / "run")
-    assert member["weight_decay"] == 0.05 and theta["base_lr"] == 0.01 and member["base_lr"] == 0.02
+    assert member["weight_decay"] == 0.05 and theta["lr"] == 0.01 and member["lr"] == 0.02
 
 
 def test_the_accumulation_control_starts_at_t0(tmp_path):
     """--K 1 --accumulate 3 --t0 1: plain steps in epoch 1 (30 iterations), accumulation after (10 per epoch)."""
     run(_digits_run(tmp_path, "control", K=1, accumulate=3, t0=1, epochs=2))
     assert _load(tmp_path / "control" / "checkpoints" / "last.pt")["position"]["iteration"] == 30 + 10
+
+
+@pytest.mark.parametrize("resume", [False, True])
+def test_a_run_traces_the_model_once(tmp_path, monkeypatch, resume):
+    """The conversion is planned once per run (torch.fx traces of one `plan`); the K = 1 model before T0, the switch
+    to K members at T0, the best checkpoint's rebuild and a resume all inject layers by name."""
+    import torch.fx
+
+    traces = []
+    real = torch.fx.Tracer.trace
+
+    def counted(self, *args, **kwargs):
+        traces.append(type(self).__name__)
+        return real(self, *args, **kwargs)
+
+    lpconvert.plan(timm.create_model("digits_cnn"), K=3, targets=("batchnorm", "classifier"))
+    monkeypatch.setattr(torch.fx.Tracer, "trace", counted)
+    lpconvert.plan(timm.create_model("digits_cnn"), K=3, targets=("batchnorm", "classifier"))
+    one_plan, traces[:] = len(traces), []
+    assert one_plan >= 1
+    config = _digits_run(tmp_path, t0=1, epochs=3, K=3)
+    if resume:
+        with pytest.raises(RunInterrupted):
+            run(config, stop_after=40)
+        traces.clear()
+        config = FinetuneConfig(**{**config.to_dict(), "resume": config.output})
+    run(config)
+    assert len(traces) == one_plan
+
+
+def test_a_late_phase_that_may_wreck_the_run_is_warned_about(tmp_path, monkeypatch, caplog):
+    """γθ = 1 with K = 4: θ steps on 4 times a plain step from T0 on; a fall of validation top-1 over the first
+    late-phase epoch is named too. γθ = 1/K (the default) warns about neither."""
+    from lpconvert import finetune
+
+    real, scores = finetune.evaluate_averaged, iter([80.0, 60.0, 61.0])
+
+    def scored(*args):
+        return {**real(*args), "top1": next(scores)}
+
+    monkeypatch.setattr(finetune, "evaluate_averaged", scored)
+    with caplog.at_level("WARNING", logger="lpconvert.finetune"):
+        run(_digits_run(tmp_path, "risky", K=4, t0=1, epochs=3, gamma_theta=1.0))
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("4 times a plain step" in m and "--gamma-theta" in m for m in messages), messages
+    assert any("fell from 80.00 to 60.00" in m and "--lr" in m for m in messages), messages
+    monkeypatch.undo()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="lpconvert.finetune"):
+        run(_digits_run(tmp_path, "default", K=4, t0=1, epochs=2))
+    assert not [r for r in caplog.records if "--gamma-theta" in r.getMessage()]

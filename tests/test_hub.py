@@ -11,7 +11,7 @@ import timm
 import torch
 from hub_server import TEST_TOKEN, HubServer, configure_client
 
-from lpconvert.checkpoint import save_pretrained
+from lpconvert.model_folder import save_pretrained
 from lpconvert.errors import LatePhaseError
 from lpconvert.hub import push
 from lpconvert.loading import load_model

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lpconvert import LatePhaseError
-from lpconvert.layers import LatePhaseBatchNorm, LatePhaseLayerNorm, LatePhaseLinear, MemberSelection, Rank1Layer
+from lpconvert.layers import (LatePhaseBatchNorm, LatePhaseLayerNorm, LatePhaseLinear, MemberSelection, Rank1Layer,
+                              member_mean)
 
 
 def test_batchnorm_statistics_are_estimated_per_member_slice():
@@ -27,6 +28,37 @@ def test_batchnorm_statistics_are_estimated_per_member_slice():
     assert torch.equal(bn.running_mean[1], torch.zeros(4)) and bn.num_batches_tracked.tolist() == [1, 0, 1]
     with pytest.raises(LatePhaseError, match="cannot be split evenly"):
         bn(torch.randn(7, 4, 2, 2))
+
+
+def test_tensors_left_out_of_the_members_stay_shared():
+    """StackedLayer.member_tensor_names: a BatchNorm with K × (γ, β) and one set of running statistics, which every
+    member's slice updates and collapse gives back as it is."""
+
+    class AffineMembers(LatePhaseBatchNorm):  # not registered
+        @classmethod
+        def member_tensor_names(cls, module: nn.Module) -> tuple[str, ...]:
+            return ("weight", "bias")
+
+    bn = nn.BatchNorm1d(3, momentum=0.5)
+    running_mean = bn.running_mean
+    assert AffineMembers.member_parameters([bn], {}) == 6
+    sel = MemberSelection(2)
+    layer = AffineMembers(bn, 2, sel, sigma0=0.5, generator=torch.Generator().manual_seed(0)).train()
+    assert layer.running_mean is running_mean and layer.weight.shape == (2, 3) and layer.shared_names == [
+        "running_mean", "running_var", "num_batches_tracked"]
+    x = torch.randn(4, 3)
+    sel.select([1, 0])
+    y = layer(x)
+    for g, k in enumerate([1, 0]):
+        x_g = x[2 * g : 2 * (g + 1)]
+        expected = F.batch_norm(x_g, None, None, layer.weight[k], layer.bias[k], training=True)
+        torch.testing.assert_close(y[2 * g : 2 * (g + 1)], expected)
+    torch.testing.assert_close(running_mean, 0.25 * x[:2].mean(0) + 0.5 * x[2:].mean(0))  # slice 0, then slice 1
+    assert bn.num_batches_tracked == 2
+    original = layer.collapse(bn_stats="fold")
+    assert type(original) is nn.BatchNorm1d and original.running_mean is not running_mean
+    assert torch.equal(original.running_mean, running_mean) and original.num_batches_tracked == 2
+    assert torch.equal(original.weight, member_mean(layer.weight)) and torch.equal(original.bias, member_mean(layer.bias))
 
 
 def test_classifier_runs_member_g_on_slice_g():

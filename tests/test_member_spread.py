@@ -9,7 +9,7 @@ import torch
 import lpconvert
 from lpconvert.config import FinetuneConfig
 from lpconvert.finetune import DIGITS, run
-from lpconvert.surgery import late_phase_layers
+from lpconvert.members import late_phase_layers
 from script_module import load_script
 
 member_spread = load_script("member_spread")

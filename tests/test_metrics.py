@@ -7,12 +7,11 @@ from sklearn.metrics import roc_auc_score
 from torch import nn
 
 from lpconvert.errors import LatePhaseError
+from lpconvert.evaluation import evaluate_model, flatness
 from lpconvert.metrics import (
     ClassificationMeter,
     auroc,
     ece,
-    evaluate_model,
-    flatness,
     nll,
     ood_auroc,
     predictive_entropy,

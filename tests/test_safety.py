@@ -22,7 +22,8 @@ import lpconvert
 from lpconvert.cli import main
 from lpconvert.config import FinetuneConfig
 from lpconvert.finetune import RunInterrupted, run
-from lpconvert.run_dir import MARKER, RunLock
+from lpconvert.ownership import MARKER
+from lpconvert.run_dir import RunLock
 
 DIGITS = ["--data", "sklearn-digits", "--batch-size", "40", "--workers", "0", "--quiet", "--no-pretrained",
           "--schedule", "constant", "--epochs", "1", "--K", "2"]
@@ -259,7 +260,7 @@ def test_disk_full_is_one_line_and_debug_shows_the_traceback(workdir, monkeypatc
     def full(self, path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(lpconvert.run_dir.RunCheckpoint, "save", full)
+    monkeypatch.setattr(lpconvert.run_state.RunCheckpoint, "save", full)
     assert_one_line(invoke("finetune", "digits_cnn", *DIGITS, "--output", "a"), "No space left on device", "last.pt")
     with pytest.raises(OSError):
         invoke("--debug", "finetune", "digits_cnn", *DIGITS, "--output", "b")
@@ -280,14 +281,14 @@ def test_the_best_epoch_is_exported_before_or_after_t0(workdir, monkeypatch, sco
     """--t0 1: epoch 1 is plain (K = 1), epoch 2 late-phase; whichever is best is exported as what it is."""
     from lpconvert import finetune
 
-    real = finetune.Trainer.evaluate_averaged
+    real = finetune.evaluate_averaged
     seen = iter(scores)
 
-    def scored(self):
-        metrics = real(self)
+    def scored(*args):
+        metrics = real(*args)
         return {**metrics, "top1": next(seen)}
 
-    monkeypatch.setattr(finetune.Trainer, "evaluate_averaged", scored)
+    monkeypatch.setattr(finetune, "evaluate_averaged", scored)
     report = digits_run(workdir / "run", K=3, epochs=2, t0=1, late_phase=("batchnorm", "classifier"))
     assert report["K"] == exported_K and report["epoch"] == (1 if exported_K == 1 else 2)
     assert ("before T0" in report.get("note", "")) == (exported_K == 1)

@@ -101,6 +101,25 @@ def test_plan_reports_functional_calls_reuse_and_untraceable_models():
         lpconvert.convert(FunctionalNorm(), K=2)
 
 
+def test_convert_is_plan_warn_and_convert_from_config():
+    """What the fine-tuner composes: the plan's warnings (attributed to the caller, as convert's are) and its config
+    give the model that convert gives."""
+    report = lpconvert.plan(FunctionalNorm(), K=2, targets="bn,head")
+    config = report.late_phase_config(0.1, 3)
+    assert config == lpconvert.LatePhaseConfig(2, report.targets, 0.1, 3, report.options)
+    with pytest.warns(UserWarning, match="functional norm call") as via_plan:
+        report.warn(stacklevel=1)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning) as via_convert:
+        converted = lpconvert.convert(FunctionalNorm(), K=2, targets="bn,head", sigma0=0.1, seed=3)
+    assert [str(w.message) for w in via_plan] == [str(w.message) for w in via_convert]
+    assert {w.filename for w in [*via_plan, *via_convert]} == {__file__}
+    torch.manual_seed(0)
+    rebuilt = lpconvert.convert_from_config(FunctionalNorm(), config)
+    assert lpconvert.late_phase_config(converted) == config
+    assert all(torch.equal(v, rebuilt.state_dict()[k]) for k, v in converted.state_dict().items())
+
+
 def test_timm_norm_act_layers_stay_modules_and_keep_their_activation():
     model = timm.create_model("efficientnet_b0", num_classes=5).eval()
     x = torch.randn(1, 3, 32, 32)

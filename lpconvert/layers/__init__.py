@@ -1,14 +1,16 @@
 """Late-phase layers, one file per kind; each holds K members and averages back to the original layer.
 
 Every module of this package is imported here, so a kind registers itself (``@register_kind``) by existing:
-adding a kind is one file in this folder and its tests.
+adding a kind is one file in this folder and its tests. Import order does not matter: the registry orders kinds by
+their ``precedence``.
 """
 
 import importlib
 import pkgutil
 
 from .base import LatePhaseLayer, MemberSelection, StackedLayer, member_mean
-from .registry import KINDS, Discovery, aliases, kind_names, kinds_help, options_help, register_kind, resolve_kinds
+from .discovery import Discovery
+from .registry import KINDS, aliases, kind_names, kinds_help, options_help, register_kind, resolve_kinds
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")

@@ -12,16 +12,14 @@ mode of Algorithm 1, G > 1 the vectorized mode (the members' minibatches stacked
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.func import functional_call
 
 from ..errors import LatePhaseError
-
-if TYPE_CHECKING:
-    from .registry import Discovery
+from .discovery import Discovery
 
 
 class MemberSelection:
@@ -110,14 +108,18 @@ class LatePhaseLayer(nn.Module):
     """Interface of every late-phase layer: K members, a shared :class:`MemberSelection`, a way back.
 
     A subclass registered with :func:`~lpconvert.layers.registry.register_kind` is a *kind* of late-phase weights.
-    It declares its name and aliases, the module types torch.fx keeps as leaves, how it finds its targets in a model
-    (:meth:`targets`: single modules, or groups of modules that share state), how many parameters a member adds
-    (:meth:`member_parameters`) and how it is built (:meth:`build`). Surgery, plan, the CLI and loading read that.
+    It declares its name and aliases, its precedence, the module types torch.fx keeps as leaves, how it finds its
+    targets in a model (:meth:`targets`: single modules, or groups of modules that share state), how many parameters
+    a member adds (:meth:`member_parameters`) and how it is built (:meth:`build`). Surgery, plan, the CLI and loading
+    read that.
     """
 
     kind: ClassVar[str] = ""
     aliases: ClassVar[tuple[str, ...]] = ()
     description: ClassVar[str] = ""
+    # which kind gets a module that two kinds claim: kinds look for targets in decreasing precedence (ties by kind
+    # name), each among the modules no earlier kind took; the default 0 puts a new kind after the built-in ones
+    precedence: ClassVar[int] = 0
     module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
     member_weight_decay: ClassVar[bool] = True  # False: U_φ applies no weight decay to this kind's members
     options_help: ClassVar[str] = ""  # the kind's options (``convert(options={kind: ...})``), for ``--help``
@@ -148,8 +150,8 @@ class LatePhaseLayer(nn.Module):
 
     @classmethod
     def member_parameters(cls, modules: Sequence[nn.Module], options: dict[str, Any]) -> int:
-        """Late-phase parameters that one member adds for a target (default: the modules' own parameters)."""
-        return sum(p.numel() for m in modules for p in m.parameters(recurse=False))
+        """Late-phase parameters that one member adds for a target."""
+        raise NotImplementedError
 
     @classmethod
     def added_parameters(cls, modules: Sequence[nn.Module], num_members: int, options: dict[str, Any]) -> int:
@@ -192,12 +194,15 @@ class LatePhaseLayer(nn.Module):
 
 
 class StackedLayer(LatePhaseLayer):
-    """A layer with K members of its own parameters (and buffers), running the original module's forward.
+    """A layer with K members of a module's own tensors (by default all its parameters and buffers), running the
+    original module's forward.
 
     The original module is kept as a hollow template (its own tensors removed, its submodules shared with this
-    layer), and member g's forward is ``functional_call(template, member_g_tensors, x_g)``: any subclass of the
-    original type (timm's ``BatchNormAct2d``, ``LayerNorm2d`` …) keeps its exact behaviour. Stacked tensors keep the
-    original names, with shape ``(K, *original_shape)``; submodules (e.g. a norm-act layer's ``act``) stay shared.
+    layer), and member g's forward is ``functional_call(template, member_g_tensors | shared_tensors, x_g)``: any
+    subclass of the original type (timm's ``BatchNormAct2d``, ``LayerNorm2d`` …) keeps its exact behaviour. Member
+    tensors keep the original names, with shape ``(K, *original_shape)``; the tensors :meth:`member_tensor_names`
+    leaves out stay shared under their names (the same objects: parameters of θ) and submodules (e.g. a norm-act
+    layer's ``act``) stay shared.
     """
 
     def __init__(
@@ -209,28 +214,46 @@ class StackedLayer(LatePhaseLayer):
         generator: torch.Generator | None = None,
     ) -> None:
         super().__init__(num_members, selection)
-        self.param_names = [n for n, p in module._parameters.items() if p is not None]
-        self.buffer_names = [n for n, b in module._buffers.items() if b is not None]
+        stacked = set(self.member_tensor_names(module))
+        own = {**{n: p for n, p in module._parameters.items() if p is not None},
+               **{n: b for n, b in module._buffers.items() if b is not None}}
+        self.param_names = [n for n in own if n in stacked and n in module._parameters]
+        self.buffer_names = [n for n in own if n in stacked and n in module._buffers]
+        self.shared_names = [n for n in own if n not in stacked]
         if not self.param_names:
             raise LatePhaseError(f"{type(module).__name__} has no parameters to turn into late-phase members")
-        self._requires_grad = {n: module._parameters[n].requires_grad for n in self.param_names}
-        for name in self.param_names:
-            stacked = self._stack(module._parameters[name].detach())
-            self.register_parameter(name, nn.Parameter(stacked, requires_grad=self._requires_grad[name]))
-        for name in self.buffer_names:
-            self.register_buffer(name, self._stack(module._buffers[name]))
+        self._requires_grad = {n: p.requires_grad for n, p in module._parameters.items() if p is not None}
+        for name, tensor in own.items():
+            if name in self._requires_grad:
+                self.register_parameter(name, tensor if name in self.shared_names else nn.Parameter(
+                    self._stack(tensor), requires_grad=self._requires_grad[name]))
+            else:
+                self.register_buffer(name, tensor if name in self.shared_names else self._stack(tensor))
         for name, child in module.named_children():
             self.add_module(name, child)
-        self.__dict__["template"] = _hollow_copy(module, self.param_names + self.buffer_names, dict(self.named_children()))
+        self.__dict__["template"] = _hollow_copy(module, list(own), dict(self.named_children()))
         self.template.train(module.training)
         self.train(module.training)
         if sigma0 > 0:
             self.perturb(sigma0, generator)
 
     @classmethod
+    def member_tensor_names(cls, module: nn.Module) -> tuple[str, ...]:
+        """The names of `module`'s own tensors that get K members (default: all its parameters and buffers). The
+        others stay shared: ordinary parameters (θ) and buffers of this layer, given back unchanged by collapse."""
+        return tuple(n for n, t in [*module._parameters.items(), *module._buffers.items()] if t is not None)
+
+    @classmethod
     def accepts(cls, name: str, module: nn.Module, discovery: Discovery) -> bool:
-        """Every module of the kind's `module_types` that has parameters of its own (affine norms)."""
-        return isinstance(module, cls.module_types) and any(True for _ in module.parameters(recurse=False))
+        """Every module of the kind's `module_types` with a parameter among its member tensors (affine norms)."""
+        return isinstance(module, cls.module_types) and any(
+            module._parameters.get(n) is not None for n in cls.member_tensor_names(module))
+
+    @classmethod
+    def member_parameters(cls, modules: Sequence[nn.Module], options: dict[str, Any]) -> int:
+        """The parameters among the modules' member tensors (:meth:`member_tensor_names`)."""
+        return sum(m._parameters[n].numel() for m in modules for n in cls.member_tensor_names(m)
+                   if m._parameters.get(n) is not None)
 
     def _stack(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.detach().unsqueeze(0).repeat(self.num_members, *([1] * tensor.dim())).clone()
@@ -242,7 +265,8 @@ class StackedLayer(LatePhaseLayer):
 
     @torch.no_grad()
     def perturb(self, sigma0: float, generator: torch.Generator | None = None) -> None:
-        """Eq. 2: φ_k = φ0 + σ0 · ‖φ0‖/√D · ε_k with ε_k ~ N(0, I), φ0 all parameters of this layer (D entries)."""
+        """Eq. 2: φ_k = φ0 + σ0 · ‖φ0‖/√D · ε_k with ε_k ~ N(0, I), φ0 all member parameters of this layer (D
+        entries)."""
         phi0 = torch.cat([getattr(self, n)[0].reshape(-1).float() for n in self.param_names])
         scale = sigma0 * phi0.norm() / phi0.numel() ** 0.5
         for name in self.param_names:
@@ -269,9 +293,10 @@ class StackedLayer(LatePhaseLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         slices = self.selection.split(x)
         rows = {n: self.member_rows(getattr(self, n)) for n in self.param_names + self.buffer_names}
+        shared = {n: getattr(self, n) for n in self.shared_names}
         self.template.training = self.training
         outs = [
-            functional_call(self.template, {n: r[g] for n, r in rows.items()}, (x_g,))
+            functional_call(self.template, {**shared, **{n: r[g] for n, r in rows.items()}}, (x_g,))
             for g, x_g in enumerate(slices)
         ]
         if torch.compiler.is_compiling() and self.training and self.buffer_names:
@@ -284,14 +309,15 @@ class StackedLayer(LatePhaseLayer):
 
     # -- back to the original type ------------------------------------------------------------------------------
     def to_original(self, tensors: dict[str, torch.Tensor]) -> nn.Module:
-        """A module of the original class holding `tensors` (original names and shapes) and this layer's children."""
+        """A module of the original class holding `tensors` (the member tensors, original names and shapes), copies
+        of the shared tensors and this layer's children."""
         module = _hollow_copy(self.template, [], dict(self.named_children()))
-        for name in self.param_names:
-            module._parameters[name] = nn.Parameter(
-                tensors[name].detach().clone(), requires_grad=self._requires_grad[name]
-            )
-        for name in self.buffer_names:
-            module._buffers[name] = tensors[name].detach().clone()
+        shared = {n: getattr(self, n) for n in self.shared_names}
+        for name, tensor in {**shared, **tensors}.items():
+            if name in module._parameters:
+                module._parameters[name] = nn.Parameter(tensor.detach().clone(), requires_grad=self._requires_grad[name])
+            else:
+                module._buffers[name] = tensor.detach().clone()
         module.train(self.training)
         return module
 

@@ -20,6 +20,7 @@ BN_STATS_MODES = ("fold", "mean", "recalibrate")
 class LatePhaseBatchNorm(StackedLayer):
     kind = "batchnorm"
     aliases = ("bn", "norm")
+    precedence = 60
     description = "BatchNorm scale/shift and running statistics (the paper's)"
     module_types = (nn.modules.batchnorm._BatchNorm,)
 

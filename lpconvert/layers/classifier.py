@@ -6,13 +6,15 @@ from __future__ import annotations
 from torch import nn
 
 from .base import StackedLayer
-from .registry import Discovery, register_kind
+from .discovery import Discovery
+from .registry import register_kind
 
 
 @register_kind
 class LatePhaseLinear(StackedLayer):
     kind = "classifier"
     aliases = ("head", "fc")
+    precedence = 50  # before hypernet and rank1, which take Linear / Conv layers too
     description = "the layer producing the logits"
 
     @classmethod

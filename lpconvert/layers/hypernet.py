@@ -23,7 +23,8 @@ from torch.func import functional_call
 
 from ..errors import LatePhaseError
 from .base import LatePhaseLayer, MemberSelection, _hollow_copy, member_mean
-from .registry import Discovery, register_kind
+from .discovery import Discovery
+from .registry import register_kind
 
 TOLERANCE = 1e-3
 
@@ -34,6 +35,7 @@ class HypernetLayer(LatePhaseLayer):
 
     kind = "hypernet"
     aliases = ("hyper",)
+    precedence = 40  # after the classifier, before rank1
     description = "hypernetwork embeddings: W = θ φ per layer, θ shared by layers of one shape"
     module_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     member_weight_decay = False

@@ -16,6 +16,7 @@ from .registry import register_kind
 class LatePhaseLayerNorm(StackedLayer):
     kind = "layernorm"
     aliases = ("ln", "norm")
+    precedence = 30
     description = "LayerNorm and RMSNorm scale/shift"
     module_types = (nn.LayerNorm, nn.RMSNorm)
 
@@ -24,5 +25,6 @@ class LatePhaseLayerNorm(StackedLayer):
 class LatePhaseGroupNorm(StackedLayer):
     kind = "groupnorm"
     aliases = ("gn", "norm")
+    precedence = 20
     description = "GroupNorm scale/shift"
     module_types = (nn.GroupNorm,)

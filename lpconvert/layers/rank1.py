@@ -15,8 +15,9 @@ from torch.func import functional_call
 
 from ..errors import LatePhaseError
 from .base import LatePhaseLayer, MemberSelection, _hollow_copy, mean_outer, perturb_factors
+from .discovery import Discovery
 from .rank1_recurrent import Rank1RecurrentLayer
-from .registry import Discovery, register_kind
+from .registry import register_kind
 
 
 @register_kind
@@ -24,6 +25,7 @@ class Rank1Layer(LatePhaseLayer):
     """Wraps an ``nn.Linear`` or ``nn.Conv{1,2,3}d`` (or a subclass): shared W, b; K × (u ∈ R^out, v ∈ R^in)."""
 
     kind = "rank1"
+    precedence = 10  # the Linear / Conv layers that the classifier and hypernet leave
     description = "multiplicative u vᵀ on Linear / Conv weights and LSTM / GRU recurrent matrices"
     module_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNNBase)
     options_help = "input_weights=true (a recurrent layer's input matrices too)"

@@ -1,16 +1,15 @@
-"""The registry of late-phase kinds, and what a kind sees of a model when it looks for its targets.
+"""The registry of late-phase kinds.
 
 A kind is a :class:`~lpconvert.layers.base.LatePhaseLayer` subclass decorated with :func:`register_kind`, in its own
-file of this package (every module here is imported by the package). Kinds are listed in file-name order; when two
-kinds want the same module, the earlier one has it (``classifier`` before ``rank1``).
+file of this package (every module here is imported by the package). ``KINDS`` is kept in decreasing
+:attr:`~lpconvert.layers.base.LatePhaseLayer.precedence` (ties by kind name), whatever the order of registration:
+kinds look for their targets in that order, so when two kinds want the same module the one of higher precedence has
+it (``classifier`` before ``hypernet`` before ``rank1``). ``--help`` and ``plan`` list kinds in that order too.
 """
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Iterable
 
 from torch import nn
 
@@ -21,10 +20,12 @@ KINDS: dict[str, type[LatePhaseLayer]] = {}
 
 
 def register_kind(cls: type[LatePhaseLayer]) -> type[LatePhaseLayer]:
-    """Class decorator: make `cls` the late-phase kind ``cls.kind``."""
+    """Class decorator: make `cls` the late-phase kind ``cls.kind``, in its place by precedence."""
     if not cls.kind or cls.kind in KINDS:
         raise ValueError(f"late-phase kind {cls.kind!r} is missing or registered twice")
-    KINDS[cls.kind] = cls
+    ordered = sorted([*KINDS.values(), cls], key=lambda c: (-c.precedence, c.kind))
+    KINDS.clear()
+    KINDS.update((c.kind, c) for c in ordered)
     return cls
 
 
@@ -73,34 +74,3 @@ def kinds_help() -> str:
 def options_help() -> str:
     """The kinds' options for ``--help``: ``kind.option=…`` per kind that has any."""
     return "; ".join(f"{kind}: {cls.options_help}" for kind, cls in KINDS.items() if cls.options_help)
-
-
-def matches(name: str, patterns: Sequence[str]) -> bool:
-    """Whether a qualified module name matches one of the glob patterns (or equals one)."""
-    return any(fnmatch.fnmatchcase(name, p) or name == p for p in patterns)
-
-
-@dataclass
-class Discovery:
-    """What a kind sees of a model: its modules, the classifier found by torch.fx, include/exclude patterns and the
-    kinds' options."""
-
-    model: nn.Module
-    modules: dict[str, nn.Module]
-    classifier: str | None = None
-    include: Sequence[str] = ()
-    exclude: Sequence[str] = ()
-    options: dict[str, dict[str, Any]] = field(default_factory=dict)
-    claimed: set[str] = field(default_factory=set)
-
-    def candidates(self) -> Iterator[tuple[str, nn.Module]]:
-        """(name, module) in module order: not the model itself, not claimed by an earlier kind, and passing
-        include/exclude."""
-        for name, module in self.modules.items():
-            if not name or name in self.claimed:
-                continue
-            if self.include and not matches(name, self.include):
-                continue
-            if matches(name, self.exclude):
-                continue
-            yield name, module

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import torch
 from torch.utils.data import Dataset, Sampler
 
-from .errors import LatePhaseError
+from lpconvert.errors import LatePhaseError
 
 
 class EpochBatchSampler(Sampler[list[tuple[int, int]]]):
@@ -72,9 +72,13 @@ class SeededSamples(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
+    def sample_seed(self, epoch: int, index: int) -> int:
+        """The seed of sample `index`'s augmentation in `epoch`."""
+        return (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+
     def __getitem__(self, key: tuple[int, int] | int) -> Any:
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        sample_seed = (self.seed * 1_000_003 + epoch) * 10_000_019 + index
+        sample_seed = self.sample_seed(epoch, index)
         with torch.random.fork_rng(devices=[]):
             torch.random.default_generator.manual_seed(sample_seed)  # the CPU generator only: no CUDA seeding
             state = random.getstate()

@@ -2,7 +2,7 @@
 
 :func:`save_pretrained` writes ``model.safetensors``, ``config.json``, a ``README.md`` model card and
 ``lpconvert.json`` provenance; :func:`read_output_dir` validates one. (Run checkpoints, with all K members, are
-:mod:`lpconvert.run_dir`'s.)
+:mod:`lpconvert.run_state`'s.)
 """
 
 from __future__ import annotations
@@ -36,9 +36,9 @@ from lpconvert.files import (
     sha256_file,
 )
 from lpconvert.loading import ModelSource, source_from_timm
+from lpconvert.members import unwrap
 from lpconvert.model_card import render_model_card
-from lpconvert.run_dir import check_replaceable, swap_into_place
-from lpconvert.surgery import unwrap
+from lpconvert.ownership import check_replaceable, swap_into_place
 from lpconvert.version import lpconvert_version
 
 __all__ = ["OutputDir", "read_output_dir", "save_pretrained"]
@@ -70,7 +70,7 @@ def save_pretrained(
     ``averaging`` — how the members were averaged, see :func:`render_model_card` — and the caller's
     ``provenance``). Everything is written into a temp directory beside ``out_dir`` and renamed into place. An
     existing non-empty ``out_dir`` is replaced only with ``force`` and only if it is an lpconvert model folder (see
-    :mod:`lpconvert.run_dir`), after the new one is complete. Returns the output path.
+    :mod:`lpconvert.ownership`), after the new one is complete. Returns the output path.
     """
     out_dir = Path(out_dir).expanduser().absolute()
     check_replaceable(out_dir, "model", "--out", force)

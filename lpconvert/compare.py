@@ -1,0 +1,233 @@
+"""`lpconvert compare`: does late-phase training beat plain fine-tuning on MY model and data, by more than the noise
+between seeds? The paired experiment of the paper's tables, as a product.
+
+Arms are named settings over one base :class:`~lpconvert.config.FinetuneConfig` (``plain``: K = 1; late-phase with
+any kinds, K, σ0, γθ; SWA; the accumulation control; any other setting). Seeds are paired: per seed, the epochs
+before T0 are trained once (``seedS/trunk``) and every arm whose settings leave those epochs unchanged branches from
+a copy of it — same data order, same augmentation, bitwise the run it would have been in one go. Every arm ends at
+its last epoch (``select = last``: nothing is chosen on the evaluation set) and is evaluated the same way on the
+base configuration's validation split: the averaged model (Eq. 1), and for late-phase arms the ensemble of the
+members. :mod:`lpconvert.compare_report` turns the numbers into paired differences. Rerunning the same command
+continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Sequence
+
+from .collapse import ensemble_predict
+from .config import FinetuneConfig, field_types, flag
+from .data import build_data, eval_loader
+from .errors import LatePhaseError
+from .evaluate import eval_set
+from .evaluation import evaluate_model
+from .files import atomic_write_json, read_json_object
+from .finetune import RunInterrupted, run
+from .late_phase_model import load_late_phase
+from .loading import load_model
+from .ownership import check_not_protected
+from .run_dir import RunLock
+from .run_state import RunCheckpoint
+from .runtime import resolve_device
+
+MARKER = ".lpconvert-compare"
+SETTINGS, EVALUATIONS = "compare.json", "evaluations.json"
+#: Settings an arm may change and still branch from the shared epochs before T0 (they act from T0 on).
+LATE_SETTINGS = frozenset({
+    "K", "late_phase", "late_phase_options", "include", "exclude", "sigma0", "gamma_theta", "accumulate",
+    "member_optimizer", "member_lr", "member_weight_decay", "bn_stats", "recalibrate_batches", "mode", "group_size",
+})
+#: Settings that belong to the comparison, not to an arm.
+NOT_PER_ARM = frozenset({"seed", "output", "resume", "force", "select", "push_to_hub", "allow_regression"})
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """A named set of settings over the base configuration."""
+
+    name: str
+    settings: dict[str, Any]
+
+
+def parse_arm(text: str) -> Arm:
+    """``NAME`` or ``NAME: key=value key=value …`` (settings by field or flag name, e.g. ``late: K=10 sigma0=0.5``);
+    ``plain`` alone means K = 1."""
+    name, _, rest = text.partition(":")
+    name = name.strip()
+    if not _NAME.fullmatch(name):
+        raise LatePhaseError(f"--arm {text!r}: name the arm with letters, digits, '_', '.', '+' or '-' first, "
+                             "e.g. --arm 'late: K=10 sigma0=0.5'")
+    settings: dict[str, Any] = {"K": 1} if name == "plain" and not rest.strip() else {}
+    names = {flag(field).lstrip("-"): field for field in field_types()} | {field: field for field in field_types()}
+    for item in rest.split():
+        key, sep, value = item.partition("=")
+        field = names.get(key.strip().lstrip("-"))
+        if not sep or field is None:
+            raise LatePhaseError(f"--arm {name}: {item!r} is not SETTING=VALUE with a `lpconvert finetune` setting "
+                                 "(e.g. K=10, sigma0=0.5, gamma-theta=1, swa-start=161)")
+        if field in NOT_PER_ARM:
+            raise LatePhaseError(f"--arm {name}: {field} is the same for every arm; set it for the comparison instead")
+        settings[field] = value
+    return Arm(name, settings)
+
+
+def branches(arm: Arm, base: FinetuneConfig) -> bool:
+    """Whether `arm` trains the epochs before T0 exactly like the base configuration (and so branches from the
+    shared trunk): it changes only settings that act from T0 on (SWA only when it starts at or after T0)."""
+    early = set(arm.settings) - LATE_SETTINGS - {"swa_start", "swa_lr"}
+    swa_start = arm_config(base, arm, seed=0, output=Path(".")).swa_start
+    return base.t0 > 0 and not early and (swa_start is None or swa_start >= base.t0)
+
+
+def arm_config(base: FinetuneConfig, arm: Arm, *, seed: int, output: Path) -> FinetuneConfig:
+    """The arm's settings over `base`, for one seed, ending at its last epoch."""
+    return FinetuneConfig.from_dict({**base.to_dict(), **arm.settings, "seed": seed, "output": str(output),
+                                     "select": "last", "resume": None, "force": False, "push_to_hub": None})
+
+
+def trunk_config(base: FinetuneConfig, seed: int, output: Path) -> FinetuneConfig:
+    return FinetuneConfig.from_dict({**base.to_dict(), "seed": seed, "output": str(output), "select": "last",
+                                     "resume": None, "force": False, "push_to_hub": None, "swa_start": None})
+
+
+@dataclass
+class Comparison:
+    """A validated comparison: the folder, the base configuration, the arms, the seeds and the OOD sets."""
+
+    folder: Path
+    base: FinetuneConfig
+    arms: list[Arm]
+    seeds: list[int]
+    ood: list[str]
+
+    def settings(self) -> dict[str, Any]:
+        return {"base": self.base.to_dict(), "arms": [dataclasses.asdict(a) for a in self.arms], "seeds": self.seeds,
+                "ood": self.ood}
+
+    def run_dir(self, seed: int, arm: str) -> Path:
+        return self.folder / f"seed{seed}" / arm
+
+
+def plan_comparison(base: FinetuneConfig, arms: Sequence[Arm], seeds: Sequence[int], output: str | os.PathLike,
+                    ood: Sequence[str] = ()) -> Comparison:
+    """Check everything a comparison needs before anything is written: two or more arms with distinct names, each a
+    valid configuration for every seed, distinct seeds, existing OOD sets, and a folder that is new or this same
+    comparison (to continue it, with the same or other seeds: seeds already trained are kept)."""
+    arms, seeds = list(arms), [int(s) for s in seeds]
+    if len(arms) < 2:
+        raise LatePhaseError("a comparison needs at least two --arm (e.g. --arm plain --arm 'late: K=10')")
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names) or "trunk" in names:
+        raise LatePhaseError(f"arm names must be distinct and not 'trunk', got {', '.join(names)}")
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
+        raise LatePhaseError(f"--seeds must be distinct non-negative integers, got {seeds}")
+    folder = Path(output)
+    for arm in arms:
+        arm_config(base, arm, seed=seeds[0], output=folder)  # every setting checked as finetune checks it
+    for path in ood:
+        if not Path(path).exists():
+            raise LatePhaseError(f"--ood {path}: no such folder or archive")
+    comparison = Comparison(folder, base, arms, seeds, [str(p) for p in ood])
+    check_not_protected(folder, "--output")
+    if folder.exists() and any(folder.iterdir()):
+        if not (folder / MARKER).is_file():
+            raise LatePhaseError(f"--output {folder} exists and is not an lpconvert comparison; choose another folder")
+        saved, wanted = read_json_object(folder / SETTINGS), _jsonable(comparison.settings())
+        if {k: v for k, v in saved.items() if k != "seeds"} != {k: v for k, v in wanted.items() if k != "seeds"}:
+            raise LatePhaseError(f"--output {folder} holds a comparison with other settings; rerun it with the same "
+                                 "arms and settings to continue it (other --seeds may be added), or choose another "
+                                 "folder")
+    return comparison
+
+
+def _jsonable(value: Any) -> Any:
+    """`value` as it reads back from JSON (tuples become lists)."""
+    import json
+
+    return json.loads(json.dumps(value))
+
+
+def run_comparison(comparison: Comparison) -> dict[str, Any]:
+    """Train every (seed, arm) that is not finished, evaluate what is not evaluated, write the report; returns it."""
+    from .compare_report import write_report
+
+    folder = comparison.folder
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(folder).acquire()
+    try:
+        atomic_write_json(folder / SETTINGS, comparison.settings())
+        atomic_write_json(folder / MARKER, {"kind": "compare"})
+        evaluations = read_json_object(folder / EVALUATIONS) if (folder / EVALUATIONS).is_file() else {}
+        for seed in comparison.seeds:
+            for arm in comparison.arms:
+                key = f"seed{seed}/{arm.name}"
+                if key in evaluations:
+                    continue
+                path = _train_arm(comparison, arm, seed)
+                evaluations[key] = evaluate_arm(path, comparison.ood)
+                atomic_write_json(folder / EVALUATIONS, evaluations)
+        return write_report(comparison, evaluations)
+    finally:
+        lock.release()
+
+
+def _train_arm(comparison: Comparison, arm: Arm, seed: int) -> Path:
+    """The finished run of `arm` for `seed`: trained now, continued, or branched from the seed's trunk at T0."""
+    path = comparison.run_dir(seed, arm.name)
+    config = arm_config(comparison.base, arm, seed=seed, output=path)
+    if (path / "report.json").is_file():
+        return path
+    if not path.exists() and branches(arm, comparison.base):
+        trunk = _trunk(comparison, seed)
+        building = path.with_name(path.name + ".branching")
+        shutil.rmtree(building, ignore_errors=True)  # an earlier copy that never finished: ours, by its name
+        shutil.copytree(trunk, building)
+        atomic_write_json(building / "config.json", config.to_dict())
+        os.replace(building, path)
+    if path.exists():  # a branch, or an arm interrupted earlier: continue it with the arm's settings
+        config = dataclasses.replace(config, resume=str(path), force=True)
+    run(config)
+    return path
+
+
+def _trunk(comparison: Comparison, seed: int) -> Path:
+    """``seedS/trunk``: the base configuration trained up to T0 once, its last checkpoint at (T0, batch 0)."""
+    path = comparison.run_dir(seed, "trunk")
+    config = trunk_config(comparison.base, seed, path)
+    if path.exists():
+        position = RunCheckpoint.load(path / "checkpoints" / "last.pt").position
+        if (position.epoch, position.batch) == (config.t0, 0):
+            return path
+        config = dataclasses.replace(config, resume=str(path))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        run(config, stop_at_epoch=config.t0)
+    except RunInterrupted:
+        pass
+    return path
+
+
+def evaluate_arm(run_dir: Path, ood: Sequence[str] = ()) -> dict[str, dict[str, float]]:
+    """A finished run evaluated on its validation split: its averaged model (``RUN/model``, the last epoch) and, for
+    K > 1, the ensemble of its final members; OOD AUROC per set and their mean when `ood` is given."""
+    late, checkpoint = load_late_phase(run_dir, "last")
+    config = FinetuneConfig.from_dict({**checkpoint.config, "resume": None, "force": False})
+    averaged, _ = load_model(f"local-dir:{run_dir / 'model'}", pretrained=True)
+    device = resolve_device(config.device)
+    val = eval_loader(build_data(config, averaged).val, config.batch_size, workers=config.workers)
+    ood_loaders = {Path(p).name.split(".")[0] or p: eval_set(averaged, p, subset=None, batch_size=config.batch_size,
+                                                            workers=config.workers, num_classes=None) for p in ood}
+    results = {"averaged": evaluate_model(averaged, val, device=device, ood_loaders=ood_loaders or None)}
+    if checkpoint.late_phase.K > 1:
+        late.to(device)
+        results["ensemble"] = evaluate_model(None, val, device=device, ood_loaders=ood_loaders or None,
+                                             predict_fn=partial(ensemble_predict, late))
+    return results

@@ -1,0 +1,257 @@
+"""Datasets: ImageFolder trees with the model's transforms and labels, stratified subsets, the scikit-learn digits,
+and :func:`build_data` — the fine-tuner's training and validation sets — with their fingerprint.
+
+::
+
+    train_dir, val_dir = resolve_data_dirs(data="~/data/cifar10")
+    cfg = timm.data.resolve_data_config(model=model)
+    train_ds, val_ds = build_datasets(train_dir, val_dir, data_config=cfg, num_classes=model.num_classes)
+
+The scikit-learn handwritten digits (:func:`digits_datasets`, ``--data sklearn-digits``) serve as a small real data
+set that needs no download.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset, TensorDataset
+from torchvision.datasets import ImageFolder
+
+from lpconvert.data.archives import resolve_data_dirs
+from lpconvert.data.labels import class_to_index
+from lpconvert.data.memory import memory_data
+from lpconvert.data.sampler import SeededSamples
+from lpconvert.data.transforms import build_transform
+from lpconvert.errors import LatePhaseError, one_line
+
+if TYPE_CHECKING:
+    from lpconvert.config import FinetuneConfig
+
+__all__ = [
+    "DIGITS",
+    "DIGITS_MEAN",
+    "DIGITS_STD",
+    "Data",
+    "build_data",
+    "build_datasets",
+    "data_fingerprint",
+    "digits_datasets",
+    "stratified_indices",
+]
+
+DIGITS = "sklearn-digits"  # --data value of the built-in real data set (the offline demo)
+
+# Mean and std of all 1,797 scikit-learn digit images after scaling the pixels (0..16) to [0, 1].
+DIGITS_MEAN = 0.3053
+DIGITS_STD = 0.3760
+
+
+# ------------------------------------------------------------------------------------------------------- datasets
+
+
+class _MappedImageFolder(ImageFolder):
+    """ImageFolder whose labels come from a given folder-name → index mapping."""
+
+    def __init__(self, root: Path, class_to_idx: Mapping[str, int], transform: Any) -> None:
+        self._mapping = dict(class_to_idx)
+        super().__init__(str(root), transform=transform)
+
+    def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
+        present = {name: i for name, i in self._mapping.items() if (Path(directory) / name).is_dir()}
+        return sorted(present, key=present.get), present
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        try:
+            return super().__getitem__(index)
+        except Exception as err:  # PIL raises OSError, SyntaxError, ValueError… for corrupt or truncated files
+            raise LatePhaseError(
+                f"cannot read image {self.samples[index][0]}: {one_line(err)}; remove or replace that file"
+            ) from err
+
+
+def _class_folders(root: Path) -> list[str]:
+    try:
+        names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    except FileNotFoundError as exc:
+        raise LatePhaseError(f"data folder {root} does not exist; check the path") from exc
+    except OSError as exc:
+        raise LatePhaseError(f"cannot read data folder {root}: {exc.strerror or exc}") from exc
+    if not names:
+        raise LatePhaseError(f"data folder {root} has no class folders; expected ImageFolder layout root/<class>/<img>")
+    return names
+
+
+def build_datasets(
+    train_dir: str | os.PathLike | None,
+    val_dir: str | os.PathLike | None,
+    *,
+    data_config: Mapping[str, Any],
+    num_classes: int | None,
+    class_map: str | os.PathLike = "auto",
+    train_subset: int | None = None,
+    val_subset: int | None = None,
+    seed: int = 0,
+    train_transform: str = "auto",
+) -> tuple[ImageFolder | None, ImageFolder | None]:
+    """ImageFolder datasets with the model's transforms (:func:`build_transform`) and labels (:func:`class_to_index`).
+
+    The label mapping is computed from the training folders (the validation folders when there is no training set)
+    and reused for validation, whose classes must be among them. ``train_subset`` / ``val_subset`` keep that many
+    samples, stratified: each class keeps its share (largest remainder), drawn at random with ``seed``, in file
+    order; the result is still an ImageFolder (``samples``/``targets`` trimmed). ``None`` for a missing directory.
+    """
+    train_root = Path(train_dir) if train_dir is not None else None
+    val_root = Path(val_dir) if val_dir is not None else None
+    mapping_root = train_root or val_root
+    if mapping_root is None:
+        raise LatePhaseError("no data folder given; pass --data, --train-dir or --val-dir")
+    mapping = class_to_index(_class_folders(mapping_root), num_classes, class_map)
+
+    def make(root: Path | None, train: bool, subset: int | None) -> ImageFolder | None:
+        if root is None:
+            return None
+        if root is not mapping_root:
+            extra = sorted(set(_class_folders(root)) - set(mapping))
+            if extra:
+                raise LatePhaseError(
+                    f"class folder {extra[0]!r} in {root} has no training counterpart in {mapping_root}; "
+                    "use train and validation sets with the same classes"
+                )
+        transform = build_transform(data_config, train=train, train_transform=train_transform)
+        try:
+            dataset = _MappedImageFolder(root, mapping, transform)
+        except (FileNotFoundError, PermissionError) as exc:
+            raise LatePhaseError(f"cannot use data folder {root}: {exc}") from exc
+        if subset is not None:
+            _keep(dataset, stratified_indices(dataset.targets, subset, seed))
+        return dataset
+
+    return make(train_root, True, train_subset), make(val_root, False, val_subset)
+
+
+def stratified_indices(targets: Sequence[int], size: int, seed: int = 0) -> list[int]:
+    """``size`` sorted indices, each class keeping its share of ``targets`` (largest remainder), seeded random."""
+    if size <= 0:
+        raise LatePhaseError(f"subset size must be positive, got {size}")
+    labels = np.asarray(targets)
+    if size >= len(labels):
+        return list(range(len(labels)))
+    classes, counts = np.unique(labels, return_counts=True)
+    quotas = counts * size / len(labels)
+    take = np.floor(quotas).astype(int)
+    order = sorted(range(len(classes)), key=lambda i: (-(quotas[i] - take[i]), i))
+    for i in order[: size - int(take.sum())]:
+        take[i] += 1
+    rng = np.random.default_rng(seed)
+    chosen = [rng.choice(np.flatnonzero(labels == c), size=n, replace=False) for c, n in zip(classes, take)]
+    return sorted(int(i) for i in np.concatenate(chosen))
+
+
+def _keep(dataset: ImageFolder, indices: Sequence[int]) -> None:
+    dataset.samples = [dataset.samples[i] for i in indices]
+    dataset.imgs = dataset.samples
+    dataset.targets = [target for _, target in dataset.samples]
+
+
+def digits_datasets(seed: int = 0, test_size: int = 597) -> tuple[TensorDataset, TensorDataset]:
+    """scikit-learn's 1,797 handwritten 8x8 digits as (train, test) TensorDatasets: 1,200 / 597 by default.
+
+    Images are (N, 1, 8, 8) float32, pixels scaled to [0, 1] and normalized with :data:`DIGITS_MEAN` /
+    :data:`DIGITS_STD`; labels are int64 in 0..9. The split is stratified and fixed by ``seed``.
+    """
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = (digits.images.astype(np.float32) / 16.0 - DIGITS_MEAN) / DIGITS_STD
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, digits.target, test_size=test_size, stratify=digits.target, random_state=seed
+    )
+
+    def to_dataset(x: np.ndarray, y: np.ndarray) -> TensorDataset:
+        return TensorDataset(torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y).long())
+
+    return to_dataset(x_train, y_train), to_dataset(x_test, y_test)
+
+
+# ----------------------------------------------------------------------------------------------- the pipeline
+
+
+@dataclass
+class Data:
+    """The fine-tuner's data: training samples (seeded augmentation), validation set, their fingerprint."""
+
+    train: SeededSamples
+    val: Dataset
+    fingerprint: dict[str, Any]
+    label_names: list[str] | None = None
+
+
+def build_data(config: FinetuneConfig, model: nn.Module) -> Data:
+    """Training and validation sets of `config` with `model`'s own preprocessing (its timm data config).
+
+    Subsets are drawn with ``config.subset_seed``; the training augmentation is seeded per (``config.seed``, epoch,
+    sample) by :class:`~lpconvert.data.sampler.SeededSamples`. Image folders are decoded into memory and augmented
+    batch-wise (:func:`~lpconvert.data.memory.memory_data`) as ``config.data_in_memory`` says."""
+    if config.data == DIGITS:
+        train, val = digits_datasets()  # one split for every seed: the T0 model never sees a test digit
+        return Data(SeededSamples(train, config.seed), val, {"dataset": DIGITS, "num_files": len(train) + len(val)},
+                    [str(d) for d in range(10)])
+    import timm.data
+
+    train_dir, val_dir = resolve_data_dirs(config.data, config.train_dir, config.val_dir)
+    if train_dir is None or val_dir is None:
+        raise LatePhaseError("fine-tuning needs a training and a validation set; pass --data ROOT or --train-dir/--val-dir")
+    train, val = build_datasets(
+        train_dir, val_dir, data_config=timm.data.resolve_data_config(model=model), num_classes=_num_classes(model),
+        train_subset=config.train_subset, val_subset=config.val_subset, seed=config.subset_seed,
+        train_transform=config.train_transform,
+    )
+    if len(train.class_to_idx) < 2:
+        raise LatePhaseError(f"the training set {train_dir} has {len(train.class_to_idx)} class folder; a classifier "
+                             "needs at least 2")
+    fingerprint = {"train": data_fingerprint(train), "val": data_fingerprint(val)}
+    names = sorted(train.class_to_idx, key=train.class_to_idx.get)
+    in_memory = memory_data(train, val, mode=config.data_in_memory, seed=config.seed, workers=config.workers)
+    samples, val_set = in_memory or (SeededSamples(train, config.seed), val)
+    return Data(samples, val_set, fingerprint, names)
+
+
+def _num_classes(model: nn.Module) -> int | None:
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return getattr(head, "out_features", None) or getattr(model, "num_classes", None)
+
+
+# ---------------------------------------------------------------------------------------------------- provenance
+
+
+def data_fingerprint(dataset_or_dir: ImageFolder | str | os.PathLike) -> dict[str, Any]:
+    """``{"root", "num_files", "sha256"}``: the files of a folder, or the samples of an ImageFolder (subset
+    included), and the SHA-256 of their sorted relative POSIX paths, one per line. File contents are not read."""
+    if isinstance(dataset_or_dir, ImageFolder):
+        root = Path(dataset_or_dir.root)
+        files = [Path(path).relative_to(root).as_posix() for path, _ in dataset_or_dir.samples]
+    elif isinstance(dataset_or_dir, (str, os.PathLike)):
+        root = Path(dataset_or_dir)
+        if not root.is_dir():
+            raise LatePhaseError(f"cannot fingerprint {root}: not a directory")
+        files = [
+            (Path(folder) / name).relative_to(root).as_posix()
+            for folder, _, names in os.walk(root)
+            for name in names
+        ]
+    else:
+        raise LatePhaseError(
+            f"cannot fingerprint a {type(dataset_or_dir).__name__}; pass a directory or an ImageFolder dataset"
+        )
+    digest = hashlib.sha256("".join(f"{name}\n" for name in sorted(files)).encode()).hexdigest()
+    return {"root": str(root), "num_files": len(files), "sha256": digest}

@@ -1,0 +1,151 @@
+"""One epoch of Algorithm 1 and the evaluation of the averaged model: plain functions over a :class:`TrainState`.
+
+:func:`train_one_epoch` reads like torchvision's reference loop: iterations of one minibatch per member (round robin,
+continued across epochs), the schedule's learning rates set per iteration, no host synchronisation except every
+``--log-every`` iterations; it checkpoints and stops through the callbacks it is given and writes nothing itself.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+import time
+from typing import Any, Callable, Iterable
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from .collapse import collapse
+from .config import FinetuneConfig
+from .engine import iterate_members
+from .errors import LatePhaseError
+from .evaluation import evaluate_model
+from .export import eval_bn_stats
+from .optim import lr_factor, minibatches_per_iteration, set_learning_rates
+from .run_state import TrainState
+from .runtime import Runtime
+
+__all__ = ["RunInterrupted", "StopRequest", "evaluate_averaged", "train_one_epoch"]
+
+
+class RunInterrupted(Exception):
+    """Training stopped early (signal or ``stop_after``); a checkpoint was saved in `run_dir` to resume from."""
+
+    def __init__(self, reason: str, run_dir: Any) -> None:
+        super().__init__(reason)
+        self.run_dir = run_dir
+
+
+class StopRequest:
+    """A SIGINT/SIGTERM handler, a fixed number of iterations or the end of an epoch: the loop saves a checkpoint at
+    the next iteration boundary (for `at_epoch`, once that epoch is complete) and stops."""
+
+    def __init__(self, after_iterations: int | None = None, at_epoch: int | None = None) -> None:
+        self.signal: str | None = None
+        self.after_iterations = after_iterations
+        self.at_epoch = at_epoch
+
+    def __call__(self, signum, frame) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def reason(self, iteration: int) -> str | None:
+        if self.signal:
+            return self.signal
+        if self.after_iterations is not None and iteration >= self.after_iterations:
+            return f"stopped after {iteration} iterations"
+        return None
+
+
+def train_one_epoch(state: TrainState, loader: DataLoader, config: FinetuneConfig, runtime: Runtime, *,
+                    stop: StopRequest, save: Callable[[], None], run_dir: Any) -> dict[str, float]:
+    """Algorithm 1 over the rest of epoch ``state.position.epoch``; returns its training loss, last learning rate and
+    throughput. `save` writes a checkpoint (every ``--checkpoint-every`` iterations, and before a stop, which then
+    raises :class:`RunInterrupted` naming `run_dir`)."""
+    engine, position = state.engine, state.position
+    batches_per_epoch = loader.batch_sampler.batches_per_epoch
+    per_iteration = minibatches_per_iteration(config, engine.num_members, state.late)
+    loader.batch_sampler.set_position(position.epoch, position.batch)
+    state.model.train()
+    loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
+    finite = torch.ones((), device=runtime.device, dtype=torch.bool)
+    seen, started = 0, time.perf_counter()
+    iterations = math.ceil((batches_per_epoch - position.batch) / per_iteration)
+    bar = _progress(iterations, f"epoch {position.epoch + 1}/{config.epochs}", disable=config.quiet or not runtime.is_main)
+    for step, (xs, ys) in enumerate(iterate_members(loader, per_iteration)):
+        xs = [runtime.to_device(x) for x in xs]
+        ys = [y.to(runtime.device, non_blocking=True) for y in ys]
+        set_learning_rates(engine, config, state.late, lr_factor(config, position.epoch + position.batch / batches_per_epoch))
+        losses = engine.step(xs, ys)
+        loss_sum += losses.sum()
+        finite &= torch.isfinite(losses).all()
+        position.batch += len(xs)
+        position.iteration += 1
+        position.loss_count += len(xs)
+        seen += sum(x.shape[0] for x in xs) * runtime.world_size
+        bar.update(1)
+        boundary = (step + 1) % config.log_every == 0 or position.batch >= batches_per_epoch
+        checkpoint_due = config.checkpoint_every and position.iteration % config.checkpoint_every == 0
+        stopping = stop.reason(position.iteration)
+        if boundary or checkpoint_due or stopping:
+            _check_finite(finite, position.epoch, position.iteration)
+            position.loss_sum += loss_sum.item()
+            loss_sum.zero_()
+            bar.set_postfix(members=engine.num_members, loss=f"{position.loss_sum / max(position.loss_count, 1):.4f}",
+                            lr=f"{engine.optimizers[0].param_groups[0]['lr']:.2e}",
+                            img_s=f"{seen / (time.perf_counter() - started):.0f}")
+        if checkpoint_due or stopping:
+            save()
+        if stopping:
+            bar.close()
+            raise RunInterrupted(stopping, run_dir)
+    bar.close()
+    elapsed = time.perf_counter() - started
+    if runtime.distributed:  # every rank saw its own shard: report the loss over the global batches
+        total = torch.tensor([position.loss_sum], dtype=torch.float64, device=runtime.device)
+        dist.all_reduce(total)
+        position.loss_sum = total.item() / runtime.world_size
+    return {"train_loss": position.loss_sum / max(position.loss_count, 1),
+            "lr": engine.optimizers[0].param_groups[0]["lr"], "images_per_s": seen / max(elapsed, 1e-9)}
+
+
+def evaluate_averaged(state: TrainState, config: FinetuneConfig, runtime: Runtime, val: DataLoader,
+                      recalibration: Iterable | None) -> dict[str, float]:
+    """Collapse a copy of the late-phase model (or of its SWA average) with the run's BN statistics (Eq. 1) and
+    evaluate it on the validation set."""
+    source = state.swa.module if state.swa is not None else state.model
+    mode = eval_bn_stats(config, state.swa is not None)
+    averaged = collapse(source, bn_stats=mode, data=recalibration_batches(runtime, recalibration, mode),
+                        num_batches=config.recalibrate_batches)
+    return evaluate_model(averaged, val, device=runtime.device, amp_dtype=runtime.amp_dtype)
+
+
+def recalibration_batches(runtime: Runtime, loader: Iterable | None, mode: str) -> Iterable | None:
+    """Training batches on the device for ``--bn-stats recalibrate``; None for the other modes."""
+    if mode != "recalibrate":
+        return None
+    return ((runtime.to_device(x), y) for x, y in loader)
+
+
+def sync_member_statistics(state: TrainState, runtime: Runtime) -> None:
+    """Average the per-member BN running statistics across ranks (each rank estimated them on its shard)."""
+    if not runtime.distributed:
+        return
+    for buffer in state.model.buffers():
+        if buffer.is_floating_point():
+            dist.all_reduce(buffer)
+            buffer /= runtime.world_size
+
+
+def _check_finite(finite: torch.Tensor, epoch: int, iteration: int) -> None:
+    if not bool(finite):
+        raise LatePhaseError(
+            f"non-finite loss at epoch {epoch + 1}, iteration {iteration}; stopped — "
+            "the last good checkpoint is intact (lower --lr, or try --amp off)"
+        )
+
+
+def _progress(total: int, description: str, disable: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=description, disable=disable, leave=False, dynamic_ncols=True)

@@ -1,0 +1,100 @@
+"""`lpconvert compare` on the digits data: paired seeds, arms branched at T0, the report's numbers."""
+
+import json
+
+import pytest
+import safetensors.torch
+import torch
+
+from lpconvert import compare as compare_module
+from lpconvert.compare import parse_arm, plan_comparison, run_comparison
+from lpconvert.config import FinetuneConfig
+from lpconvert.errors import LatePhaseError
+from lpconvert.finetune import DIGITS, run
+from lpconvert.stats import paired_difference
+
+BASE = dict(model="digits_cnn", pretrained=False, data=DIGITS, batch_size=40, workers=0, quiet=True, lr=0.05,
+            schedule="constant", K=3, t0=1, epochs=2, late_phase=("batchnorm", "classifier"))
+
+
+def _rows(path):
+    return [{k: v for k, v in json.loads(line).items() if k != "images_per_s"}
+            for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_compare_branches_at_t0_exactly_and_reports_the_runs_numbers(tmp_path, monkeypatch):
+    base = FinetuneConfig(**BASE)
+    arms = [parse_arm("plain"), parse_arm("late: K=3 sigma0=0.1")]
+    report = run_comparison(plan_comparison(base, arms, [0, 1], tmp_path / "cmp"))
+    folder = tmp_path / "cmp"
+    assert {p.name for p in (folder / "seed0").iterdir()} == {"trunk", "plain", "late"}
+    # the branch is bitwise the run in one go
+    alone = run(FinetuneConfig(**{**BASE, "sigma0": 0.1, "seed": 0, "select": "last", "output": str(tmp_path / "alone")}))
+    assert alone["K"] == 3
+    branched = safetensors.torch.load_file(str(folder / "seed0" / "late" / "model" / "model.safetensors"))
+    one_go = safetensors.torch.load_file(str(tmp_path / "alone" / "model" / "model.safetensors"))
+    assert branched.keys() == one_go.keys() and all(torch.equal(branched[k], one_go[k]) for k in one_go)
+    assert _rows(folder / "seed0" / "late") == _rows(tmp_path / "alone")
+    # the report's numbers are the runs' own (last epoch, averaged model), paired differences from them
+    for arm in ("plain", "late"):
+        per_seed = report["arms"][arm]["per_seed"]["averaged"]["top1"]
+        assert per_seed == [_rows(folder / f"seed{s}" / arm)[-1]["val_top1"] for s in (0, 1)]
+    assert "ensemble" in report["arms"]["late"]["per_seed"] and "ensemble" not in report["arms"]["plain"]["per_seed"]
+    top1 = next(p for p in report["pairs"] if p["metric"] == "top1" and p["variant"] == "averaged")
+    expected = paired_difference(report["arms"]["plain"]["per_seed"]["averaged"]["top1"],
+                                 report["arms"]["late"]["per_seed"]["averaged"]["top1"])
+    assert (top1["a"], top1["b"]) == ("plain", "late") and top1["mean"] == pytest.approx(expected["mean"])
+    assert json.loads((folder / "report.json").read_text()) == json.loads(json.dumps(report))
+    assert "| late − plain | averaged | top1 |" in (folder / "report.md").read_text()
+    assert (folder / "report.png").read_bytes()[:4] == b"\x89PNG"
+    # rerunning the same command trains nothing again
+    monkeypatch.setattr(compare_module, "run", lambda *a, **k: pytest.fail("retrained a finished arm"))
+    again = run_comparison(plan_comparison(base, arms, [0, 1], folder))
+    assert again == report
+    fewer = run_comparison(plan_comparison(base, arms, [1], folder))  # a subset of the seeds: nothing trained
+    assert fewer["arms"]["late"]["per_seed"]["averaged"]["top1"] == report["arms"]["late"]["per_seed"]["averaged"]["top1"][1:]
+    with pytest.raises(LatePhaseError, match="other settings"):
+        plan_comparison(FinetuneConfig(**{**BASE, "lr": 0.01}), arms, [0, 1], folder)
+
+
+def test_compare_refuses_bad_arms_and_foreign_folders(tmp_path):
+    base = FinetuneConfig(**BASE)
+    with pytest.raises(LatePhaseError, match="at least two"):
+        plan_comparison(base, [parse_arm("plain")], [0], tmp_path / "c")
+    with pytest.raises(LatePhaseError, match="not SETTING=VALUE"):
+        parse_arm("late: K10")
+    with pytest.raises(LatePhaseError, match="same for every arm"):
+        parse_arm("late: seed=3")
+    with pytest.raises(LatePhaseError, match="K"):
+        plan_comparison(base, [parse_arm("plain"), parse_arm("late: K=0")], [0], tmp_path / "c")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep")
+    with pytest.raises(LatePhaseError, match="not an lpconvert comparison"):
+        plan_comparison(base, [parse_arm("plain"), parse_arm("late")], [0], tmp_path / "mine")
+    assert not (tmp_path / "c").exists() and [p.name for p in (tmp_path / "mine").iterdir()] == ["notes.txt"]
+
+
+def test_paired_difference_matches_a_hand_computation():
+    d = paired_difference([1.0, 2.0, 3.0], [1.5, 2.0, 4.0])  # differences 0.5, 0, 1: mean 0.5, std 0.5
+    assert d["mean"] == pytest.approx(0.5) and d["std"] == pytest.approx(0.5)
+    half = 4.302652729911275 * 0.5 / 3 ** 0.5  # t_{0.975, 2}
+    assert (d["low"], d["high"]) == (pytest.approx(0.5 - half), pytest.approx(0.5 + half))
+    assert d["p"] == pytest.approx(0.2254, abs=1e-4)
+
+
+def test_compare_on_the_command_line(tmp_path):
+    from click.testing import CliRunner
+
+    from lpconvert.cli import main
+
+    common = ["digits_cnn", "--no-pretrained", "--data", DIGITS, "--batch-size", "40", "--workers", "0", "--quiet",
+              "--lr", "0.05", "--epochs", "1", "--late-phase", "batchnorm,classifier"]
+    bad = CliRunner().invoke(main, ["compare", *common, "--arm", "plain", "--arm", "late: K=3", "--seeds", "0,x",
+                                    "--output", str(tmp_path / "c")])
+    assert bad.exit_code == 2 and "--seeds takes comma-separated integers" in bad.output
+    assert len(bad.output.strip().splitlines()) == 1 and not (tmp_path / "c").exists()
+    result = CliRunner().invoke(main, ["compare", *common, "--arm", "plain", "--arm", "late: K=3", "--seeds", "0",
+                                       "--output", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    assert "| late − plain | averaged | top1 |" in result.output
+    assert {p.name for p in (tmp_path / "c" / "seed0").iterdir()} == {"plain", "late"}  # T0 = 0: no trunk
