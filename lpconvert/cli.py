@@ -149,7 +149,9 @@ def config_option(name: str) -> Callable[[_F], _F]:
         declaration = f"{declaration}/--no-{declaration[2:]}"
     else:
         kind = base if base in (int, float) else str  # lists: comma-separated text
-    return click.option(declaration, name, type=kind, default=None, help=help_text)
+    extra = {"is_flag": False, "flag_value": field.metadata["flag_value"]} if "flag_value" in field.metadata else {}
+    return click.option(declaration, *field.metadata.get("aliases", ()), name, type=kind, default=None,
+                        help=help_text, **extra)
 
 
 def config_options(*names: str) -> Callable[[_F], _F]:
@@ -182,12 +184,13 @@ def _given(flags: dict[str, Any]) -> dict[str, Any]:
 @click.option("--list-layers", is_flag=True, help="Also list every layer that would be converted.")
 def inspect(model: str, list_layers: bool, **flags: Any) -> None:
     """Report what `finetune` would turn into late-phase layers (random init unless --weights: nothing downloaded)."""
-    from . import load_model, plan
+    from .loading import load_model
+    from .surgery import plan_or_refuse
 
     config = FinetuneConfig.from_dict({"model": model, **_given(flags)})
     net, _ = load_model(config.model, weights=config.weights, num_classes=config.num_classes, pretrained=False)
-    report = plan(net, config.K, config.late_phase, include=config.include or None, exclude=config.exclude or None,
-                  options=config.kind_options())
+    report = plan_or_refuse(net, config.K, config.late_phase, include=config.include or None,
+                            exclude=config.exclude or None, options=config.kind_options())
     click.echo(str(report))
     if list_layers:
         for name, kind in report.layers.items():
@@ -211,12 +214,22 @@ def build_config(model: str | None, recipe: str | None, flags: dict[str, Any]) -
     return FinetuneConfig.from_dict(values)
 
 
+_MODEL_OPTION = click.option("--model", "model_option", metavar="MODEL", help="MODEL given as a flag (timm's spelling).")
+
+
+def _model(argument: str | None, option: str | None) -> str | None:
+    if argument and option and argument != option:
+        raise LatePhaseError(f"two models given, {argument} and --model {option}; name one")
+    return argument or option
+
+
 @main.command()
 @click.argument("model", required=False)
+@_MODEL_OPTION
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe file (YAML/TOML, e.g. zoo/*.yaml); flags override it.")
 @click.option("--baseline", is_flag=True, help="Plain fine-tuning (K=1) through the identical pipeline.")
 @config_options(*_FLAG_SETTINGS)
-def finetune(model: str | None, recipe: str | None, baseline: bool, **flags: Any) -> None:
+def finetune(model: str | None, model_option: str | None, recipe: str | None, baseline: bool, **flags: Any) -> None:
     """Fine-tune MODEL with late-phase weights (Algorithm 1) and write the averaged model.
 
     \b
@@ -229,7 +242,7 @@ def finetune(model: str | None, recipe: str | None, baseline: bool, **flags: Any
     if baseline:
         flags["K"] = 1
     flags["include"], flags["exclude"] = _names(flags["include"]) or None, _names(flags["exclude"]) or None
-    config = build_config(model, recipe, flags)
+    config = build_config(_model(model, model_option), recipe, flags)
     report = run(config, command=finetune_command())
     if report:
         click.echo(_report_table(report))
@@ -258,6 +271,7 @@ def _compare_settings() -> tuple[str, ...]:
 
 @main.command()
 @click.argument("model", required=False)
+@_MODEL_OPTION
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Base settings from a recipe file; flags override it.")
 @click.option("--arm", "arms", multiple=True, required=True,
               help="An arm, repeatable (two or more): NAME, or 'NAME: SETTING=VALUE ...' over the base settings, "
@@ -267,8 +281,8 @@ def _compare_settings() -> tuple[str, ...]:
 @click.option("--output", required=True, type=click.Path(file_okay=False),
               help="The comparison's folder (new, or this same comparison to continue it).")
 @config_options(*_compare_settings())
-def compare(model: str | None, recipe: str | None, arms: tuple[str, ...], seeds: str, ood: tuple[str, ...],
-            output: str, **flags: Any) -> None:
+def compare(model: str | None, model_option: str | None, recipe: str | None, arms: tuple[str, ...], seeds: str,
+            ood: tuple[str, ...], output: str, **flags: Any) -> None:
     """Does late-phase training beat plain fine-tuning on MODEL and its data, by more than the seed noise?
 
     \b
@@ -281,7 +295,7 @@ def compare(model: str | None, recipe: str | None, arms: tuple[str, ...], seeds:
     from .compare_report import to_markdown
 
     flags["include"], flags["exclude"] = _names(flags["include"]) or None, _names(flags["exclude"]) or None
-    base = build_config(model, recipe, flags)
+    base = build_config(_model(model, model_option), recipe, flags)
     try:
         seed_list = [int(s) for s in _names(seeds)]
     except ValueError:
@@ -312,7 +326,9 @@ def demo(output: str, K: int, seeds: int, force: bool) -> None:
 
 @main.command("evaluate")
 @click.argument("source")
-@click.option("--data", required=True, help="Dataset root (its val/ or test/ split is used) or one ImageFolder tree/archive.")
+@click.option("--data", help="Dataset root (its val/, validation/ or test/ split is used) or one ImageFolder "
+                             "tree/archive; or give --dataset.")
+@click.option("--dataset", help="A Hugging Face dataset, hfds/NAME (its validation split), instead of --data.")
 @click.option("--ood", multiple=True, help="Out-of-distribution set (tree or archive), repeatable: AUROC per set + mean.")
 @click.option("--ensemble", is_flag=True, help="Late-phase run: also the non-averaged ensemble (mean of member softmax).")
 @click.option("--bn-stats", type=click.Choice([*BN_STATS_MODES, "all"]),
@@ -332,8 +348,8 @@ def demo(output: str, K: int, seeds: int, force: bool) -> None:
 @click.option("--device", default="auto", show_default=True, help="auto (GPU when there is one), cpu, cuda, cuda:N.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the rows as JSON.")
 @click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the rows as CSV.")
-def evaluate_command(source: str, data: str, ood: tuple, ensemble: bool, bn_stats: str | None, checkpoint: str,
-                     weights: str | None,
+def evaluate_command(source: str, data: str | None, dataset: str | None, ood: tuple, ensemble: bool,
+                     bn_stats: str | None, checkpoint: str, weights: str | None,
                      subset: int | None, flatness: str, flatness_draws: int, batch_size: int, workers: int,
                      device: str, json_path: str | None, csv_path: str | None) -> None:
     """Top-1/top-5, NLL, ECE and OOD AUROC of SOURCE: a model spec, an output directory or a late-phase run."""
@@ -344,7 +360,7 @@ def evaluate_command(source: str, data: str, ood: tuple, ensemble: bool, bn_stat
         sigmas = [float(v) for v in _names(flatness)]
     except ValueError:
         raise LatePhaseError(f"--flatness takes comma-separated numbers such as 0.05,0.1, got {flatness!r}") from None
-    rows = evaluate(source, data, ood=ood, ensemble=ensemble, bn_stats=bn_stats, checkpoint=checkpoint,
+    rows = evaluate(source, data, dataset=dataset, ood=ood, ensemble=ensemble, bn_stats=bn_stats, checkpoint=checkpoint,
                     weights=weights, subset=subset,
                     batch_size=batch_size, workers=workers, device=device, flatness_sigmas=sigmas,
                     flatness_draws=flatness_draws)
@@ -379,7 +395,7 @@ def zoo() -> None:
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--bn-stats", type=click.Choice(BN_STATS_MODES), default=_DEFAULTS.bn_stats, show_default=True,
               help="BN statistics of the averaged model (recalibrate needs --data).")
-@click.option("--data", help="Data root or training folder for --bn-stats recalibrate.")
+@click.option("--data", help="Data root, training folder or hfds/NAME for --bn-stats recalibrate.")
 @click.option("--checkpoint", type=click.Choice(SELECT), default="best", show_default=True,
               help="Which checkpoint of a run directory.")
 @click.option("--force", is_flag=True, help="Replace an lpconvert model folder at --out (only that).")

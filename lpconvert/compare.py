@@ -87,15 +87,22 @@ def branches(arm: Arm, base: FinetuneConfig) -> bool:
     return base.t0 > 0 and not early and (swa_start is None or swa_start >= base.t0)
 
 
+def _for_seed(values: dict[str, Any], seed: int, output: Path) -> FinetuneConfig:
+    """`values` for one seed, ending at its last epoch; ``{seed}`` in MODEL or --weights becomes the seed (each seed
+    its own starting checkpoint, e.g. ``local-dir:runs/seed{seed}/plain/model``)."""
+    per_seed = {k: values[k].replace("{seed}", str(seed)) for k in ("model", "weights") if isinstance(values[k], str)}
+    return FinetuneConfig.from_dict({**values, **per_seed, "seed": seed, "output": str(output), "select": "last",
+                                     "resume": None, "force": False, "push_to_hub": None})
+
+
 def arm_config(base: FinetuneConfig, arm: Arm, *, seed: int, output: Path) -> FinetuneConfig:
-    """The arm's settings over `base`, for one seed, ending at its last epoch."""
-    return FinetuneConfig.from_dict({**base.to_dict(), **arm.settings, "seed": seed, "output": str(output),
-                                     "select": "last", "resume": None, "force": False, "push_to_hub": None})
+    """The arm's settings over `base`, for one seed."""
+    return _for_seed({**base.to_dict(), **arm.settings}, seed, output)
 
 
 def trunk_config(base: FinetuneConfig, seed: int, output: Path) -> FinetuneConfig:
-    return FinetuneConfig.from_dict({**base.to_dict(), "seed": seed, "output": str(output), "select": "last",
-                                     "resume": None, "force": False, "push_to_hub": None, "swa_start": None})
+    """The base settings for one seed, without SWA (an arm that branches starts SWA at T0 or later)."""
+    return _for_seed({**base.to_dict(), "swa_start": None}, seed, output)
 
 
 @dataclass

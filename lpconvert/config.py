@@ -20,9 +20,10 @@ from typing import Any, Literal
 
 import torch
 
+from .data import DIGITS, hub_name
 from .data.memory import IN_MEMORY_MODES, MEMORY_BUDGET
 from .errors import LatePhaseError
-from .layers import BN_STATS_MODES, kinds_help, options_help
+from .layers import BN_STATS_MODES, check_kind_options, kinds_help, options_help
 from .surgery import DEFAULT_TARGETS, resolve_kinds
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -31,14 +32,19 @@ MODES = ("auto", "sequential", "vectorized")
 AMP_MODES = ("auto", "bf16", "fp16", "off")
 SELECT = ("best", "last")
 TRAIN_TRANSFORMS = ("auto", "timm", "cifar")
+LOGGERS = ("tensorboard",)
 #: Settings that only the command line may set: a recipe cannot make lpconvert replace anything.
 COMMAND_LINE_ONLY = ("force",)
 
 
 def _setting(default: Any, help: str, *, choices: tuple[str, ...] = (), path: Literal["file", "dir"] | None = None,
-             argument: bool = False) -> Any:
+             argument: bool = False, aliases: tuple[str, ...] = (), flag_value: str | None = None) -> Any:
     """A :class:`FinetuneConfig` field with its command-line facts as metadata (see the class)."""
     metadata: dict[str, Any] = {"help": help}
+    if aliases:
+        metadata["aliases"] = aliases
+    if flag_value is not None:
+        metadata["flag_value"] = flag_value
     if choices:
         metadata["choices"] = choices
     if path:
@@ -53,8 +59,9 @@ class FinetuneConfig:
     """Every setting of a run. Each field carries its command-line facts in its metadata, from which ``lpconvert
     finetune`` (and ``inspect``, for the settings it shares) makes its flags: ``help`` (every field), ``choices`` (the
     values allowed; :data:`CHOICES`), ``path`` (``"file"`` or ``"dir"``: the flag takes a path to one) and
-    ``argument`` (the command's positional argument rather than a flag). A flag is ``--`` and the field's name with
-    dashes (:func:`flag`); its type is the field's."""
+    ``argument`` (the command's positional argument rather than a flag), ``aliases`` (timm's names for the same flag,
+    e.g. ``-b`` for ``--batch-size``) and ``flag_value`` (the value of the flag given alone, e.g. ``--amp``). A flag is
+    ``--`` and the field's name with dashes (:func:`flag`); its type is the field's."""
 
     # model
     model: str = _setting("resnet152", "timm name, tv:NAME, hf-hub:ORG/NAME, local-dir:DIR or a registered model.",
@@ -65,9 +72,15 @@ class FinetuneConfig:
                                              "of the weights.")
     pretrained: bool = _setting(True, "Start from the hub's pretrained weights.")
     # data
-    data: str | None = _setting(None, "Data root with train/ and val/ (folders or tar archives), or 'sklearn-digits'.")
+    data: str | None = _setting(None, "Data root with train/ and val/ (or validation/, test/), folders or tar "
+                                      "archives, or 'sklearn-digits'.")
     train_dir: str | None = _setting(None, "Training ImageFolder tree or archive.")
     val_dir: str | None = _setting(None, "Validation ImageFolder tree or archive.")
+    dataset: str | None = _setting(None, "hfds/NAME: a Hugging Face dataset (Hub id or local dataset folder) "
+                                         "instead of --data; its train split and val, validation or test split.")
+    class_map: str | None = _setting(None, "Text file, one class name per line: line i is label i [default: "
+                                           "WordNet-ID classes get ImageNet indices, else folders alphabetically, a "
+                                           "dataset's ClassLabel in its order].", path="file")
     train_subset: int | None = _setting(None, "Use a stratified subset of this many training images.")
     val_subset: int | None = _setting(None, "Use a stratified subset of this many validation images.")
     subset_seed: int = _setting(0, "Which stratified subsets (fixed across --seed, so seeds compare on the same "
@@ -77,7 +90,7 @@ class FinetuneConfig:
     data_in_memory: str = _setting("auto", "Decode image folders once into memory and augment whole batches (auto: "
                                            "with the cifar augmentation, when training and validation images fit in "
                                            f"{MEMORY_BUDGET / 2**30:g} GiB).", choices=IN_MEMORY_MODES)
-    workers: int = _setting(4, "Data-loading worker processes.")
+    workers: int = _setting(4, "Data-loading worker processes.", aliases=("-j",))
     # late-phase weights (Algorithm 1)
     K: int = _setting(10, "Late-phase members (1 = plain fine-tuning through the same pipeline).")
     late_phase: tuple[str, ...] = _setting(DEFAULT_TARGETS, f"Late-phase weights, comma-separated: {kinds_help()}.")
@@ -91,8 +104,8 @@ class FinetuneConfig:
     accumulate: int = _setting(1, "With --K 1: θ accumulates over this many minibatches (Table 10 control).")
     # optimisation: U_θ, and U_φ where the member_* fields differ
     epochs: int = _setting(20, "Epochs.")
-    batch_size: int = _setting(256, "Global minibatch size per member step.")
-    optimizer: str = _setting("sgd", "U_θ.", choices=OPTIMIZERS)
+    batch_size: int = _setting(256, "Global minibatch size per member step.", aliases=("-b",))
+    optimizer: str = _setting("sgd", "U_θ.", choices=OPTIMIZERS, aliases=("--opt",))
     lr: float = _setting(0.001, "Learning rate of U_θ (and U_φ unless --member-lr).")
     momentum: float = _setting(0.9, "SGD momentum.")
     nesterov: bool = _setting(False, "Nesterov momentum.")
@@ -101,32 +114,43 @@ class FinetuneConfig:
     member_lr: float | None = _setting(None, "Learning rate of U_φ [default: --lr].")
     member_weight_decay: float | None = _setting(None, "Late-phase weight decay (paper, CIFAR: 5e-4·K) "
                                                        "[default: --weight-decay].")
-    schedule: str = _setting("multistep", "Learning-rate schedule.", choices=SCHEDULES)
+    schedule: str = _setting("multistep", "Learning-rate schedule.", choices=SCHEDULES, aliases=("--sched",))
     milestones: tuple[float, ...] = _setting((10,), "Epochs (comma-separated, fractions allowed) where multistep "
                                                     "scales the lr by --lr-gamma.")
     lr_gamma: float = _setting(0.1, "Multistep factor.")
     lr_end: float = _setting(0.0, "Final learning rate of the linear and cosine schedules.")
     anneal_start: float = _setting(0.0, "Linear schedule: epoch where annealing starts.")
     anneal_end: float | None = _setting(None, "Linear schedule: epoch where annealing ends [default: --epochs].")
+    warmup_epochs: float = _setting(0.0, "Epochs of linear learning-rate warm-up from --warmup-lr (U_θ and U_φ).")
+    warmup_lr: float = _setting(1e-5, "Learning rate at the start of the warm-up.")
+    smoothing: float = _setting(0.0, "Label smoothing of the training loss (every member's and so θ's).")
+    clip_grad: float | None = _setting(None, "Clip the gradient norm of each member's step and of θ's step to this.")
     swa_start: int | None = _setting(None, "Epoch from which SWA averages the late-phase model (per epoch).")
     swa_lr: float | None = _setting(None, "Constant learning rate during SWA.")
     # execution
     mode: str = _setting("auto", "Member execution (identical results).", choices=MODES)
     group_size: int | None = _setting(None, "Members per forward in vectorized mode [default: K].")
     device: str = _setting("auto", "auto, cpu, cuda or cuda:N.")
-    amp: str = _setting("auto", "Autocast (auto: bf16 on GPU, off on CPU).", choices=AMP_MODES)
+    amp: str = _setting("auto", "Autocast (auto: bf16 on GPU, off on CPU; --amp alone: bf16).", choices=AMP_MODES,
+                        flag_value="bf16")
     channels_last: bool | None = _setting(None, "Memory format [default: on GPU].")
     compile: bool = _setting(False, "torch.compile the model.")
     sync_bn: bool = _setting(False, "SyncBatchNorm across GPUs under torchrun.")
+    threads: int | None = _setting(None, "CPU threads per process for torch [default: torch's, at most the CPUs this "
+                                         "process may use divided among the processes torchrun starts on the node]. "
+                                         "Results are bit-identical for a fixed thread count.")
     # bookkeeping
     seed: int = _setting(0, "Seed of data order, augmentation and σ0 noise.")
-    output: str | None = _setting(None, "Run directory [default: runs/MODEL-K<K>].")
+    output: str | None = _setting(None, "Run directory [default: a new runs/<date>-<time>-MODEL-K<K>].")
     bn_stats: str = _setting("fold", "BN statistics of the averaged model (fold: members' mean statistics, eval "
                                      "outputs averaged).", choices=BN_STATS_MODES)
     recalibrate_batches: int = _setting(100, "Training batches used by --bn-stats recalibrate (and SWA).")
     select: str = _setting("best", "Which epoch's model is collapsed and written.", choices=SELECT)
     checkpoint_every: int = _setting(0, "Also checkpoint every N iterations (0: epoch ends only).")
-    log_every: int = _setting(50, "Progress update every N iterations (no host sync in between).")
+    log: str | None = _setting(None, "Also log every metrics.jsonl field per epoch to RUN/tensorboard/, published "
+                                     "with the model (pip install 'lpconvert[tensorboard]').", choices=LOGGERS)
+    log_every: int = _setting(50, "Progress update every N iterations (no host sync in between).",
+                              aliases=("--log-interval",))
     resume: str | None = _setting(None, "Continue the run in this directory exactly.", path="dir")
     force: bool = _setting(False, "Replace an lpconvert run at --output (after the new one succeeded), or resume "
                                   "with changed settings.")
@@ -146,13 +170,15 @@ class FinetuneConfig:
             self._require(name, getattr(self, name) >= 1, "must be a positive integer")
         for name in ("t0", "checkpoint_every", "workers", "seed", "subset_seed"):
             self._require(name, getattr(self, name) >= 0, "must be 0 or more")
-        for name in ("train_subset", "val_subset", "num_classes", "group_size"):
+        for name in ("train_subset", "val_subset", "num_classes", "group_size", "threads"):
             self._require(name, getattr(self, name) is None or getattr(self, name) >= 1, "must be a positive integer")
-        for name in ("lr", "member_lr", "gamma_theta", "lr_gamma", "swa_lr"):
+        for name in ("lr", "member_lr", "gamma_theta", "lr_gamma", "swa_lr", "warmup_lr", "clip_grad"):
             self._require(name, getattr(self, name) is None or getattr(self, name) > 0, "must be a positive number")
-        for name in ("weight_decay", "member_weight_decay", "sigma0", "lr_end", "anneal_start"):
+        for name in ("weight_decay", "member_weight_decay", "sigma0", "lr_end", "anneal_start", "warmup_epochs"):
             self._require(name, getattr(self, name) is None or getattr(self, name) >= 0, "must be 0 or more")
         self._require("momentum", 0 <= self.momentum < 1, "must lie in [0, 1)")
+        self._require("smoothing", 0 <= self.smoothing < 1, "must lie in [0, 1)")
+        self._require("warmup_epochs", self.warmup_epochs < self.epochs, f"must be shorter than --epochs {self.epochs}")
         self._require("nesterov", not self.nesterov or self.momentum > 0, "needs --momentum > 0")
         self._require("t0", self.t0 < self.epochs, f"must be smaller than --epochs {self.epochs}")
         self._require("accumulate", self.accumulate == 1 or self.K == 1,
@@ -173,6 +199,12 @@ class FinetuneConfig:
         kinds = resolve_kinds(self.late_phase)
         unused = [kind for kind in self.kind_options() if kind not in kinds]
         self._require("late_phase_options", not unused, f"name kinds that --late-phase converts ({', '.join(kinds)})")
+        if self.dataset is not None:
+            hub_name(self.dataset)
+            self._require("dataset", self.data is None and self.train_dir is None and self.val_dir is None,
+                          "replaces --data, --train-dir and --val-dir; pass one or the other")
+        self._require("class_map", self.class_map is None or self.data != DIGITS,
+                      f"names the classes of folders or a dataset; {DIGITS} has its own labels")
         if self.push_to_hub is not None:
             from huggingface_hub.utils import HFValidationError, validate_repo_id
 
@@ -183,17 +215,20 @@ class FinetuneConfig:
         return self
 
     def kind_options(self) -> dict[str, dict[str, Any]]:
-        """``--late-phase-options hypernet.rank=4,rank1.input_weights=true`` as ``{kind: {option: value}}`` (values
-        read as int, float, true/false, else text)."""
-        options: dict[str, dict[str, Any]] = {}
+        """``--late-phase-options hypernet.rank=4,rank1.input_weights=true`` as ``{kind: {option: value}}``, each value
+        read by the kind's declared option (lpconvert/layers/options.py): unknown kinds and options, an option given
+        twice, a malformed boolean or number are refused."""
+        options: dict[str, dict[str, str]] = {}
         for item in self.late_phase_options:
             key, sep, text = item.partition("=")
-            kind, dot, name = key.strip().partition(".")
+            kind, dot, name = (part.strip() for part in key.partition("."))
             if not (sep and dot and kind and name):
                 raise LatePhaseError(f"--late-phase-options takes KIND.OPTION=VALUE items such as hypernet.rank=4, "
                                      f"got {item!r}")
-            options.setdefault(kind, {})[name] = _literal(text.strip())
-        return options
+            if name in options.get(kind, {}):
+                raise LatePhaseError(f"--late-phase-options gives {kind}.{name} twice; keep one")
+            options.setdefault(kind, {})[name] = text.strip()
+        return check_kind_options(options, source="--late-phase-options")
 
     def _require(self, name: str, ok: bool, problem: str) -> None:
         if not ok:
@@ -219,17 +254,6 @@ CHOICES: dict[str, tuple[str, ...]] = {f.name: f.metadata["choices"] for f in da
 def flag(name: str) -> str:
     """The command-line flag of a setting: ``batch_size`` → ``--batch-size``."""
     return "--" + name.replace("_", "-")
-
-
-def _literal(text: str) -> Any:
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
 
 
 def _shown(value: Any) -> str:

@@ -39,6 +39,31 @@ def shared_batch_norms(model: nn.Module) -> list[str]:
     ]
 
 
+def time_major_modules(model: nn.Module) -> dict[str, str]:
+    """The layers that read (time, batch) inputs (``batch_first=False``: RNN / LSTM / GRU, attention), late-phase ones
+    included: qualified name → the original layer's type."""
+    originals = {name: getattr(m, "template", m) if isinstance(m, LatePhaseLayer) else m
+                 for name, m in model.named_modules() if name}
+    return {name: type(m).__name__ for name, m in originals.items() if getattr(m, "batch_first", True) is False}
+
+
+def why_not_vectorized(model: nn.Module) -> str | None:
+    """Why vectorized mode would not compute what sequential mode computes on `model` (one line), or None.
+
+    Vectorized mode stacks the members' minibatches along dim 0 and each late-phase layer runs member g on slice g:
+    exact when every layer reads the batch along dim 0 and keeps examples apart. Refused: BatchNorm layers that stay
+    shared (they would mix the members' batch statistics) and layers that read (time, batch) inputs (dim 0 is time:
+    the members' sequences would run on one after another)."""
+    if shared := shared_batch_norms(model):
+        return (f"vectorized mode would mix the members' batch statistics in {len(shared)} shared BatchNorm layer(s) "
+                f"(e.g. {shared[0]}); convert them too (targets include 'batchnorm') or use mode='sequential'")
+    if time_major := time_major_modules(model):
+        name, module_type = next(iter(time_major.items()))
+        return (f"vectorized mode stacks the members' minibatches along dim 0, but {name} ({module_type}) reads "
+                "(time, batch) inputs (batch_first=False); use mode='sequential', or a batch-first model")
+    return None
+
+
 class LatePhaseEngine:
     """Runs Algorithm 1 on a model converted by :func:`lpconvert.convert`.
 
@@ -50,11 +75,13 @@ class LatePhaseEngine:
             (defaults to `theta_optimizer`; give it its own weight decay, e.g. the paper's 5e-4·K).
         gamma_theta: γθ scaling Σ_k Δθ_k (default 1/K, the usual step size; the paper's CIFAR runs use 1).
         mode: ``"sequential"`` (one member per forward, lowest memory) or ``"vectorized"`` (G members' minibatches
-            stacked in one forward, each late-phase layer running member g on slice g). Both give the same result.
+            stacked along dim 0 in one forward, each late-phase layer running member g on slice g). Both give the
+            same result; a model for which they would not is refused (:func:`why_not_vectorized`).
         group_size: G in vectorized mode (default K).
         loss_fn: ``loss_fn(logits, targets)``, a mean over the minibatch.
         autocast_dtype: run forward passes under ``torch.autocast`` with this dtype (bf16/fp16).
         grad_scaler: a ``torch.amp.GradScaler`` for fp16.
+        clip_grad: clip the gradient norm of each member's step (∇φ_k L) and of θ's step (γθ Σ_k Δθ_k) to this.
 
     >>> engine = LatePhaseEngine(model, partial(torch.optim.SGD, lr=0.1, momentum=0.9))
     >>> losses = engine.step([x_1, …, x_K], [y_1, …, y_K])   # one iteration: K minibatches, K member steps, one θ step
@@ -72,6 +99,7 @@ class LatePhaseEngine:
         loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.cross_entropy,
         autocast_dtype: torch.dtype | None = None,
         grad_scaler: torch.amp.GradScaler | None = None,
+        clip_grad: float | None = None,
     ) -> None:
         self.model = model
         self.base = unwrap(model)
@@ -81,11 +109,8 @@ class LatePhaseEngine:
         self.num_members = num_members(self.base)
         if mode not in EXECUTION_MODES:
             raise LatePhaseError(f"unknown execution mode {mode!r}; choose from {', '.join(EXECUTION_MODES)}")
-        if mode == "vectorized" and (shared := shared_batch_norms(self.base)):
-            raise LatePhaseError(
-                f"vectorized mode would mix the members' batch statistics in {len(shared)} shared BatchNorm layer(s) "
-                f"(e.g. {shared[0]}); convert them too (targets include 'batchnorm') or use mode='sequential'"
-            )
+        if mode == "vectorized" and (reason := why_not_vectorized(self.base)):
+            raise LatePhaseError(reason)
         self.mode = mode
         self.group_size = min(group_size or self.num_members, self.num_members)
         if self.group_size < 1:
@@ -95,6 +120,7 @@ class LatePhaseEngine:
         self.loss_fn = loss_fn
         self.autocast_dtype = autocast_dtype
         self.grad_scaler = grad_scaler
+        self.clip_grad = clip_grad
 
         # a parameter shared by several layers (a kind's group state) is one parameter: one view, one step
         stacked = {id(p): (p, layer.member_weight_decay) for layer in layers.values()
@@ -192,6 +218,7 @@ class LatePhaseEngine:
         `clear` zeroes member k's gradient afterwards, for a member trained again in the same iteration."""
         for view, stacked in zip(self.member_params[k], self.stacked):
             view.grad = None if stacked.grad is None else stacked.grad[k]
+        self._clip(self.member_params[k])
         if self.grad_scaler:
             self.grad_scaler.step(self.member_optimizers[k])
         else:
@@ -208,6 +235,7 @@ class LatePhaseEngine:
                 grads = [p.grad for p in self.theta_params if p.grad is not None]
                 if grads:
                     torch._foreach_mul_(grads, self.gamma_theta)
+            self._clip(self.theta_params)
             if self.grad_scaler:
                 self.grad_scaler.step(self.theta_optimizer)
             else:
@@ -220,6 +248,13 @@ class LatePhaseEngine:
             p.grad = None
 
     # -- internals --------------------------------------------------------------------------------------------------
+    def _clip(self, params: Sequence[nn.Parameter]) -> None:
+        """Gradient-norm clipping of one step (gradients still scaled by the grad scaler are clipped at the scaled
+        norm, the same as unscaling, clipping and scaling again)."""
+        if self.clip_grad is not None:
+            scale = self.grad_scaler.get_scale() if self.grad_scaler else 1.0
+            torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], self.clip_grad * scale)
+
     def _autocast(self, x: torch.Tensor):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()

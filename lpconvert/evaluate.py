@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from .collapse import collapse, ensemble_predict
 from .config import FinetuneConfig
-from .data import build_data, build_datasets, recalibration_loader, resolve_data_dirs
+from .data import Source, build_data, build_datasets, hub_splits, recalibration_loader, resolve_data_dirs
 from .errors import LatePhaseError
 from .evaluation import evaluate_model, flatness
 from .late_phase_model import load_late_phase
@@ -33,34 +33,39 @@ from .run_state import RunCheckpoint
 from .runtime import resolve_device
 
 
-def _split_dir(data: str, split: str) -> Path:
-    """The `split` ("train" or "val") folder of a dataset root, or `data` itself when it is one ImageFolder tree."""
-    try:
-        train, val = resolve_data_dirs(data=data)
-    except LatePhaseError:  # not a root with train/ and val/: a single tree (or an archive of one)
-        return resolve_data_dirs(val_dir=data)[1]
-    found = train if split == "train" else val
-    if found is None:
-        raise LatePhaseError(f"no {split} split in {data}; pass a root with train/ and val/ (or test/)")
-    return found
+def _splits(data: str | None, dataset: str | None) -> tuple[Source | None, Source]:
+    """The (training, validation) splits of ``--dataset hfds/NAME`` or of a data root (validation: the first of val,
+    validation, test) — both `data` itself when it is one ImageFolder tree (a folder or a tar archive)."""
+    if dataset is not None:
+        train, val = hub_splits(dataset)
+    else:
+        try:
+            train, val = resolve_data_dirs(data=data)
+        except LatePhaseError:  # not a root with train/ and val/: a single tree (or an archive of one)
+            tree = resolve_data_dirs(val_dir=data)[1]
+            return tree, tree
+    if val is None:
+        raise LatePhaseError(f"no val, validation or test split in {dataset or data}; pass data with one")
+    return train, val
 
 
-def eval_set(model: nn.Module, data: str, *, subset: int | None, batch_size: int, workers: int,
-              num_classes: int | None) -> DataLoader:
-    """Evaluation-transform loader (the model's timm data config) over the validation split of `data`."""
+def eval_set(model: nn.Module, data: str | Source, *, subset: int | None, batch_size: int, workers: int,
+             num_classes: int | None, class_map: str | None = None) -> DataLoader:
+    """Evaluation-transform loader (the model's timm data config) over a split, or over the validation split of the
+    data path `data`; labels by `class_map` (a run's ``--class-map``; default ``"auto"``)."""
     config = timm.data.resolve_data_config(model=model)
-    _, dataset = build_datasets(None, _split_dir(data, "val"), data_config=config, num_classes=num_classes,
-                                val_subset=subset)
+    source = _splits(data, None)[1] if isinstance(data, str) else data
+    _, dataset = build_datasets(None, source, data_config=config, num_classes=num_classes,
+                                class_map=class_map or "auto", val_subset=subset)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
-def _recalibration_set(model: nn.Module, checkpoint: RunCheckpoint, data: str) -> DataLoader:
+def _recalibration_set(model: nn.Module, checkpoint: RunCheckpoint, train: Source) -> DataLoader:
     """The batches the run itself recalibrates on (:func:`lpconvert.data.recalibration_loader`): the training split
-    of `data` built with the run's settings (subset, augmentation, batch size, seed)."""
-    train = _split_dir(data, "train")
-    config = FinetuneConfig.from_dict({**checkpoint.config, "resume": None, "force": False, "data": data,
-                                       "train_dir": str(train), "val_dir": str(train), "workers": 0})
-    return recalibration_loader(build_data(config, model).train, config.batch_size, seed=config.seed)
+    `train` built with the run's settings (labels, subset, augmentation, batch size, seed)."""
+    config = FinetuneConfig.from_dict({**checkpoint.config, "resume": None, "force": False, "workers": 0})
+    return recalibration_loader(build_data(config, model, sources=(train, train)).train, config.batch_size,
+                                seed=config.seed)
 
 
 def _check_options(batch_size: int, workers: int, subset: int | None, flatness_sigmas: Sequence[float],
@@ -80,8 +85,9 @@ def _check_options(batch_size: int, workers: int, subset: int | None, flatness_s
 
 def evaluate(
     source: str,
-    data: str,
+    data: str | None = None,
     *,
+    dataset: str | None = None,
     ood: Sequence[str] = (),
     ensemble: bool = False,
     bn_stats: str | None = None,
@@ -94,16 +100,24 @@ def evaluate(
     flatness_sigmas: Sequence[float] = (),
     flatness_draws: int = 10,
 ) -> list[dict[str, Any]]:
-    """One row of metrics per evaluated variant of `source` (a model spec, output directory or late-phase run)."""
+    """One row of metrics per evaluated variant of `source` (a model spec, output directory or late-phase run), on
+    the validation split of `data` (a root, or one ImageFolder tree or archive) or of `dataset` (``hfds/NAME``)."""
     _check_options(batch_size, workers, subset, flatness_sigmas, flatness_draws)
+    if (data is None) == (dataset is None):
+        raise LatePhaseError("pass the evaluation data: --data (folders or tar archives) or --dataset hfds/NAME")
     device_ = resolve_device(device)
+    class_map = None
+    train, val_split = _splits(data, dataset)
     rows: list[tuple[str, nn.Module | None, Any]] = []
     if is_run(source):
         late, run = load_late_phase(source, checkpoint)
         late.to(device_)
         modes = BN_STATS_MODES if bn_stats == "all" else (bn_stats or run.config.get("bn_stats", "fold"),)
+        class_map = run.config.get("class_map")
+        if "recalibrate" in modes and train is None:
+            raise LatePhaseError(f"--bn-stats recalibrate needs a training split, and {dataset or data} has none")
         for mode in modes:
-            recal = _recalibration_set(late, run, data) if mode == "recalibrate" else None
+            recal = _recalibration_set(late, run, train) if mode == "recalibrate" else None
             averaged = collapse(late, bn_stats=mode, data=recal, num_batches=run.config.get("recalibrate_batches"))
             rows.append((f"averaged ({mode})", averaged, None))
         if ensemble:
@@ -116,7 +130,8 @@ def evaluate(
         rows.append(("model", model.to(device_), None))
         reference = model
     num_classes = getattr(reference, "num_classes", None)
-    val = eval_set(reference, data, subset=subset, batch_size=batch_size, workers=workers, num_classes=num_classes)
+    val = eval_set(reference, val_split, subset=subset, batch_size=batch_size, workers=workers,
+                   num_classes=num_classes, class_map=class_map)
     ood_loaders = {Path(p).name.split(".")[0] or p: eval_set(reference, p, subset=subset, batch_size=batch_size,
                                                              workers=workers, num_classes=None) for p in ood}
     results = []

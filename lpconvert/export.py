@@ -14,7 +14,8 @@ from torch import nn
 
 from .collapse import collapse
 from .config import FinetuneConfig
-from .data import DIGITS, build_data, recalibration_loader
+from .data import DIGITS, build_data, hub_dataset_id, hub_name, recalibration_loader
+from .data.archives import ARCHIVE_SUFFIXES, VAL_SPLITS
 from .errors import LatePhaseError
 from .late_phase_config import late_phase_config
 from .late_phase_model import load_late_phase
@@ -25,6 +26,7 @@ from .ownership import check_apart, check_replaceable
 from .run_dir import checkpoint_file
 from .run_state import History
 from .surgery import resolve_kinds
+from .tensorboard import RUN_LOGS
 
 
 def eval_bn_stats(config: FinetuneConfig, swa: bool) -> str:
@@ -40,12 +42,14 @@ def measured_bn_stats(config: FinetuneConfig, epoch: int) -> str:
 
 def export_model(late_model: nn.Module, out_dir: Path, *, config: FinetuneConfig, source: ModelSource,
                  history: History, epoch: int, chosen: str, bn_stats: str, data: Iterable | None,
-                 extra: dict[str, Any], label_names: list[str] | None, force: bool = True) -> dict[str, Any] | None:
+                 extra: dict[str, Any], label_names: list[str] | None, force: bool = True,
+                 logs: Path | None = None) -> dict[str, Any] | None:
     """Collapse `late_model` (Eq. 1) and write it with its card; metrics are the ones recorded for `epoch` when
     `bn_stats` is the mode they were measured with (else none are claimed). Returns those metrics.
 
     `data` are the recalibration batches for ``bn_stats="recalibrate"`` (:func:`lpconvert.data.recalibration_loader`),
-    of which the first ``config.recalibrate_batches`` are used."""
+    of which the first ``config.recalibrate_batches`` are used; `logs` is the run's TensorBoard folder
+    (:func:`run_logs`), published with the model."""
     averaged = collapse(late_model, bn_stats=bn_stats, data=data if bn_stats == "recalibrate" else None,
                         num_batches=config.recalibrate_batches)
     row = history.row(epoch)
@@ -56,34 +60,63 @@ def export_model(late_model: nn.Module, out_dir: Path, *, config: FinetuneConfig
             "final": {k[4:]: v for k, v in row.items() if k.startswith("val_")},
             "protocol": f"top-1/top-5/NLL/ECE on the same validation set with the same preprocessing; final = "
                         f"members averaged with bn_stats={bn_stats}, epoch {epoch} ({chosen})",
+            "dataset": _validation_set(config, extra.get("data_fingerprint")),
         }
     spec = late_phase_config(late_model)
+    hub_id = hub_dataset_id(config.dataset)
     averaging = {"K": spec.K, "late_phase": ",".join(sorted(set(spec.layers.values()))), "bn_stats": bn_stats,
                  "epoch": epoch, "select": chosen, "swa_start": config.swa_start,
                  "training_data": describe_training_data(config, extra.get("data_fingerprint"))}
     save_pretrained(
         averaged, out_dir, source=source, metrics=metrics, hparams=_hparams(config), label_names=label_names,
-        averaging=averaging, force=force,
+        averaging=averaging, datasets=[hub_id] if hub_id else [], logs=logs, force=force,
         provenance={**extra, "config": config.to_dict(), "seed": config.seed, "epoch": epoch, "bn_stats": bn_stats,
                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "late_phase": spec.to_dict()},
     )
     return metrics
 
 
-def describe_training_data(config: FinetuneConfig, fingerprint: dict[str, Any] | None) -> str:
-    """The training set for a public model card: its name, size and file-list fingerprint — never a local path."""
+def run_logs(config: FinetuneConfig, run_path: Path) -> Path | None:
+    """The run's TensorBoard folder, to publish with its model, when the run logged to TensorBoard."""
+    folder = Path(run_path) / RUN_LOGS
+    return folder if config.log == "tensorboard" and folder.is_dir() else None
+
+
+def _data_name(config: FinetuneConfig) -> str:
+    """The data's name for a public model card — the Hub dataset id, or the folder's name without an archive suffix,
+    never a local path."""
     if config.data == DIGITS:
         return "scikit-learn's handwritten digits"
+    if config.dataset is not None:
+        return hub_dataset_id(config.dataset) or Path(hub_name(config.dataset)).name
     root = Path(config.data or config.train_dir or "data")
     name = root.name
-    for suffix in (".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".tar"):
+    for suffix in ARCHIVE_SUFFIXES:
         name = name.removesuffix(suffix)
     if name == "train" and config.train_dir:
         name = root.parent.name or name
+    return name
+
+
+def _validation_set(config: FinetuneConfig, fingerprint: dict[str, Any] | None) -> dict[str, str]:
+    """The set a run's metrics were measured on, as the model card's ``model-index`` names it: ``type`` (the Hub
+    dataset id, else the data's name), ``name`` and ``split`` (the Hugging Face split, else the folder's name)."""
+    val = (fingerprint or {}).get("val") or {}
+    split = val.get("split") or Path(val.get("root") or "validation").name
+    name = _data_name(config)
+    return {"type": DIGITS if config.data == DIGITS else name, "name": name,
+            "split": split if split in VAL_SPLITS else "validation"}
+
+
+def describe_training_data(config: FinetuneConfig, fingerprint: dict[str, Any] | None) -> str:
+    """The training set for a public model card: its name, size and file-list fingerprint — never a local path."""
+    if config.data == DIGITS:
+        return _data_name(config)
     train = (fingerprint or {}).get("train") or {}
     if "num_files" not in train:
-        return f"`{name}`"
-    return f"`{name}`, {train['num_files']:,} training images (SHA-256 of their file list: {train['sha256'][:16]}…)"
+        return f"`{_data_name(config)}`"
+    return (f"`{_data_name(config)}`, {train['num_files']:,} training images (SHA-256 of their file list: "
+            f"{train['sha256'][:16]}…)")
 
 
 def _hparams(config: FinetuneConfig) -> dict[str, Any]:
@@ -121,8 +154,8 @@ def collapse_run(path: str | Path, out: str | Path, *, bn_stats: str = "fold", d
         model = swa.module
     recalibration = None
     if bn_stats == "recalibrate":
-        own = FinetuneConfig.from_dict({**config.to_dict(), "data": data, "train_dir": None, "val_dir": None,
-                                        "workers": 0})
+        source = {"data": None, "dataset": data} if str(data).startswith("hfds/") else {"data": data, "dataset": None}
+        own = FinetuneConfig.from_dict({**config.to_dict(), **source, "train_dir": None, "val_dir": None, "workers": 0})
         recalibration = recalibration_loader(build_data(own, model).train, config.batch_size, seed=config.seed)
     history = checkpoint.history
     chosen = "best" if which == "best" and history.best_epoch is not None else "last"
@@ -130,5 +163,5 @@ def collapse_run(path: str | Path, out: str | Path, *, bn_stats: str = "fold", d
     export_model(model, out, config=config, source=ModelSource(**checkpoint.source), history=history, epoch=epoch,
                  chosen=chosen, bn_stats=bn_stats, data=recalibration,
                  extra={"command": command, "collapsed_from": str(path), "data_fingerprint": checkpoint.data_fingerprint},
-                 label_names=checkpoint.label_names, force=force)
+                 label_names=checkpoint.label_names, force=force, logs=run_logs(config, path))
     return out

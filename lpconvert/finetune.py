@@ -11,11 +11,14 @@ member at once); interruptible and exactly resumable.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
+import os
 import random
 import signal
 import sys
 import threading
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -27,28 +30,35 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .collapse import collapse
-from .config import FinetuneConfig
+from .config import FinetuneConfig, flag
 from .data import DIGITS, Data, build_data, eval_loader, recalibration_loader, train_loader
 from .engine import LatePhaseEngine
 from .errors import LatePhaseError, one_line
-from .export import eval_bn_stats, export_model
+from .evaluation import evaluate_model
+from .export import eval_bn_stats, export_model, run_logs
+from .files import atomic_write_json
 from .late_phase import enter_late_phase
 from .late_phase_config import LatePhaseConfig, late_phase_config
 from .loading import ModelSource, load_model
-from .evaluation import evaluate_model
 from .metrics import METRIC_NAMES
 from .optim import build_engine, choose_mode, gamma_theta, has_late_phase, minibatches_per_iteration
 from .plots import plot_curves
 from .run_dir import RunDir, create_run, open_run, prepare_run
-from .run_state import History, Position, RunCheckpoint, TrainState
+from .run_state import History, Position, RunCheckpoint, TrainState, restore_model
 from .runtime import Runtime, init_runtime
-from .surgery import convert_from_config, nothing_to_convert, plan
+from .surgery import convert_from_config, plan_or_refuse
+from .tensorboard import check_log, log_metrics
 from .training import (RunInterrupted, StopRequest, evaluate_averaged, recalibration_batches, sync_member_statistics,
                        train_one_epoch)
 
 logger = logging.getLogger(__name__)
 #: Settings a resumed run may differ in without --force (they do not change what is computed).
-RESUME_FREE = ("resume", "force", "quiet", "workers", "log_every", "output", "push_to_hub", "allow_regression")
+RESUME_FREE = ("resume", "force", "quiet", "workers", "log", "log_every", "output", "push_to_hub",
+               "allow_regression")
+#: What the late phase is made of: a resume may change these (with --force) only before T0, where they take effect.
+STRUCTURAL = ("K", "late_phase", "late_phase_options", "include", "exclude", "sigma0", "t0")
+#: Settings that runs saved by earlier versions lack, with the value those versions behaved as.
+LEGACY_SETTINGS = {"data_in_memory": "off"}
 #: Warn when θ's step grows by this factor at T0, or the first late-phase epoch loses this many points of top-1.
 STEP_GROWTH_WARNING, TOP1_FALL_WARNING = 4.0, 5.0
 __all__ = ["DIGITS", "Job", "RunInterrupted", "finish", "fit", "prepare", "resume", "run", "start"]
@@ -77,8 +87,10 @@ def prepare(config: FinetuneConfig, runtime: Runtime, checkpoint: RunCheckpoint 
 
     Each failure is a one-line :class:`LatePhaseError`: unknown model or weights, weights that are not floating point
     or not finite, data that cannot be opened or decoded, a model that cannot run on the data, late-phase targets
-    that match nothing, fewer late-phase minibatches than members, ``--push-to-hub`` without a token. The model is
-    traced once, here: every conversion of the run is :func:`convert_from_config` of the returned plan."""
+    that match nothing, fewer late-phase minibatches than members, ``--push-to-hub`` without a token, ``--log
+    tensorboard`` without TensorBoard. The model is traced once, here: every conversion of the run is
+    :func:`convert_from_config` of the returned plan."""
+    check_log(config.log)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     model, source = load_model(config.model, weights=config.weights if checkpoint is None else None,
@@ -95,10 +107,8 @@ def prepare(config: FinetuneConfig, runtime: Runtime, checkpoint: RunCheckpoint 
     recalibration = recalibration_loader(data.train, config.batch_size, seed=config.seed, workers=config.workers,
                                          pin_memory=pin) if runtime.is_main else None
     _check_model_runs_on_data(model, data)
-    report = plan(model, config.K, config.late_phase, include=config.include or None, exclude=config.exclude or None,
-                  options=config.kind_options())
-    if not report.targets:
-        raise LatePhaseError(nothing_to_convert(model, report))
+    report = plan_or_refuse(model, config.K, config.late_phase, include=config.include or None,
+                            exclude=config.exclude or None, options=config.kind_options())
     late_minibatches = (config.epochs - config.t0) * train.batch_sampler.batches_per_epoch
     if config.K > 1 and late_minibatches < config.K:
         raise LatePhaseError(
@@ -162,6 +172,7 @@ def start(job: Job, config: FinetuneConfig, runtime: Runtime, run_dir: RunDir) -
                                       progress=None if config.quiet else "evaluating the start")
         history.epochs.append(_metrics_row(0, history.base))
         run_dir.write_metrics(history.epochs)
+        log_metrics(config.log, run_dir.path, history.epochs)
     late = has_late_phase(config) and config.t0 == 0
     if late:
         _warn_about_theta_steps(config, runtime)
@@ -175,7 +186,8 @@ def resume(job: Job, config: FinetuneConfig, runtime: Runtime, checkpoint: RunCh
     at = (checkpoint.position.epoch, checkpoint.position.batch)
     late = has_late_phase(config) and (config.t0 == 0 or at > (config.t0, 0))
     return TrainState.from_checkpoint(checkpoint, job.model, partial(engine_for, job=job, config=config,
-                                                                     runtime=runtime, late=late), late)
+                                                                     runtime=runtime, late=late), late,
+                                      where=f"{config.resume}/checkpoints/last.pt")
 
 
 def _metrics_row(epoch: int, metrics: dict[str, float], **extra: Any) -> dict[str, Any]:
@@ -234,6 +246,7 @@ def fit(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime, r
         save("last")
         if runtime.is_main:
             run_dir.write_metrics(history.epochs)
+            log_metrics(config.log, run_dir.path, history.epochs)
         if improved:
             save("best")
         if runtime.is_main:
@@ -285,8 +298,10 @@ def finish(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime
         swa.module if swa is not None else model, run_dir.model_dir, config=config, source=job.source,
         history=history, epoch=epoch, chosen=chosen, bn_stats=mode,
         data=recalibration_batches(runtime, job.recalibration, mode),
-        extra={"command": command, "data_fingerprint": job.data.fingerprint, "started": state.started},
-        label_names=job.data.label_names,
+        extra={"command": command, "data_fingerprint": job.data.fingerprint, "started": state.started,
+               "execution": {"device": str(runtime.device), "world_size": runtime.world_size,
+                             "threads": torch.get_num_threads()}},
+        label_names=job.data.label_names, logs=run_logs(config, run_dir.path),
     )
     K = late_phase_config(model).K
     report = {
@@ -306,8 +321,9 @@ def _saved_model(state: TrainState, checkpoint: RunCheckpoint) -> tuple[nn.Modul
     """The late-phase model (and SWA average) saved in `checkpoint`, whatever its K was."""
     model = state.model
     if checkpoint.late_phase.to_dict() != late_phase_config(model).to_dict():  # e.g. the plain model before T0
-        model = convert_from_config(collapse(state.model, bn_stats="mean"), checkpoint.late_phase)
-    model.load_state_dict(checkpoint.model)
+        model = restore_model(collapse(state.model, bn_stats="mean"), checkpoint, "checkpoints/best.pt")
+    else:
+        model.load_state_dict(checkpoint.model)
     swa = None
     if checkpoint.swa is not None:
         swa = TrainState.average_of(model)
@@ -318,17 +334,43 @@ def _saved_model(state: TrainState, checkpoint: RunCheckpoint) -> tuple[nn.Modul
 # --------------------------------------------------------------------------------------------------------------------
 # the job
 # --------------------------------------------------------------------------------------------------------------------
-def output_path(config: FinetuneConfig) -> Path:
-    """``--output``, or ``runs/MODEL-K<K>``."""
-    return Path(config.output or Path("runs") / (config.model.replace(":", "-").replace("/", "-") + f"-K{config.K}"))
+def output_path(config: FinetuneConfig, runtime: Runtime) -> Path:
+    """``--output``, or a new folder per run as timm names them: ``runs/<date>-<time>-MODEL-K<K>`` (rank 0's name on
+    every rank)."""
+    if config.output:
+        return Path(config.output)
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{config.model.replace(':', '-').replace('/', '-')}-K{config.K}"
+    path = Path("runs") / stem
+    for n in itertools.count(2):
+        if not path.exists():
+            break
+        path = Path("runs") / f"{stem}-{n}"
+    if runtime.distributed:
+        chosen = [str(path)]
+        dist.broadcast_object_list(chosen, src=0)
+        path = Path(chosen[0])
+    return path
 
 
 def _resumable(config: FinetuneConfig, checkpoint: RunCheckpoint, run_dir: Path) -> None:
-    differing = [k for k, v in config.to_dict().items() if k not in RESUME_FREE and checkpoint.config.get(k) != v]
+    """A resumed run's settings must be the saved ones (or --force); a setting the run was saved without has the
+    value the version that saved it behaved as (its default then)."""
+    saved = {**FinetuneConfig().to_dict(), **LEGACY_SETTINGS, **checkpoint.config}
+    differing = [k for k, v in config.to_dict().items() if k not in RESUME_FREE and saved.get(k) != v]
     if differing and not config.force:
         raise LatePhaseError(
             f"--resume {run_dir}: the run was started with different settings ({', '.join(differing[:4])}); "
             "use the same flags, or --force to continue with the new ones"
+        )
+    at = (checkpoint.position.epoch, checkpoint.position.batch)
+    entered = has_late_phase(FinetuneConfig.from_dict({**saved, "resume": None, "force": False})) and \
+        (saved["t0"] == 0 or at > (saved["t0"], 0))
+    structural = [k for k in differing if k in STRUCTURAL]
+    if entered and structural:
+        k = structural[0]
+        raise LatePhaseError(
+            f"--resume {run_dir}: {flag(k)} cannot change once the late phase has begun ({saved[k]} → "
+            f"{config.to_dict()[k]}; the checkpoint holds the members it trained); start a new run instead"
         )
 
 
@@ -344,19 +386,22 @@ def run(config: FinetuneConfig, *, stop_after: int | None = None, stop_at_epoch:
     config.validate()
     runtime = init_runtime(config)
     checkpoint, run_dir, replacing = None, None, False
-    if config.resume:
-        path = Path(config.resume)
-        run_dir = open_run(path) if runtime.is_main else RunDir(path)
-        checkpoint = run_dir.load_checkpoint("last")
-        _resumable(config, checkpoint, path)
-    elif runtime.is_main:
-        replacing = prepare_run(output_path(config), config.force)
     try:
+        if config.resume:
+            path = Path(config.resume)
+            run_dir = open_run(path) if runtime.is_main else RunDir(path)
+            checkpoint = run_dir.load_checkpoint("last")
+            _resumable(config, checkpoint, path)
+        else:
+            output = output_path(config, runtime)
+            replacing = prepare_run(output, config.force) if runtime.is_main else False
         job = prepare(config, runtime, checkpoint)
+        if checkpoint is not None and runtime.is_main:  # config.json states the settings the run continues with
+            atomic_write_json(run_dir.config_path, config.to_dict())
         if run_dir is None:
-            run_dir = create_run(output_path(config), config.to_dict(), replacing) if runtime.is_main else \
-                RunDir(output_path(config))
-        if config.schedule == "multistep" and any(m >= config.epochs for m in config.milestones):
+            run_dir = create_run(output, config.to_dict(), replacing) if runtime.is_main else RunDir(output)
+        milestones_given = config.milestones != FinetuneConfig.__dataclass_fields__["milestones"].default
+        if config.schedule == "multistep" and milestones_given and any(m >= config.epochs for m in config.milestones):
             logger.warning("--milestones %s: those at or after --epochs %d never take effect",
                            ",".join(map(str, config.milestones)), config.epochs)
         state = start(job, config, runtime, run_dir) if checkpoint is None else resume(job, config, runtime, checkpoint)
@@ -395,4 +440,11 @@ def _train(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime
 
 
 def finetune_command() -> str:
-    return " ".join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    """The command line as the user typed it: ``lpconvert …``, ``python -m lpconvert …``, or under torchrun
+    ``torchrun --nnodes N --nproc_per_node M -m lpconvert …`` (from torchrun's environment)."""
+    program = "python -m lpconvert" if Path(sys.argv[0]).name == "__main__.py" else Path(sys.argv[0]).name
+    if "TORCHELASTIC_RUN_ID" in os.environ or "LOCAL_WORLD_SIZE" in os.environ:
+        nodes = int(os.environ.get("WORLD_SIZE", "1")) // max(int(os.environ.get("LOCAL_WORLD_SIZE", "1")), 1)
+        program = (f"torchrun --nnodes {nodes} --nproc_per_node {os.environ.get('LOCAL_WORLD_SIZE', '1')} "
+                   "-m lpconvert")
+    return " ".join([program, *sys.argv[1:]])

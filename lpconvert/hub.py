@@ -5,10 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from lpconvert.errors import LatePhaseError, http_client_modules, is_network_error, one_line
 from lpconvert.files import MODEL_CARD_NAME, OUTPUT_FILES, PROVENANCE_NAME, WEIGHTS_NAME, sha256_file
 from lpconvert.model_card import REPO_ID_PLACEHOLDER
 from lpconvert.model_folder import OutputDir, read_output_dir
+from lpconvert.tensorboard import MODEL_LOGS
 from lpconvert.version import lpconvert_version
 
 __all__ = ["push"]
@@ -33,11 +36,12 @@ def push(
     """Upload ``folder`` (written by :func:`lpconvert.model_folder.save_pretrained`) to ``repo_id``; return the commit
     URL (the pull-request URL with ``create_pr``).
 
-    The repository is created if needed, then ONE commit adds ``model.safetensors``, ``config.json``, ``README.md``
-    and ``lpconvert.json`` (plus every other non-hidden file when ``include_extra``), so a failure leaves the
-    repository's files unchanged. Refuses uncollapsed checkpoints and, unless ``allow_regression``, models whose
-    recorded validation top-1 is below the base checkpoint's. ``token`` defaults to ``HF_TOKEN`` / the stored login,
-    ``endpoint`` to ``HF_ENDPOINT``.
+    The repository is created if needed, then ONE commit adds ``model.safetensors``, ``config.json``, ``README.md``,
+    ``lpconvert.json`` and the TensorBoard logs in ``runs/`` (plus every other non-hidden file when
+    ``include_extra``), so a failure leaves the repository's files unchanged. Refuses uncollapsed checkpoints, a model
+    card whose metadata huggingface_hub cannot parse and, unless ``allow_regression``, models whose recorded validation
+    top-1 is below the base checkpoint's. ``token`` defaults to ``HF_TOKEN`` / the stored login, ``endpoint`` to
+    ``HF_ENDPOINT``.
     """
     folder = Path(folder).expanduser()
     _refuse_uncollapsed(folder)
@@ -46,6 +50,7 @@ def push(
         raise LatePhaseError(_uncollapsed_message(folder, f"{PROVENANCE_NAME} says it is not collapsed"))
     _check_regression(output.metrics, allow_regression)
     _verify_weights(output)
+    _check_card(folder / MODEL_CARD_NAME)
 
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.utils import HFValidationError, validate_repo_id
@@ -116,16 +121,27 @@ def _verify_weights(output: OutputDir) -> None:
         )
 
 
+def _check_card(path: Path) -> None:
+    """The card's metadata as the Hub reads it (huggingface_hub's own parser, ``model-index`` included), offline."""
+    from huggingface_hub import ModelCard
+
+    try:
+        ModelCard(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        raise LatePhaseError(f"cannot read the model card metadata of {path} ({one_line(err)}); fix its YAML header "
+                             "or export the model again") from err
+
+
 def _upload_contents(folder: Path, repo_id: str, include_extra: bool) -> dict[str, str | bytes]:
     """Map repo path -> local path (or bytes for the model card, whose loading snippet gets the repo id)."""
     contents: dict[str, str | bytes] = {name: str(folder / name) for name in OUTPUT_FILES}
     card = (folder / MODEL_CARD_NAME).read_text(encoding="utf-8")
     contents[MODEL_CARD_NAME] = card.replace(REPO_ID_PLACEHOLDER, repo_id).encode("utf-8")
-    if include_extra:
-        for path in sorted(folder.rglob("*")):
-            name = path.relative_to(folder).as_posix()
-            if path.is_file() and not _hidden(path, folder) and name not in contents:
-                contents[name] = str(path)
+    for path in sorted(folder.rglob("*")):
+        name = path.relative_to(folder).as_posix()
+        logs = name.startswith(f"{MODEL_LOGS}/") and "tfevents" in path.name
+        if path.is_file() and not _hidden(path, folder) and name not in contents and (logs or include_extra):
+            contents[name] = str(path)
     return contents
 
 

@@ -29,7 +29,8 @@ class LatePhaseTarget:
 @dataclass
 class LatePhaseConfig:
     """K members of the late-phase weights of `targets`, initialised by Eq. 2 with σ0 = `sigma0` from `seed`;
-    `options` are per-kind options (``{"rank1": {"input_weights": True}}``)."""
+    `options` are per-kind options (``{"rank1": {"input_weights": True}}``; from :func:`lpconvert.plan`, every option
+    of the converted kinds), checked against the kinds' declarations when the layers are built."""
 
     K: int
     targets: list[LatePhaseTarget]

@@ -8,8 +8,7 @@ from torch import nn
 
 from .loading import load_model
 from .run_dir import checkpoint_file
-from .run_state import RunCheckpoint
-from .surgery import convert_from_config
+from .run_state import RunCheckpoint, restore_model
 
 
 def load_late_phase(path: str | Path, which: str = "best") -> tuple[nn.Module, RunCheckpoint]:
@@ -18,11 +17,10 @@ def load_late_phase(path: str | Path, which: str = "best") -> tuple[nn.Module, R
     The architecture is rebuilt from the run's model spec without downloading weights, the late-phase layers are
     re-injected by their recorded names (no tracing), then the state is loaded strictly: ready for collapsing,
     ensemble inference or inspection."""
-    checkpoint = RunCheckpoint.load(checkpoint_file(Path(path), which))
+    file = checkpoint_file(Path(path), which)
+    checkpoint = RunCheckpoint.load(file)
     config = checkpoint.config
     model, _ = load_model(config["model"], num_classes=config.get("num_classes"), pretrained=False)
     if config.get("sync_bn"):
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    convert_from_config(model, checkpoint.late_phase)
-    model.load_state_dict(checkpoint.model)
-    return model, checkpoint
+    return restore_model(model, checkpoint, str(file)), checkpoint

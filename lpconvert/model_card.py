@@ -1,21 +1,25 @@
 """What an lpconvert output directory holds, and its model card.
 
-The card (README.md) has YAML front matter for the Hub, the method in one paragraph with the paper citation, every
-hyper-parameter and the measured metrics — numbers only from the run, base checkpoint beside this model.
+The card (README.md) has YAML front matter for the Hub, made with huggingface_hub's ``ModelCardData``: library,
+license, tags, ``base_model`` with ``base_model_relation: finetune``, the training ``datasets`` (Hub ids) and a
+``model-index`` (``EvalResult``) with this model's validation top-1 and top-5, which the Hub shows on the model page.
+The text has the method in one paragraph with the paper citation, the loading snippet with the preprocessing the
+numbers were measured with, every hyper-parameter and the measured metrics — numbers only from the run, base
+checkpoint beside this model.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import yaml
+from huggingface_hub import EvalResult, ModelCardData
 
 from lpconvert.files import PROVENANCE_NAME, WEIGHTS_NAME
 from lpconvert.models import is_lpconvert_architecture
+from lpconvert.tensorboard import MODEL_LOGS
 
 if TYPE_CHECKING:
     from lpconvert.loading import ModelSource
@@ -40,8 +44,8 @@ PAPER_BIBTEX = """@inproceedings{vonoswald2021latephase,
 
 
 _METRIC_LABELS = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "nll": "negative log-likelihood"}
-#: A Hub dataset id: NAME or NAMESPACE/NAME (never a local path).
-_HUB_DATASET_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]*/)?[A-Za-z0-9][\w.-]*$")
+#: The model-index entries: the metric, its Hub metric type and its name on the model page (values in percent).
+_EVAL_METRICS = (("top1", "accuracy", "Top-1 accuracy"), ("top5", "top_5_accuracy", "Top-5 accuracy"))
 _BN_STATS_TEXT = {
     "fold": "BatchNorm: the running statistics are the members' mean statistics, and scale and shift are solved so "
             "that in eval mode every BatchNorm outputs exactly the average of its members' outputs. In train mode it "
@@ -59,26 +63,29 @@ def render_model_card(
     metrics: Mapping[str, Any] | None = None,
     hparams: Mapping[str, Any] | None = None,
     averaging: Mapping[str, Any] | None = None,
+    datasets: Sequence[str] = (),
+    logs: bool = False,
     repo_id: str = REPO_ID_PLACEHOLDER,
 ) -> str:
     """Markdown model card with YAML front matter; numbers come only from ``metrics`` and ``hparams``.
 
     ``averaging`` says how the checkpoint was made (``K``, ``late_phase``, ``bn_stats``, ``epoch``, ``select``,
-    ``swa_start``, ``training_data``); ``hparams["datasets"]`` may name Hub dataset ids for the front matter —
-    anything that is not one (a local path) is left out of it."""
-    hparams = dict(hparams or {})
-    meta: dict[str, Any] = {"library_name": "timm" if source.library == "timm" else "pytorch"}
-    if source.license:
-        meta["license"] = str(source.license).lower()
-    meta["tags"] = ["image-classification", "late-phase-weights", source.library, "lpconvert"]
-    meta["pipeline_tag"] = "image-classification"
-    if source.base_model:
-        meta["base_model"] = source.base_model
-    datasets = hparams.get("datasets", hparams.get("dataset"))
-    datasets = [str(d) for d in (datasets if isinstance(datasets, (list, tuple)) else [datasets] if datasets else [])]
-    if datasets and all(_HUB_DATASET_ID.match(d) and not Path(d).expanduser().exists() for d in datasets):
-        meta["datasets"] = datasets
-
+    ``swa_start``, ``training_data``); ``datasets`` are the Hub ids of the training data; ``metrics["dataset"]``
+    (``type``: a Hub dataset id or a name, ``name``, ``split``) names the set ``metrics`` were measured on, which the
+    ``model-index`` needs; ``logs``: the folder holds the run's TensorBoard logs (:data:`MODEL_LOGS`)."""
+    title = f"{source.architecture} with late-phase weights"
+    results = _eval_results(metrics)
+    meta = ModelCardData(
+        library_name="timm" if source.library == "timm" else "pytorch",
+        license=str(source.license).lower() if source.license else None,
+        tags=["image-classification", "late-phase-weights", source.library, "lpconvert"],
+        pipeline_tag="image-classification",
+        base_model=source.base_model,
+        base_model_relation="finetune" if source.base_model else None,
+        datasets=list(datasets) or None,
+        model_name=title if results else None,
+        eval_results=results or None,
+    )
     base = f"`{source.base_model or (Path(source.spec).name if source.origin == 'local-dir' else source.spec)}`"
     if source.weights:
         base += f" with weights from `{Path(source.weights).name}`"
@@ -86,10 +93,10 @@ def render_model_card(
         base += " (random initialisation)"
     lines = [
         "---",
-        yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).rstrip(),
+        meta.to_yaml(),
         "---",
         "",
-        f"# {source.architecture} with late-phase weights",
+        f"# {title}",
         "",
         f"This is `{source.architecture}` ({source.library}), trained from {base} with **late-phase weights** "
         "(von Oswald et al., ICLR 2021). Late in training, a small set of weights (here the ones listed under the "
@@ -126,6 +133,11 @@ def render_model_card(
         "",
         f"`{PROVENANCE_NAME}` records the lpconvert version, the base model, the command, configuration, seeds and "
         "data fingerprint of the run that produced this checkpoint.",
+    ]
+    if logs:
+        lines += ["", f"`{MODEL_LOGS}/` holds the run's TensorBoard logs: every metric of every epoch (the Hub shows "
+                      "them under Training metrics)."]
+    lines += [
         "",
         "## Citation",
         "",
@@ -162,21 +174,37 @@ def _what_it_is(source: ModelSource, averaging: Mapping[str, Any] | None) -> lis
 
 def _loading_snippet(source: ModelSource, repo_id: str) -> list[str]:
     if source.library == "timm":
-        load = f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True)  # or "local-dir:PATH/TO/THIS/FOLDER"'
+        load = [f'model = timm.create_model("hf-hub:{repo_id}", pretrained=True)  # or "local-dir:PATH/TO/THIS/FOLDER"']
+        imports = ["import timm"]
         if is_lpconvert_architecture(source.architecture):
-            return [
-                f"# pip install lpconvert   ({source.architecture} is an lpconvert architecture; importing lpconvert "
-                "registers it with timm)",
-                "import lpconvert, timm",
-                load,
-            ]
-        return ["import timm", load]
-    args = ", ".join(f"{k}={v!r}" for k, v in source.model_args.items())
+            imports = [f"# pip install lpconvert   ({source.architecture} is an lpconvert architecture; importing "
+                       "lpconvert registers it with timm)", "import lpconvert, timm"]
+    else:
+        args = ", ".join(f"{k}={v!r}" for k, v in source.model_args.items())
+        imports = ["import torchvision, safetensors.torch, huggingface_hub, timm"]
+        load = [f'model = torchvision.models.get_model("{source.architecture}", weights=None, {args})',
+                f'model.load_state_dict(safetensors.torch.load_file(huggingface_hub.hf_hub_download("{repo_id}", '
+                f'"{WEIGHTS_NAME}")))']
     return [
-        "import torchvision, safetensors.torch, huggingface_hub",
-        f'model = torchvision.models.get_model("{source.architecture}", weights=None, {args})',
-        f'model.load_state_dict(safetensors.torch.load_file(huggingface_hub.hf_hub_download("{repo_id}", '
-        f'"{WEIGHTS_NAME}")))',
+        *imports,
+        *load,
+        "model.eval()",
+        "# the preprocessing the accuracy below was measured with (resize, center crop, normalize)",
+        "transform = timm.data.create_transform(**timm.data.resolve_model_data_config(model), is_training=False)",
+        "# probabilities = model(transform(image).unsqueeze(0)).softmax(-1)   # image: a PIL image",
+    ]
+
+
+def _eval_results(metrics: Mapping[str, Any] | None) -> list[EvalResult]:
+    """This model's top-1 / top-5 on the set ``metrics["dataset"]`` names, for the ``model-index``."""
+    final, dataset = (metrics or {}).get("final") or {}, (metrics or {}).get("dataset")
+    if not dataset:
+        return []
+    return [
+        EvalResult(task_type="image-classification", task_name="Image Classification", dataset_type=dataset["type"],
+                   dataset_name=dataset["name"], dataset_split=dataset.get("split"), metric_type=metric_type,
+                   metric_name=metric_name, metric_value=round(final[key], 2))
+        for key, metric_type, metric_name in _EVAL_METRICS if final.get(key) is not None
     ]
 
 
@@ -188,7 +216,14 @@ def _metrics_section(metrics: Mapping[str, Any] | None) -> list[str]:
     names = [n for n in _METRIC_LABELS if n in base or n in final]
     names += [n for n in list(base) + list(final) if n not in names and n not in _METRIC_LABELS]
     names = list(dict.fromkeys(names))
-    lines = ["| metric | base checkpoint | this model |", "|---|---|---|"]
+    lines = []
+    if base.get("top1") is not None and final.get("top1") is not None:
+        dataset = metrics.get("dataset") or {}
+        where = f" on {dataset['name']}" if dataset else ""
+        where += f" ({dataset['split']} split)" if dataset.get("split") else ""
+        lines += [f"Top-1 accuracy{where}: **{final['top1']:.2f} %**, against {base['top1']:.2f} % for the base "
+                  f"checkpoint ({final['top1'] - base['top1']:+.2f} points).", ""]
+    lines += ["| metric | base checkpoint | this model |", "|---|---|---|"]
     for name in names:
         label = _METRIC_LABELS.get(name, name)
         lines.append(f"| {_cell(label)} | {_format_number(base.get(name))} | {_format_number(final.get(name))} |")

@@ -1,8 +1,8 @@
 """How a collapsed model leaves lpconvert: an output directory that timm / torchvision load without lpconvert.
 
 :func:`save_pretrained` writes ``model.safetensors``, ``config.json``, a ``README.md`` model card and
-``lpconvert.json`` provenance; :func:`read_output_dir` validates one. (Run checkpoints, with all K members, are
-:mod:`lpconvert.run_state`'s.)
+``lpconvert.json`` provenance (and the run's TensorBoard logs in ``runs/``); :func:`read_output_dir` validates one.
+(Run checkpoints, with all K members, are :mod:`lpconvert.run_state`'s.)
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ from lpconvert.loading import ModelSource, source_from_timm
 from lpconvert.members import unwrap
 from lpconvert.model_card import render_model_card
 from lpconvert.ownership import check_replaceable, swap_into_place
+from lpconvert.tensorboard import MODEL_LOGS, RUN_LOGS
 from lpconvert.version import lpconvert_version
 
 __all__ = ["OutputDir", "read_output_dir", "save_pretrained"]
@@ -58,6 +59,8 @@ def save_pretrained(
     provenance: Mapping[str, Any] | None = None,
     label_names: Sequence[str] | None = None,
     averaging: Mapping[str, Any] | None = None,
+    datasets: Sequence[str] = (),
+    logs: str | Path | None = None,
     force: bool = False,
 ) -> Path:
     """Write a collapsed, original-architecture model to ``out_dir`` so timm/torchvision load it without lpconvert.
@@ -68,13 +71,19 @@ def save_pretrained(
     Files: ``model.safetensors`` (the state dict), ``config.json`` (timm's format, or a torchvision rebuild recipe),
     ``README.md`` (model card) and ``lpconvert.json`` (version, ``"collapsed": true``, source, hparams, metrics,
     ``averaging`` — how the members were averaged, see :func:`render_model_card` — and the caller's
-    ``provenance``). Everything is written into a temp directory beside ``out_dir`` and renamed into place. An
-    existing non-empty ``out_dir`` is replaced only with ``force`` and only if it is an lpconvert model folder (see
-    :mod:`lpconvert.ownership`), after the new one is complete. Returns the output path.
+    ``provenance``). ``metrics`` holds ``base`` and ``final`` (name → number) and optionally ``protocol`` and
+    ``dataset`` (``type``, ``name``, ``split``: where they were measured, for the card's ``model-index``);
+    ``datasets`` are the Hub ids of the training data (the card's ``datasets``); the TensorBoard event files under
+    ``logs`` (a run's ``tensorboard/``) are copied into ``runs/``, which ``lpconvert push`` uploads. Everything is
+    written into a temp directory beside ``out_dir`` and renamed into place. An existing non-empty ``out_dir`` is
+    replaced only with ``force`` and only if it is an lpconvert model folder (see :mod:`lpconvert.ownership`), after
+    the new one is complete. Returns the output path.
     """
     out_dir = Path(out_dir).expanduser().absolute()
     check_replaceable(out_dir, "model", "--out", force)
     _check_metrics(metrics)
+    _check_datasets(datasets)
+    events = _event_files(Path(logs)) if logs is not None else {}
     model = unwrap(model)
     if source is None:
         if not getattr(model, "pretrained_cfg", None):
@@ -93,8 +102,12 @@ def save_pretrained(
         )
         _write_config(model, tmp / CONFIG_NAME, source, label_names)
         (tmp / MODEL_CARD_NAME).write_text(
-            render_model_card(source, metrics=metrics, hparams=hparams, averaging=averaging), encoding="utf-8"
+            render_model_card(source, metrics=metrics, hparams=hparams, averaging=averaging, datasets=datasets,
+                              logs=bool(events)), encoding="utf-8"
         )
+        for name, path in events.items():
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(path, tmp / name)
         info = {
             "lpconvert_version": lpconvert_version(),
             "format_version": 1,
@@ -109,9 +122,11 @@ def save_pretrained(
         }
         text = json.dumps(info, indent=2, ensure_ascii=False, default=json_default) + "\n"
         (tmp / PROVENANCE_NAME).write_text(text, encoding="utf-8")
-        for name in OUTPUT_FILES:
+        for name in (*OUTPUT_FILES, *events):
             os.chmod(tmp / name, 0o666 & ~current_umask())
             fsync_file(tmp / name)
+        if events:
+            fsync_dir(tmp / MODEL_LOGS)
         fsync_dir(tmp)
         swap_into_place(tmp, out_dir)
     except BaseException:
@@ -143,9 +158,37 @@ def _write_config(model: nn.Module, path: Path, source: ModelSource, label_names
     save_config_for_hf(model, str(path), model_config=model_config)
 
 
+def _event_files(logs: Path) -> dict[str, Path]:
+    """Where each TensorBoard event file under `logs` goes in a model folder (``runs/…``)."""
+    if not logs.is_dir():
+        raise LatePhaseError(f"logs={logs} is not a folder; pass the folder of TensorBoard event files (a run's "
+                             f"{RUN_LOGS}/)")
+    return {f"{MODEL_LOGS}/{path.relative_to(logs).as_posix()}": path
+            for path in sorted(logs.rglob("*tfevents*")) if path.is_file() and not path.name.startswith(".")}
+
+
+def _check_datasets(datasets: Sequence[str]) -> None:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if isinstance(datasets, str):
+        raise LatePhaseError(f"datasets must be a list of Hub dataset ids, got the text {datasets!r}")
+    for dataset in datasets:
+        try:
+            validate_repo_id(dataset)
+        except HFValidationError:
+            raise LatePhaseError(f"{dataset!r} is not a Hub dataset id (NAME or NAMESPACE/NAME); the model card's "
+                                 "datasets name data on the Hub, never a local path") from None
+
+
 def _check_metrics(metrics: Mapping[str, Any] | None) -> None:
     if metrics is None:
         return
+    dataset = metrics.get("dataset")
+    named = isinstance(dataset, Mapping) and all(isinstance(dataset.get(key), str) and dataset[key]
+                                                 for key in ("type", "name"))
+    if dataset is not None and not named:
+        raise LatePhaseError("metrics['dataset'] must be a mapping with the texts 'type' (a Hub dataset id or a name) "
+                             "and 'name' (and optionally 'split')")
     for part in ("base", "final"):
         values = metrics.get(part)
         if values is None:

@@ -12,10 +12,11 @@ from functools import partial
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import FinetuneConfig
-from .engine import LatePhaseEngine, shared_batch_norms
+from .engine import LatePhaseEngine, why_not_vectorized
 from .late_phase_config import late_phase_config
 from .members import unwrap
 from .runtime import Runtime
@@ -76,11 +77,12 @@ def optimizer_settings(config: FinetuneConfig, late: bool) -> tuple[OptimizerSet
 
 
 def choose_mode(config: FinetuneConfig, model: nn.Module, K: int, input_size: tuple[int, ...], runtime: Runtime) -> str:
-    """Vectorized on a GPU when every batch-statistics layer is late-phase and K stacked minibatches stay small (on a
-    CPU a K-times larger batch is not faster per image: see zoo/BENCHMARKS.md)."""
+    """Vectorized on a GPU when the model can be (every batch-statistics layer late-phase, batch-first sequence
+    layers) and K stacked minibatches stay small (on a CPU a K-times larger batch is not faster per image: see
+    zoo/BENCHMARKS.md)."""
     if config.mode != "auto":
         return config.mode
-    if K == 1 or runtime.device.type != "cuda" or shared_batch_norms(model):
+    if K == 1 or runtime.device.type != "cuda" or why_not_vectorized(model) is not None:
         return "sequential"
     pixels = K * (config.batch_size // runtime.world_size) * math.prod(input_size[-2:])
     return "vectorized" if pixels <= VECTORIZE_MAX_PIXELS else "sequential"
@@ -93,9 +95,10 @@ def build_engine(train_model: nn.Module, config: FinetuneConfig, mode: str, runt
     theta, member = optimizer_settings(config, late)
     K = late_phase_config(unwrap(train_model)).K
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.amp_dtype == torch.float16 else None
+    loss = partial(F.cross_entropy, label_smoothing=config.smoothing) if config.smoothing else F.cross_entropy
     return LatePhaseEngine(train_model, theta.factory(), member.factory(), gamma_theta=gamma_theta(config, K, late),
-                           mode=mode, group_size=config.group_size, autocast_dtype=runtime.amp_dtype,
-                           grad_scaler=scaler)
+                           mode=mode, group_size=config.group_size, loss_fn=loss, autocast_dtype=runtime.amp_dtype,
+                           grad_scaler=scaler, clip_grad=config.clip_grad)
 
 
 def optimizer_state(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> dict[str, Any]:
@@ -119,7 +122,16 @@ def load_engine_state(engine: LatePhaseEngine, saved: dict[str, Any]) -> None:
 
 
 def lr_factor(config: FinetuneConfig, epoch: float) -> float:
-    """The schedule as a factor of the base learning rates at fractional epoch `epoch`."""
+    """The schedule as a factor of the base learning rates at fractional epoch `epoch`; during ``--warmup-epochs`` W
+    the rate rises linearly from ``--warmup-lr`` to the schedule's (as timm's schedulers warm up)."""
+    factor = _schedule_factor(config, epoch)
+    if epoch < config.warmup_epochs:
+        start = config.warmup_lr / config.lr
+        return start + (factor - start) * epoch / config.warmup_epochs
+    return factor
+
+
+def _schedule_factor(config: FinetuneConfig, epoch: float) -> float:
     if config.swa_start is not None and epoch >= config.swa_start and config.swa_lr is not None:
         return config.swa_lr / config.lr
     end = config.lr_end / config.lr

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .errors import LatePhaseError
 from .files import OUTPUT_FILES, PROVENANCE_NAME, fsync_dir
+from .tensorboard import MODEL_LOGS, RUN_LOGS
 
 MARKER = ".lpconvert-run"
 DEMO_MARKER = ".lpconvert-demo"
@@ -25,7 +26,9 @@ LOCK = ".lock"
 REPLACING = ".replacing"
 #: What lpconvert writes into a run directory: anything else makes it someone else's folder.
 RUN_ENTRIES = frozenset({MARKER, LOCK, "config.json", "metrics.jsonl", "checkpoints", "model", "report.json",
-                         "curves.png"})
+                         "curves.png", RUN_LOGS})
+#: What lpconvert writes into a model folder (save_pretrained).
+MODEL_ENTRIES = frozenset({*OUTPUT_FILES, MODEL_LOGS})
 
 
 def recognise(path: Path) -> str | None:
@@ -36,7 +39,7 @@ def recognise(path: Path) -> str | None:
     entries = {e.name for e in path.iterdir() if not _is_temp(e.name)}
     if (path / MARKER).is_file() and entries <= RUN_ENTRIES:
         return "run"
-    if (path / PROVENANCE_NAME).is_file() and entries <= set(OUTPUT_FILES):
+    if (path / PROVENANCE_NAME).is_file() and entries <= MODEL_ENTRIES:
         return "model"
     if (path / DEMO_MARKER).is_file() and all(recognise(path / e) == "run" for e in entries - {DEMO_MARKER}):
         return "demo"

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from .errors import LatePhaseError
+from .errors import LatePhaseError, one_line
 from .files import atomic_save_torch, torch_load_weights_only
 from .engine import LatePhaseEngine
 from .late_phase_config import LatePhaseConfig, late_phase_config
@@ -75,6 +75,10 @@ class RunCheckpoint:
         state = torch_load_weights_only(path)
         if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT or "late_phase" not in state:
             raise LatePhaseError(f"{path} is not an lpconvert run checkpoint (written by `lpconvert finetune`)")
+        version = state.get("version")
+        if not isinstance(version, int) or version > CHECKPOINT_VERSION:
+            raise LatePhaseError(f"{path} has checkpoint format {version!r}, newer than this lpconvert reads "
+                                 f"({CHECKPOINT_VERSION}); upgrade lpconvert to continue or collapse this run")
         swa = state.get("swa")
         return cls(
             config=state["config"], source=state["source"], late_phase=LatePhaseConfig.from_dict(state["late_phase"]),
@@ -145,17 +149,42 @@ class TrainState:
 
     @classmethod
     def from_checkpoint(cls, checkpoint: RunCheckpoint, model: nn.Module,
-                        build_engine: Callable[[nn.Module], LatePhaseEngine], late: bool) -> TrainState:
+                        build_engine: Callable[[nn.Module], LatePhaseEngine], late: bool, where: str) -> TrainState:
         """`model` (the original architecture) made the checkpoint's late-phase model by name, with its members,
         optimizer buffers (under the settings `build_engine` gives), SWA average, position, history and random
-        generators."""
-        convert_from_config(model, checkpoint.late_phase)
+        generators; `where` names the checkpoint in errors."""
+        restore_model(model, checkpoint, where)
         engine = build_engine(model)
-        model.load_state_dict(checkpoint.model)
-        load_engine_state(engine, checkpoint.engine)
+        try:
+            load_engine_state(engine, checkpoint.engine)
+        except (KeyError, TypeError, ValueError, IndexError) as err:
+            raise LatePhaseError(f"{where}: the saved optimizer state does not fit the saved model ({one_line(err)}); "
+                                 "the checkpoint is damaged or was edited: resume from another run") from err
         swa = None
         if checkpoint.swa is not None:
             swa = cls.average_of(model)
             swa.load_state_dict(checkpoint.swa)
         set_rng_state(checkpoint.rng)
         return cls(model, engine, late, checkpoint.position, checkpoint.history, swa, checkpoint.started or _now())
+
+
+def restore_model(model: nn.Module, checkpoint: RunCheckpoint, where: str) -> nn.Module:
+    """`model` (the original architecture) with the checkpoint's late-phase layers injected by name and its tensors
+    loaded, in place — after checking that the saved configuration, the model and the saved tensors agree (layer names,
+    K, every tensor's name and shape): a disagreement is one line naming `where` and the first difference."""
+    try:
+        convert_from_config(model, checkpoint.late_phase)
+    except (AttributeError, KeyError, IndexError, RuntimeError, TypeError, ValueError) as err:
+        raise LatePhaseError(f"{where}: its late-phase configuration does not fit the model ({one_line(err)}); the "
+                             "checkpoint is damaged or was edited: resume from another run") from err
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    saved = {k: tuple(v.shape) for k, v in checkpoint.model.items() if isinstance(v, torch.Tensor)}
+    problem = next((f"{k} is missing" for k in expected if k not in saved), None) \
+        or next((f"{k} is not part of the model" for k in saved if k not in expected), None) \
+        or next((f"{k} has shape {saved[k]}, the configuration (K = {checkpoint.late_phase.K}) gives {expected[k]}"
+                 for k in expected if saved[k] != expected[k]), None)
+    if problem:
+        raise LatePhaseError(f"{where}: the saved tensors disagree with the saved late-phase configuration ({problem});"
+                             " the checkpoint is damaged or was edited: resume from another run")
+    model.load_state_dict(checkpoint.model)
+    return model

@@ -22,7 +22,7 @@ from torch import fx, nn
 
 from .errors import LatePhaseError
 from .late_phase_config import ATTRIBUTE, LatePhaseConfig, LatePhaseTarget
-from .layers import KINDS, Discovery, LatePhaseLayer, MemberSelection, resolve_kinds
+from .layers import KINDS, Discovery, LatePhaseLayer, MemberSelection, check_kind_options, resolve_kinds
 from .layers.discovery import matches
 from .layers.registry import module_types
 from .members import set_submodule
@@ -231,16 +231,14 @@ def _targets(model: nn.Module, modules: dict[str, nn.Module], classifier: str | 
              include: list[str], exclude: list[str], options: dict[str, dict[str, Any]]
              ) -> tuple[list[LatePhaseTarget], dict[str, int]]:
     """Every kind in registry order (decreasing precedence) looks for its targets (a module an earlier kind took is
-    not offered to a later one): what the selected kinds take, in module order, and how many layers of each kind the
-    model has."""
+    not offered to a later one): what the selected kinds take, in module order, and how many layers each kind would
+    take if it were the only one asked for (what ``--late-phase KIND`` converts)."""
     order = {name: i for i, name in enumerate(modules)}
-    everything = Discovery(model, modules, classifier, options=options)
     chosen = Discovery(model, modules, classifier, include=include, exclude=exclude, options=options)
     available: dict[str, int] = {}
     found: list[LatePhaseTarget] = []
     for kind, cls in KINDS.items():
-        groups = cls.targets(everything)
-        everything.claimed.update(name for group in groups for name in group)
+        groups = cls.targets(Discovery(model, modules, classifier, options=options))
         if groups:
             available[kind] = sum(len(group) for group in groups)
         if kind in kinds:
@@ -269,13 +267,15 @@ def plan(
 
     Every registered kind looks for its targets in registry order, by decreasing ``precedence`` (a module an earlier
     kind took is not offered to a later one); `include`/`exclude` glob patterns on qualified names narrow the modules
-    offered; `options` are per-kind options (``{"rank1": {"input_weights": True}}``).
+    offered; `options` are per-kind options (``{"rank1": {"input_weights": True}}``), checked against the kinds'
+    declared options; the plan's ``options`` hold every option of the converted kinds, defaults filled in.
 
     >>> print(lpconvert.plan(timm.create_model("resnet50"), K=10))
     """
     _check_members(K)
     kinds = resolve_kinds(targets)
-    include, exclude, options = _as_patterns(include), _as_patterns(exclude), _options(options, kinds)
+    include, exclude, given = _as_patterns(include), _as_patterns(exclude), _options(options, kinds)
+    options = {kind: values for kind in kinds if (values := KINDS[kind].option_values(given.get(kind, {})))}
     modules = dict(model.named_modules())
     if any(isinstance(m, LatePhaseLayer) for m in modules.values()):
         raise LatePhaseError("this model is already late-phase (converted); collapse it before converting again")
@@ -285,6 +285,7 @@ def plan(
     if "classifier" in kinds and classifier is None:
         warn.append("no classifier (a linear or 1×1-convolution layer feeding the output) was found")
     found, available = _targets(model, modules, classifier, kinds, include, exclude, options)
+    _refuse_inapplicable(given, found, modules)
 
     calls: Counter = Counter()
     functional: list[str] = []
@@ -320,12 +321,27 @@ def plan(
 # convert
 # --------------------------------------------------------------------------------------------------------------------
 def _options(options: dict[str, dict[str, Any]] | None, kinds: Sequence[str]) -> dict[str, dict[str, Any]]:
-    """Per-kind options, for kinds that are converted (an option for another kind is a mistake worth a message)."""
-    options = dict(options or {})
+    """Per-kind options checked and converted by the kinds' declarations, for kinds that are converted (an option for
+    another kind is a mistake worth a message)."""
+    options = check_kind_options(options)
     unused = [kind for kind in options if kind not in kinds]
     if unused:
         raise LatePhaseError(f"options given for {', '.join(unused)}, which is not converted (targets: {', '.join(kinds)})")
-    return {kind: dict(values) for kind, values in options.items()}
+    return options
+
+
+def _refuse_inapplicable(given: dict[str, dict[str, Any]], found: Sequence[LatePhaseTarget],
+                         modules: dict[str, nn.Module]) -> None:
+    """Refuse an option given for layers that the kind does not convert here (rank-1's ``input_weights`` on a model
+    without a recurrent layer): it would silently do nothing."""
+    for kind, values in given.items():
+        layers = [modules[name] for target in found if target.kind == kind for name in target.modules]
+        for name in values:
+            spec = KINDS[kind].option_specs[name]
+            if not spec.applies(layers):
+                concerned = "/".join(t.__name__ for t in spec.applies_to)
+                raise LatePhaseError(f"late-phase options: {kind}.{name} concerns {concerned} layers, but none of the "
+                                     f"{kind} layers here ({len(layers)}) is one; drop the option")
 
 
 def _check_members(K: object) -> None:
@@ -372,6 +388,7 @@ def convert_from_config(model: nn.Module, config: LatePhaseConfig) -> nn.Module:
     if any(isinstance(m, LatePhaseLayer) for m in model.modules()):
         raise LatePhaseError("this model is already late-phase (converted); collapse it before converting again")
     _check_members(config.K)
+    options = check_kind_options(config.options)
     generator = torch.Generator().manual_seed(config.seed) if config.seed is not None else None
     selection = MemberSelection(config.K)
     replacements: dict[str, LatePhaseLayer] = {}
@@ -383,7 +400,7 @@ def convert_from_config(model: nn.Module, config: LatePhaseConfig) -> nn.Module:
         except AttributeError as err:
             raise LatePhaseError(f"the model has no layer {target.modules}: {err}; it is not the converted one") from err
         layers = KINDS[target.kind].build(modules, config.K, selection, config.sigma0, generator,
-                                          config.options.get(target.kind, {}))
+                                          KINDS[target.kind].option_values(options.get(target.kind, {})))
         replacements.update(zip(target.modules, layers))
     # every replacement is built before the first swap, so a failure above leaves the model untouched
     for name, layer in replacements.items():
@@ -391,6 +408,15 @@ def convert_from_config(model: nn.Module, config: LatePhaseConfig) -> nn.Module:
     setattr(model, ATTRIBUTE, config)
     logger.debug("converted %d layers to K=%d late-phase layers", len(replacements), config.K)
     return model
+
+
+def plan_or_refuse(model: nn.Module, K: int, targets: str | Iterable[str], *, include: Sequence[str] | None,
+                   exclude: Sequence[str] | None, options: dict[str, dict[str, Any]] | None) -> Plan:
+    """:func:`plan`, refusing a plan with nothing to convert with the one message `inspect` and `finetune` share."""
+    report = plan(model, K, targets, include=include, exclude=exclude, options=options)
+    if not report.targets:
+        raise LatePhaseError(nothing_to_convert(model, report))
+    return report
 
 
 def nothing_to_convert(model: nn.Module, report: Plan) -> str:

@@ -7,7 +7,6 @@ continued across epochs), the schedule's learning rates set per iteration, no ho
 
 from __future__ import annotations
 
-import math
 import signal
 import time
 from typing import Any, Callable, Iterable
@@ -70,8 +69,8 @@ def train_one_epoch(state: TrainState, loader: DataLoader, config: FinetuneConfi
     loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
     finite = torch.ones((), device=runtime.device, dtype=torch.bool)
     seen, started = 0, time.perf_counter()
-    iterations = math.ceil((batches_per_epoch - position.batch) / per_iteration)
-    bar = _progress(iterations, f"epoch {position.epoch + 1}/{config.epochs}", disable=config.quiet or not runtime.is_main)
+    bar = _progress(batches_per_epoch, f"epoch {position.epoch + 1}/{config.epochs}",
+                    disable=config.quiet or not runtime.is_main, initial=position.batch)
     for step, (xs, ys) in enumerate(iterate_members(loader, per_iteration)):
         xs = [runtime.to_device(x) for x in xs]
         ys = [y.to(runtime.device, non_blocking=True) for y in ys]
@@ -83,7 +82,7 @@ def train_one_epoch(state: TrainState, loader: DataLoader, config: FinetuneConfi
         position.iteration += 1
         position.loss_count += len(xs)
         seen += sum(x.shape[0] for x in xs) * runtime.world_size
-        bar.update(1)
+        bar.update(len(xs))
         boundary = (step + 1) % config.log_every == 0 or position.batch >= batches_per_epoch
         checkpoint_due = config.checkpoint_every and position.iteration % config.checkpoint_every == 0
         stopping = stop.reason(position.iteration)
@@ -145,7 +144,9 @@ def _check_finite(finite: torch.Tensor, epoch: int, iteration: int) -> None:
         )
 
 
-def _progress(total: int, description: str, disable: bool):
+def _progress(total: int, description: str, disable: bool, initial: int = 0):
+    """A bar counting this epoch's minibatches (per process), starting where a resumed epoch stands."""
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=description, disable=disable, leave=False, dynamic_ncols=True)
+    return tqdm(total=total, initial=initial, desc=description, disable=disable, leave=False, dynamic_ncols=True,
+                unit="batch")

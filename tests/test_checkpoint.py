@@ -14,6 +14,7 @@ import timm
 import torch
 import torchvision
 import yaml
+from huggingface_hub import ModelCard, metadata_load
 from torch import nn
 
 from lpconvert import model_folder
@@ -26,6 +27,7 @@ from lpconvert.files import (
 from lpconvert.files import prepare_tensors
 from lpconvert.loading import ModelSource, load_model
 from lpconvert.model_folder import read_output_dir, save_pretrained
+from lpconvert.ownership import recognise
 from lpconvert.run_state import RunCheckpoint
 from lpconvert.weights import load_weights, read_state_dict
 
@@ -372,25 +374,77 @@ def test_model_card_and_provenance(tmp_path, timm_model):
     source = ModelSource(spec="resnet50.a1_in1k", library="timm", origin="timm", architecture="resnet50",
                          num_classes=1000, pretrained=True, hub_id="timm/resnet50.a1_in1k", license="apache-2.0")
     provenance = {"command": "lpconvert train ...", "seeds": [0, 1], "data_fingerprint": "sha256:abc"}
-    out = save_pretrained(model, tmp_path / "out", source=source, metrics=METRICS, hparams=HPARAMS,
-                          provenance=provenance)
-    card = (out / "README.md").read_text()
-    _, front, body = card.split("---\n", 2)
+    dataset = {"type": "timm/mini-imagenet", "name": "timm/mini-imagenet", "split": "validation"}
+    metrics = {**METRICS, "dataset": dataset}
+    out = save_pretrained(model, tmp_path / "out", source=source, metrics=metrics, hparams=HPARAMS,
+                          provenance=provenance, datasets=["timm/mini-imagenet"])
+    text = (out / "README.md").read_text()
+    _, front, body = text.split("---\n", 2)
     meta = yaml.safe_load(front)
     assert meta["library_name"] == "timm" and meta["license"] == "apache-2.0"
     assert {"late-phase-weights", "image-classification"} <= set(meta["tags"])
-    assert meta["base_model"] == "timm/resnet50.a1_in1k" and meta["datasets"] == ["cifar10"]
+    assert meta["base_model"] == "timm/resnet50.a1_in1k" and meta["base_model_relation"] == "finetune"
+    assert meta["datasets"] == ["timm/mini-imagenet"]
     for part in ("base", "final"):
         for value in METRICS[part].values():
             assert f" {value} |" in body
     assert METRICS["protocol"] in body
+    assert ("Top-1 accuracy on timm/mini-imagenet (validation split): **76.87 %**, against 76.13 % for the base "
+            "checkpoint (+0.75 points).") in body
     for name in HPARAMS:
         assert f"| {name} |" in body
     assert "arXiv:2007.12927" in body and "von Oswald" in body and "ICLR 2021" in body
 
+    # huggingface_hub reads the metadata back as it wrote it: the model-index, and the card unchanged by a round trip
+    card = ModelCard.load(out / "README.md")
+    assert card.content == text and metadata_load(out / "README.md") == meta
+    assert card.data.model_name == "resnet50 with late-phase weights"
+    assert [(r.task_type, r.dataset_type, r.dataset_split, r.metric_type, r.metric_value)
+            for r in card.data.eval_results] == [
+        ("image-classification", "timm/mini-imagenet", "validation", "accuracy", 76.87),
+        ("image-classification", "timm/mini-imagenet", "validation", "top_5_accuracy", 93.21)]
+
     info = read_output_dir(out)
-    assert info.collapsed and info.metrics == METRICS and info.info["provenance"] == provenance
+    assert info.collapsed and info.metrics == metrics and info.info["provenance"] == provenance
     assert info.info["source"]["hub_id"] == "timm/resnet50.a1_in1k" and info.info["lpconvert_version"]
+
+
+def test_card_of_a_model_without_base_model_or_dataset(tmp_path, timm_model):
+    model, source = timm_model  # random initialisation: no Hub checkpoint to derive from
+    out = save_pretrained(model, tmp_path / "out", source=source, metrics=METRICS)
+    meta = metadata_load(out / "README.md")
+    assert not {"base_model", "base_model_relation", "datasets", "model-index"} & set(meta)
+    assert "**76.87 %**, against 76.13 % for the base checkpoint (+0.75 points)" in (out / "README.md").read_text()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"datasets": ["/data/imagenet"]}, "'/data/imagenet' is not a Hub dataset id"),
+    ({"datasets": "imagenet-1k"}, "datasets must be a list of Hub dataset ids"),
+    ({"metrics": {**METRICS, "dataset": {"name": "ImageNet"}}}, "metrics['dataset'] must be a mapping"),
+    ({"logs": "missing"}, "logs=missing is not a folder"),
+])
+def test_card_inputs_are_checked_before_anything_is_written(tmp_path, timm_model, kwargs, message):
+    model, source = timm_model
+    with pytest.raises(LatePhaseError) as err:
+        save_pretrained(model, tmp_path / "out", source=source, **kwargs)
+    assert message in one_line(err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tensorboard_logs_travel_in_runs(tmp_path, timm_model):
+    model, source = timm_model
+    logs = tmp_path / "run" / "tensorboard"
+    logs.mkdir(parents=True)
+    (logs / "events.out.tfevents.lpconvert").write_bytes(b"events")
+    (logs / "notes.txt").write_text("not an event file")
+    out = save_pretrained(model, tmp_path / "out", source=source, logs=logs)
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()) == [
+        "README.md", "config.json", "lpconvert.json", "model.safetensors", "runs/events.out.tfevents.lpconvert"]
+    assert (out / "runs" / "events.out.tfevents.lpconvert").read_bytes() == b"events"
+    assert "`runs/` holds the run's TensorBoard logs" in (out / "README.md").read_text()
+    assert recognise(out) == "model"  # still lpconvert's own folder: --force may replace it
+    save_pretrained(model, out, source=source, force=True)
+    assert not (out / "runs").exists()
 
 
 def test_card_without_metrics_says_so(tmp_path, timm_model):

@@ -236,3 +236,40 @@ def test_evaluate_a_pretrained_checkpoint(cifar10_root, cifar_resnet_weights, lp
     no_run = invoke("evaluate", "cifar_resnet20", "--weights", cifar_resnet_weights[20], "--data", cifar10_root,
                     "--ensemble")
     assert_one_line_error(no_run, "late-phase run")
+
+
+def test_inspect_and_finetune_give_one_verdict(tmp_path):
+    """Targets a model does not have: `inspect` refuses exactly as `finetune` does (exit 2, the same line), and the
+    counts it gives for the kinds present are what `--late-phase KIND` alone converts."""
+    import timm
+
+    import lpconvert
+
+    inspected = invoke("inspect", "digits_cnn", "--late-phase", "layernorm")
+    tuned = invoke("finetune", "digits_cnn", "--no-pretrained", "--late-phase", "layernorm", "--data", "sklearn-digits",
+                   "--workers", "0", "--output", str(tmp_path / "run"))
+    assert inspected.exit_code == tuned.exit_code == 2
+    assert inspected.output.strip() == tuned.output.strip() and "kinds present" in inspected.output
+    assert not (tmp_path / "run").exists()
+    model = timm.create_model("digits_cnn")
+    for kind in ("batchnorm", "classifier", "rank1"):
+        count = len(lpconvert.plan(model, 2, kind).layers)
+        assert f"{kind} ({count})" in inspected.output
+
+
+def test_timm_flag_names_and_a_bare_amp(tmp_path):
+    """timm's -b, -j, --opt, --sched and --log-interval set the same settings as lpconvert's names; --amp alone is
+    bf16 autocast and takes no value, so the next flag is read as a flag (both shown in --help)."""
+    from lpconvert.cli import build_config
+
+    ctx = main.commands["finetune"].make_context("finetune", [
+        "digits_cnn", "-b", "16", "-j", "0", "--opt", "adamw", "--sched", "cosine", "--log-interval", "7", "--amp",
+        "--workers", "1"])
+    flags = {k: v for k, v in ctx.params.items() if k not in ("model", "model_option", "recipe", "baseline")}
+    config = build_config(ctx.params["model"], None, flags)
+    assert (config.batch_size, config.workers, config.optimizer, config.schedule, config.log_every, config.amp) == (
+        16, 1, "adamw", "cosine", 7, "bf16")
+    help_text = invoke("finetune", "--help").output
+    assert "-b, --batch-size" in help_text and "-j, --workers" in help_text and "--opt" in help_text
+    both = invoke("finetune", "digits_cnn", "--model", "resnet18", "--output", str(tmp_path / "r"))
+    assert both.exit_code == 2 and "two models given" in both.output and not (tmp_path / "r").exists()

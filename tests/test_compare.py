@@ -98,3 +98,11 @@ def test_compare_on_the_command_line(tmp_path):
     assert result.exit_code == 0, result.output
     assert "| late − plain | averaged | top1 |" in result.output
     assert {p.name for p in (tmp_path / "c" / "seed0").iterdir()} == {"plain", "late"}  # T0 = 0: no trunk
+
+
+def test_each_seed_may_start_from_its_own_checkpoint():
+    base = FinetuneConfig(**{**BASE, "model": "local-dir:runs/seed{seed}/plain/model", "t0": 0})
+    configs = [compare_module.arm_config(base, parse_arm("late: sigma0=0.25"), seed=s, output=compare_module.Path("o"))
+               for s in (0, 3)]
+    assert [c.model for c in configs] == ["local-dir:runs/seed0/plain/model", "local-dir:runs/seed3/plain/model"]
+    assert [c.seed for c in configs] == [0, 3] and configs[0].sigma0 == 0.25 and configs[0].select == "last"

@@ -24,7 +24,7 @@ def test_every_setting_documents_itself():
     fields = dataclasses.fields(FinetuneConfig)
     for field in fields:
         assert field.metadata.get("help", "").strip(), f"FinetuneConfig.{field.name} has no help"
-        assert set(field.metadata) <= {"help", "choices", "path", "argument"}, field.name
+        assert set(field.metadata) <= {"help", "choices", "path", "argument", "aliases", "flag_value"}, field.name
         assert field.metadata.get("path") in (None, "file", "dir"), field.name
     assert [f.name for f in fields if f.metadata.get("argument")] == ["model"]  # the MODEL argument, not a flag
     assert CHOICES["select"] == SELECT and CHOICES["member_optimizer"] == CHOICES["optimizer"]
@@ -77,3 +77,15 @@ def test_lpconvert_zoo_lists_paper_and_measured_numbers_alike():
     assert scratch.strip() == "paper: base 88.98 → late-phase BN 89.58; measured: base 80.25 → late-phase BN 80.09"
     resnet152 = lines[lines.index("imagenet_resnet152") + 2]
     assert resnet152.strip() == "paper: base 78.31 → fine-tuned 78.37 → late-phase 78.77; measured: —"
+
+
+def test_warmup_rises_linearly_from_warmup_lr_into_the_schedule():
+    c = FinetuneConfig(lr=0.1, epochs=20, warmup_epochs=2, warmup_lr=0.001, schedule="cosine", lr_end=0.0)
+    assert lr_factor(c, 0.0) == pytest.approx(0.01)  # warmup_lr / lr
+    halfway = 0.01 + (lr_factor(FinetuneConfig(lr=0.1, epochs=20, schedule="cosine"), 1.0) - 0.01) * 0.5
+    assert lr_factor(c, 1.0) == pytest.approx(halfway)
+    assert lr_factor(c, 2.0) == lr_factor(FinetuneConfig(lr=0.1, epochs=20, schedule="cosine"), 2.0)
+    with pytest.raises(LatePhaseError, match="--warmup-epochs"):
+        FinetuneConfig(epochs=2, warmup_epochs=2)
+    with pytest.raises(LatePhaseError, match="--smoothing"):
+        FinetuneConfig(smoothing=1.0)

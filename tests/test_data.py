@@ -44,12 +44,16 @@ def _tree(root: Path, counts: dict[str, int]) -> Path:
     return root
 
 
+def _info(name: str, payload: bytes) -> tarfile.TarInfo:
+    info = tarfile.TarInfo(name)
+    info.size = len(payload)
+    return info
+
+
 def _tar(path: Path, members: dict[str, bytes]) -> Path:
     with tarfile.open(path, "w:gz") as tar:
         for name, payload in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(payload)
-            tar.addfile(info, io.BytesIO(payload))
+            tar.addfile(_info(name, payload), io.BytesIO(payload))
     return path
 
 
@@ -75,14 +79,20 @@ def test_unsafe_tar_member_is_rejected(tmp_path: Path, name: str) -> None:
     assert not (tmp_path / "evil.png").exists() and not Path("/tmp/lpconvert-evil.png").exists()
 
 
-def test_symlink_leaving_the_tree_is_rejected(tmp_path: Path) -> None:
-    archive = tmp_path / "link.tar"
-    with tarfile.open(archive, "w") as tar:
+@pytest.mark.parametrize("mode", ["w:gz", "w"])
+def test_symlink_leaving_the_tree_is_rejected(tmp_path: Path, mode: str) -> None:
+    archive = tmp_path / ("link.tar.gz" if mode == "w:gz" else "link.tar")
+    with tarfile.open(archive, mode) as tar:
         link = tarfile.TarInfo("a/link.png")
         link.type, link.linkname = tarfile.SYMTYPE, "../../etc/passwd"
         tar.addfile(link)
-    with pytest.raises(LatePhaseError, match="refusing to extract"):
-        resolve_data_dirs(train_dir=archive, cache_dir=tmp_path / "cache")
+        tar.addfile(_info("b/0.png", _png()), io.BytesIO(_png()))
+    if mode == "w:gz":  # extracted: refused
+        with pytest.raises(LatePhaseError, match="refusing to extract"):
+            resolve_data_dirs(train_dir=archive, cache_dir=tmp_path / "cache")
+    else:  # read in place: links are not files, nothing is written
+        train, _ = resolve_data_dirs(train_dir=archive, cache_dir=tmp_path / "cache")
+        assert [path for path, _ in train.files()] == ["b/0.png"] and not (tmp_path / "cache").exists()
 
 
 def test_data_root_layouts(tmp_path: Path) -> None:

@@ -277,3 +277,86 @@ def test_partial_round_steps_theta_on_the_sum_of_its_minibatches():
     for k in (0, 1):
         torch.testing.assert_close(state["fc.weight"][k], members[k].fc.weight.detach(), atol=1e-10, rtol=0)
     assert torch.equal(state["fc.weight"][2], start[2].fc.weight) and engine.next_member == 2
+
+
+def test_clip_grad_bounds_every_member_step_and_the_theta_step():
+    """Plain SGD (lr 1, no momentum) with --clip-grad c: a member's step and θ's step have norm c (torch's clip,
+    c·|g|/(|g| + 1e-6)) when the gradient is larger; far above the gradient norm, clipping changes nothing."""
+    from functools import partial
+
+    import lpconvert
+
+    def engine_after_step(clip):
+        torch.manual_seed(0)
+        model = lpconvert.convert(nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).double(),
+                                  K=2, targets="bn")
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        engine = lpconvert.LatePhaseEngine(model, partial(torch.optim.SGD, lr=1.0), clip_grad=clip)
+        g = torch.Generator().manual_seed(1)
+        xs = [10 * torch.randn(16, 6, generator=g, dtype=torch.float64) for _ in range(2)]
+        ys = [torch.randint(0, 3, (16,), generator=g) for _ in range(2)]
+        engine.step(xs, ys)
+        return {n: p.detach() - before[n] for n, p in model.named_parameters()}
+
+    clipped, free, loose = engine_after_step(1e-3), engine_after_step(None), engine_after_step(1e6)
+    assert all(torch.equal(free[n], loose[n]) for n in free)
+    theta = torch.cat([d.flatten() for n, d in clipped.items() if not n.startswith("1.")])
+    assert theta.norm().item() == pytest.approx(1e-3, rel=1e-4)
+    for k in range(2):
+        member = torch.cat([d[k].flatten() for n, d in clipped.items() if n.startswith("1.")])
+        assert member.norm().item() == pytest.approx(1e-3, rel=1e-4)
+    assert torch.cat([d.flatten() for d in free.values()]).norm() > 1e-2
+
+
+class AttentionNet(nn.Module):
+    """Self-attention over 5 steps, a late-phase-able LayerNorm and head; batch first or (time, batch)."""
+
+    def __init__(self, batch_first: bool) -> None:
+        super().__init__()
+        self.batch_first = batch_first
+        self.attn = nn.MultiheadAttention(4, 2, batch_first=batch_first)
+        self.norm = nn.LayerNorm(4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.attn(x, x, x, need_weights=False)[0]).mean(1 if self.batch_first else 0))
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_vectorized_mode_is_exact_or_refused_for_sequence_layouts(batch_first):
+    """Vectorized mode stacks the members' minibatches along dim 0: for a batch-first model it equals sequential mode,
+    a model that reads (time, batch) inputs — attention here, an LSTM in tests/test_kinds.py, a late-phase GRU — is
+    refused at construction with one line (the members' sequences would be run as one)."""
+    g = torch.Generator().manual_seed(0)
+    xs = [torch.randn(*((2, 5) if batch_first else (5, 2)), 4, generator=g, dtype=torch.float64) for _ in range(K)]
+    ys = [torch.randint(0, 3, (2,), generator=g) for _ in range(K)]
+    states = {}
+    for mode in ("sequential", "vectorized"):
+        torch.manual_seed(1)
+        model = lpconvert.convert(AttentionNet(batch_first).double(), K=K, targets="layernorm,classifier", sigma0=0.5,
+                                  seed=2)
+        if mode == "vectorized" and not batch_first:
+            assert lpconvert.engine.time_major_modules(model) == {"attn": "MultiheadAttention"}
+            with pytest.raises(lpconvert.LatePhaseError, match=r"^vectorized mode stacks the members' minibatches "
+                               r"along dim 0, but attn \(MultiheadAttention\) reads \(time, batch\) inputs "
+                               r"\(batch_first=False\); use mode='sequential', or a batch-first model$"):
+                LatePhaseEngine(model, partial(torch.optim.SGD, lr=0.5), mode=mode)
+            return
+        LatePhaseEngine(model, partial(torch.optim.SGD, lr=0.5), mode=mode).step(xs, ys)
+        states[mode] = model.state_dict()
+    assert any(not torch.equal(v, AttentionNet(True).double().state_dict()[k]) for k, v in states["sequential"].items()
+               if "in_proj" in k)
+    for name, value in states["sequential"].items():
+        torch.testing.assert_close(states["vectorized"][name], value, rtol=0, atol=1e-12, msg=name)
+
+
+def test_a_late_phase_time_major_recurrent_layer_is_found_through_its_template():
+    """A rank-1 GRU keeps the original layer as its template: its (time, batch) layout still refuses vectorized
+    mode, and the batch-first one does not."""
+    for batch_first, expected in ((False, {"rnn": "GRU"}), (True, {})):
+        model = nn.Sequential()
+        model.add_module("rnn", nn.GRU(4, 4, batch_first=batch_first))
+        lp = lpconvert.convert(model, K=2, targets="rank1")
+        assert type(lp.rnn).__name__ == "Rank1RecurrentLayer"
+        assert lpconvert.engine.time_major_modules(lp) == expected
+        assert (lpconvert.engine.why_not_vectorized(lp) is None) is batch_first

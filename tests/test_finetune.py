@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import socket
 
 import pytest
@@ -268,3 +269,120 @@ def test_a_late_phase_that_may_wreck_the_run_is_warned_about(tmp_path, monkeypat
     with caplog.at_level("WARNING", logger="lpconvert.finetune"):
         run(_digits_run(tmp_path, "default", K=4, t0=1, epochs=2))
     assert not [r for r in caplog.records if "--gamma-theta" in r.getMessage()]
+
+
+def test_threads_are_capped_recorded_and_sync_bn_needs_a_gpu(tmp_path, monkeypatch):
+    """--threads sets torch's thread count for the run and lands in lpconvert.json; without it a process never runs
+    more threads than its share of the CPUs; --sync-bn on a CPU is refused before anything is written."""
+    from lpconvert.runtime import cpu_threads
+
+    before = torch.get_num_threads()
+    try:
+        run(_digits_run(tmp_path, "one", K=1, epochs=1, threads=1))
+        provenance = json.loads((tmp_path / "one" / "model" / "lpconvert.json").read_text())
+        assert provenance["provenance"]["execution"] == {"device": "cpu", "world_size": 1, "threads": 1}
+    finally:
+        torch.set_num_threads(before)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    torch.set_num_threads(8)
+    try:
+        assert (cpu_threads(None, 1), cpu_threads(None, 2), cpu_threads(None, 8), cpu_threads(3, 8)) == (4, 2, 1, 3)
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(lpconvert.LatePhaseError, match="--sync-bn .* no CPU implementation"):
+        run(_digits_run(tmp_path, "sync", sync_bn=True, device="cpu"))
+    assert not (tmp_path / "sync").exists()
+
+
+def test_defaults_do_not_warn_about_themselves(tmp_path, caplog):
+    """A 2-epoch run with the default multistep milestone (10) says nothing about it; given milestones do."""
+    with caplog.at_level("WARNING", logger="lpconvert.finetune"):
+        run(_digits_run(tmp_path, "default", K=1, epochs=1, schedule="multistep"))
+        assert not [r for r in caplog.records if "--milestones" in r.getMessage()]
+        run(_digits_run(tmp_path, "given", K=1, epochs=1, schedule="multistep", milestones=(5,)))
+    assert [r for r in caplog.records if "--milestones 5" in r.getMessage()]
+
+
+def test_runs_without_output_get_a_new_folder_each(tmp_path, monkeypatch):
+    """The default output is a new runs/<date>-<time>-MODEL-K<K> per run: a rerun never collides with the last."""
+    monkeypatch.chdir(tmp_path)
+    config = dict(model="digits_cnn", pretrained=False, K=1, epochs=1, **FAST)
+    first, second = run(FinetuneConfig(**config)), run(FinetuneConfig(**config))
+    assert first["run_dir"] != second["run_dir"]
+    for report in (first, second):
+        path = tmp_path / report["run_dir"]
+        assert path.parent == tmp_path / "runs" and re.fullmatch(r"\d{8}-\d{6}-digits_cnn-K1(-\d+)?", path.name)
+        assert (path / "model" / "model.safetensors").is_file()
+
+
+def test_smoothing_changes_the_training_loss_and_legacy_runs_resume_as_they_ran(tmp_path):
+    """--smoothing 0.1 trains on the smoothed loss (a higher training loss on the same batches); a run saved without
+    a setting added later resumes as that setting's old behaviour (the per-sample data path), not the new default."""
+    run(_digits_run(tmp_path, "plain", K=1, epochs=1, select="last"))
+    run(_digits_run(tmp_path, "smooth", K=1, epochs=1, select="last", smoothing=0.1))
+    loss = [_rows_of(tmp_path / name)[-1]["train_loss"] for name in ("plain", "smooth")]
+    assert loss[1] > loss[0] + 0.05, loss
+
+    config = _digits_run(tmp_path, "old", K=1, epochs=2)
+    with pytest.raises(RunInterrupted):
+        run(config, stop_after=5)
+    checkpoint_path = tmp_path / "old" / "checkpoints" / "last.pt"
+    state = _load(checkpoint_path)
+    del state["config"]["data_in_memory"], state["config"]["smoothing"]  # as an earlier version saved it
+    torch.save(state, checkpoint_path)
+    with pytest.raises(lpconvert.LatePhaseError, match="different settings \\(data_in_memory\\)"):
+        run(_digits_run(tmp_path, "old", K=1, epochs=2, resume=str(tmp_path / "old"), data_in_memory="on"))
+    # the refusal released the run's lock: the same process resumes it with the old behaviour
+    assert run(_digits_run(tmp_path, "old", K=1, epochs=2, resume=str(tmp_path / "old"), data_in_memory="off"))["K"] == 1
+
+
+def _rows_of(path):
+    return [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_saved_state_is_checked_before_it_is_used(tmp_path):
+    """A checkpoint from a newer format, one whose late-phase configuration disagrees with its tensors, and a forced
+    resume that would change K after T0 are each refused with one line; before T0 a changed K takes effect."""
+    config = _digits_run(tmp_path, "run", K=3, t0=1, epochs=3)
+    with pytest.raises(RunInterrupted):
+        run(config, stop_after=35)  # past T0: 30 plain iterations, then K = 3
+    last = tmp_path / "run" / "checkpoints" / "last.pt"
+    good = _load(last)
+
+    def resume_with(state, **changes):
+        torch.save(state, last)
+        settings = {"K": 3, "t0": 1, "epochs": 3, "resume": str(tmp_path / "run"), **changes}
+        return run(_digits_run(tmp_path, "run", **settings))
+
+    with pytest.raises(lpconvert.LatePhaseError, match="format 99, newer than this lpconvert reads"):
+        resume_with({**good, "version": 99})
+    edited = {**good, "late_phase": {**good["late_phase"], "K": 4}}
+    with pytest.raises(lpconvert.LatePhaseError, match="disagree with the saved late-phase configuration .*K = 4"):
+        resume_with(edited)
+    with pytest.raises(lpconvert.LatePhaseError, match="--K cannot change once the late phase has begun \\(3 → 5"):
+        resume_with(good, force=True, K=5)
+    report = resume_with(good)
+    assert report["K"] == 3 and json.loads((tmp_path / "run" / "config.json").read_text())["K"] == 3
+
+    early = _digits_run(tmp_path, "early", K=3, t0=1, epochs=2)
+    with pytest.raises(RunInterrupted):
+        run(early, stop_after=5)  # before T0
+    report = run(_digits_run(tmp_path, "early", K=4, t0=1, epochs=2, resume=str(tmp_path / "early"), force=True))
+    assert report["K"] == 4 and json.loads((tmp_path / "early" / "config.json").read_text())["K"] == 4
+
+
+def test_a_busy_cpu_gets_a_threads_hint(monkeypatch, caplog):
+    from lpconvert.runtime import init_runtime
+
+    before = torch.get_num_threads()
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    try:
+        for load, expected in ((0.2, False), (1.8, True)):
+            monkeypatch.setattr("os.getloadavg", lambda: (load, load, load))
+            torch.set_num_threads(2)
+            caplog.clear()
+            with caplog.at_level("WARNING", logger="lpconvert.runtime"):
+                init_runtime(FinetuneConfig(model="digits_cnn", device="cpu"))
+            assert any("--threads 1" in r.getMessage() for r in caplog.records) == expected, load
+    finally:
+        torch.set_num_threads(before)

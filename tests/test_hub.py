@@ -6,15 +6,23 @@ import json
 import socket
 from pathlib import Path
 
+import numpy as np
 import pytest
 import timm
 import torch
 from hub_server import TEST_TOKEN, HubServer, configure_client
 
-from lpconvert.model_folder import save_pretrained
+from huggingface_hub import ModelCard, hf_hub_download, metadata_load
+from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lpconvert.data.transforms import build_transform
 from lpconvert.errors import LatePhaseError
 from lpconvert.hub import push
-from lpconvert.loading import load_model
+from lpconvert.loading import ModelSource, load_model
+from lpconvert.model_card import REPO_ID_PLACEHOLDER
+from lpconvert.model_folder import save_pretrained
+from lpconvert.tensorboard import write_scalars
 
 EXPECTED_FILES = {"model.safetensors", "config.json", "README.md", "lpconvert.json"}
 BOB_TOKEN = "hf_bob_token"
@@ -76,6 +84,42 @@ def test_push_then_timm_loads_the_same_model(hub, tmp_path, model):
     with torch.no_grad():
         assert torch.equal(net(x), again.eval()(x))
     assert source.origin == "hf-hub" and source.base_model == "lpw-org/test-resnet-lpw"
+
+
+def test_the_pushed_cards_metadata_round_trips(hub, tmp_path, model):
+    """What huggingface_hub reads back from the Hub is what lpconvert wrote: model-index, base model, datasets."""
+    net, _ = model
+    source = ModelSource(spec="timm/test_resnet.r160_in1k", library="timm", origin="hf-hub", architecture="test_resnet",
+                         num_classes=5, pretrained=True, hub_id="timm/test_resnet.r160_in1k", license="apache-2.0")
+    metrics = {**METRICS, "dataset": {"type": "timm/mini-imagenet", "name": "timm/mini-imagenet", "split": "val"}}
+    logs = tmp_path / "tensorboard"
+    write_scalars(logs, [{"epoch": 0, "val_top1": 70.25}, {"epoch": 1, "val_top1": 71.5, "train_loss": 0.5}])
+    folder = save_pretrained(net, tmp_path / "out", source=source, metrics=metrics, datasets=["timm/mini-imagenet"],
+                             logs=logs)
+    push(folder, "alice/card", token=TEST_TOKEN)
+    assert set(hub.commits("alice/card")[-1].changed) == EXPECTED_FILES | {"runs/events.out.tfevents.lpconvert"}
+
+    local, remote = ModelCard.load(folder / "README.md"), ModelCard.load("alice/card")
+    assert remote.data.to_dict() == local.data.to_dict() == metadata_load(hf_hub_download("alice/card", "README.md"))
+    assert remote.text == local.text.replace(REPO_ID_PLACEHOLDER, "alice/card")
+    meta = remote.data
+    assert (meta.base_model, meta.base_model_relation, meta.datasets) == (
+        "timm/test_resnet.r160_in1k", "finetune", ["timm/mini-imagenet"])
+    assert [(r.dataset_type, r.dataset_split, r.metric_type, r.metric_value) for r in meta.eval_results] == [
+        ("timm/mini-imagenet", "val", "accuracy", 71.5), ("timm/mini-imagenet", "val", "top_5_accuracy", 90.0)]
+    events = EventAccumulator(str(Path(hf_hub_download("alice/card", "runs/events.out.tfevents.lpconvert")).parent))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("val/top1")] == [(0, 70.25), (1, 71.5)]
+
+
+def test_a_card_huggingface_hub_cannot_read_is_refused_before_any_request(hub, tmp_path, model):
+    folder = saved(tmp_path, model)
+    card = (folder / "README.md").read_text()
+    (folder / "README.md").write_text(card.replace("---\n", "---\nmodel-index:\n- name: broken\n", 1))
+    with pytest.raises(LatePhaseError) as err:
+        push(folder, "alice/model", token=TEST_TOKEN)
+    assert "cannot read the model card metadata" in one_line(err) and "Invalid `model_index`" in str(err.value)
+    assert hub.requests == []
 
 
 def test_missing_hub_model_is_a_one_line_error(hub):
@@ -227,6 +271,12 @@ def test_finetune_push_to_hub_and_the_push_command(hub, tmp_path, monkeypatch):
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(local(x), remote(x))
+    # the model page's evaluation result is the run's recorded validation top-1 / top-5 of the published epoch
+    final = json.loads((tmp_path / "run" / "model" / "lpconvert.json").read_text())["metrics"]["final"]
+    results = ModelCard.load("lpw-org/digits-lp").data.eval_results
+    assert [(r.dataset_type, r.dataset_split, r.metric_type, r.metric_value) for r in results] == [
+        ("sklearn-digits", "validation", "accuracy", round(final["top1"], 2)),
+        ("sklearn-digits", "validation", "top_5_accuracy", round(final["top5"], 2))]
 
     # quiet by default: no third-party INFO chatter (httpx logs every request); --verbose brings it back
     assert "HTTP Request" not in result.output
@@ -250,9 +300,7 @@ def test_the_model_cards_loading_snippet_works_in_a_fresh_interpreter(hub, tmp_p
     import sys
 
     net, source = load_model(spec, num_classes=classes, pretrained=False)
-    folder = save_pretrained(net.eval(), tmp_path / "out", source=source, hparams={"datasets": [str(tmp_path)]})
-    card = (folder / "README.md").read_text()
-    assert "datasets:" not in card.split("---")[1]  # a local path never goes into the front matter
+    folder = save_pretrained(net.eval(), tmp_path / "out", source=source)
     repo = "alice/" + spec.replace(":", "-").replace("_", "-")
     push(folder, repo, token=TEST_TOKEN)
     snippet = re.search(r"```python\n(.*?)```", hub.files(repo)["README.md"].decode(), re.S).group(1)
@@ -260,14 +308,19 @@ def test_the_model_cards_loading_snippet_works_in_a_fresh_interpreter(hub, tmp_p
 
     x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     torch.save(x, tmp_path / "x.pt")
-    check = (f"\nimport torch\nx = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
-             f"torch.save((model.state_dict(), model.eval()(x).detach()), {str(tmp_path / 'y.pt')!r})\n")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (45, 61, 3), dtype=np.uint8))
+    image.save(tmp_path / "image.png")
+    check = (f"\nimport torch, PIL.Image\nx = torch.load({str(tmp_path / 'x.pt')!r}, weights_only=True)\n"
+             f"pixels = transform(PIL.Image.open({str(tmp_path / 'image.png')!r}).convert('RGB'))\n"
+             f"torch.save((model.state_dict(), model.eval()(x).detach(), pixels), {str(tmp_path / 'y.pt')!r})\n")
     env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf"),
            "HF_HUB_DISABLE_XET": "1", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     result = subprocess.run([sys.executable, "-c", snippet + check], env=env, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
-    state, y = torch.load(tmp_path / "y.pt", weights_only=True)
+    state, y, pixels = torch.load(tmp_path / "y.pt", weights_only=True)
+    # the card's preprocessing is the one lpconvert evaluates the model with
+    assert torch.equal(pixels, build_transform(timm.data.resolve_data_config(model=net), train=False)(image))
     assert list(state) == list(net.state_dict())
     assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
     with torch.no_grad():

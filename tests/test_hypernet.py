@@ -12,7 +12,9 @@ import torch
 import lpconvert
 from algorithm1 import reference_algorithm1
 from lpconvert import LatePhaseEngine
+from lpconvert.config import FinetuneConfig
 from lpconvert.layers import HypernetLayer
+from lpconvert.surgery import plan_or_refuse
 
 K = 3
 
@@ -73,6 +75,33 @@ def test_a_smaller_embedding_by_truncated_svd_reports_and_refuses_its_error():
     converted = lpconvert.convert(copy.deepcopy(model), K=K, targets="hypernet", include="layer1.*",
                                   options={"hypernet": {"rank": 2}})
     torch.testing.assert_close(converted(x), model(x), rtol=1e-9, atol=1e-9)
+
+
+def test_the_reconstruction_guard_cannot_be_bypassed_by_option_values():
+    """Issue #19: ``--late-phase-options hypernet.tolerance=nan`` and ``hypernet.allow_error=no`` ("no" read as true)
+    let a rank-2 embedding that wrecks the model through. The flags are read by the kind's declared options, as the
+    Python API's values are: nan is refused, "no" is false, and the guard refuses the error."""
+    model = _resnet20()
+    with pytest.raises(lpconvert.LatePhaseError, match=r"^--late-phase-options: hypernet\.tolerance must be a finite "
+                                                       r"number >= 0, got 'nan'$"):
+        FinetuneConfig(model="cifar_resnet20", late_phase=("hypernet",),
+                       late_phase_options=("hypernet.rank=2", "hypernet.tolerance=nan"))
+    for given in ({"late_phase_options": ("hypernet.rank=2", "hypernet.allow_error=no")},
+                  {"late_phase_options": ("hypernet.rank=2", "hypernet.allow_error=0", "hypernet.tolerance=0.05")}):
+        config = FinetuneConfig(model="cifar_resnet20", late_phase=("hypernet",), **given)
+        assert config.kind_options()["hypernet"]["allow_error"] is False
+        with pytest.raises(lpconvert.LatePhaseError, match=r"relative error of 0\.807 \(> 0\.(001|05)\); raise "
+                                                           r"hypernet\.rank, or set hypernet\.allow_error=true"):
+            plan_or_refuse(model, 3, config.late_phase, include=None, exclude=None, options=config.kind_options())
+    with pytest.raises(lpconvert.LatePhaseError, match="relative error"):
+        lpconvert.convert(model, K=3, targets="hypernet", options={"hypernet": {"rank": 2, "allow_error": "no"}})
+    config = FinetuneConfig(model="cifar_resnet20", late_phase=("hypernet",),
+                            late_phase_options=("hypernet.rank=2", "hypernet.allow_error=yes"))
+    report = plan_or_refuse(model, 3, config.late_phase, include=None, exclude=None, options=config.kind_options())
+    assert report.options == {"hypernet": {"rank": 2, "tolerance": 1e-3, "allow_error": True}}
+    with pytest.raises(lpconvert.LatePhaseError, match=r"^late-phase options: hypernet\.rank must be at most 5 \(the "
+                                                       r"layers of the group of shape \(32, 32, 3, 3\)\), got 6; lower it$"):
+        lpconvert.plan(model, targets="hypernet", options={"hypernet": {"rank": 6, "allow_error": True}})
 
 
 @pytest.mark.parametrize("mode", ["sequential", "vectorized"])

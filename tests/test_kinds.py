@@ -1,9 +1,11 @@
-"""Every registered kind on tiny models: identity at σ0 = 0, exact collapse, single members, vectorized = sequential,
-rebuilding from the saved LatePhaseConfig, and Algorithm 1 against the plain reference (tests/algorithm1.py).
+"""Every registered kind on tiny models: identity at σ0 = 0, exact collapse, single members, vectorized = sequential
+(or refused with one line: shared BatchNorm, a (time, batch) LSTM), rebuilding from the saved LatePhaseConfig, and
+Algorithm 1 against the plain reference (tests/algorithm1.py).
 
 The sweep is parametrized over the registry, so a kind added later is tested without editing this file: it runs on
 every tiny model below in which `plan` finds its targets, and fails if there is none. Also here: which kind gets a
-module two kinds claim (precedence), and a kind that stacks only some of a module's tensors (a bias-only kind).
+module two kinds claim (precedence), a kind that stacks only some of a module's tensors (a bias-only kind), and a kind
+that declares an option.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import lpconvert
 from algorithm1 import reference_algorithm1
 from lpconvert import KINDS, LatePhaseConfig, LatePhaseEngine, LatePhaseError
 from lpconvert.engine import EXECUTION_MODES, shared_batch_norms
-from lpconvert.layers import StackedLayer, member_mean, register_kind
+from lpconvert.layers import MemberSelection, Option, StackedLayer, member_mean, options_help, register_kind
 
 K = 3
 SIGMA0 = 0.3
@@ -58,16 +60,23 @@ class BatchNormNet(nn.Module):
 
 
 class CharLSTM(nn.Module):
-    """A character model, batch first (vectorized slices of a (time, batch) LSTM differ: issue #19)."""
+    """A character model: embedding, a two-layer LSTM, the head on every step; batch first."""
 
-    def __init__(self) -> None:
+    def __init__(self, batch_first: bool = True) -> None:
         super().__init__()
         self.embed = nn.Embedding(11, 6)
-        self.rnn = nn.LSTM(6, 8, num_layers=2, batch_first=True)
+        self.rnn = nn.LSTM(6, 8, num_layers=2, batch_first=batch_first)
         self.head = nn.Linear(8, 5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.rnn(self.embed(x))[0]).reshape(-1, 5)
+
+
+class TimeMajorCharLSTM(CharLSTM):
+    """The same in the LSTM's default (time, batch) layout, which vectorized mode refuses (issue #19)."""
+
+    def __init__(self) -> None:
+        super().__init__(batch_first=False)
 
 
 def _images(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -78,11 +87,17 @@ def _tokens(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randint(0, 11, (n, 4), generator=g), torch.randint(0, 5, (4 * n,), generator=g)
 
 
+def _time_major_tokens(n: int, g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = _tokens(n, g)
+    return x.t().contiguous(), y
+
+
 @dataclass(frozen=True)
 class TinyModel:
     name: str
     cls: type[nn.Module]
     batch: Callable[[int, torch.Generator], tuple[torch.Tensor, torch.Tensor]]  # n examples -> inputs, targets
+    time_major: bool = False  # reads (time, batch) inputs: vectorized mode is refused
 
     def build(self, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
@@ -95,7 +110,8 @@ class TinyModel:
 
 
 TINY_MODELS = (TinyModel("norm_cnn", NormNet, _images), TinyModel("batchnorm_cnn", BatchNormNet, _images),
-               TinyModel("char_lstm", CharLSTM, _tokens))
+               TinyModel("char_lstm", CharLSTM, _tokens),
+               TinyModel("char_lstm_time_major", TimeMajorCharLSTM, _time_major_tokens, time_major=True))
 
 
 def _models_with(kind: str) -> list[TinyModel]:
@@ -159,14 +175,21 @@ def check_unload(kind: str, tiny: TinyModel) -> None:
 
 
 def check_vectorized_equals_sequential(kind: str, tiny: TinyModel) -> None:
-    """Two iterations of Algorithm 1 give the same model in both execution modes (the engine refuses vectorized mode
-    when BatchNorm layers that stay shared would mix the members' batch statistics)."""
+    """Two iterations of Algorithm 1 give the same model in both execution modes, or the engine refuses vectorized
+    mode with one line: when BatchNorm layers that stay shared would mix the members' batch statistics, and for a
+    model that reads (time, batch) inputs (the members' minibatches stacked along dim 0 would be one long sequence)."""
     states = {}
     for mode in EXECUTION_MODES:
         lp = _converted(tiny, kind, training=True)
-        if mode == "vectorized" and shared_batch_norms(lp):
-            with pytest.raises(LatePhaseError, match="shared BatchNorm"):
+        refusal = None
+        if shared_batch_norms(lp):
+            refusal = "shared BatchNorm"
+        elif tiny.time_major:
+            refusal = r"rnn \(LSTM\) reads \(time, batch\) inputs"
+        if mode == "vectorized" and refusal:
+            with pytest.raises(LatePhaseError, match=refusal) as refused:
                 LatePhaseEngine(lp, THETA, PHI, mode=mode)
+            assert "\n" not in str(refused.value)
             return
         engine = LatePhaseEngine(lp, THETA, PHI, mode=mode)
         for xs, ys in tiny.iterations(2):
@@ -327,3 +350,34 @@ def test_a_kind_that_stacks_only_the_bias(registry):
     assert torch.equal(collapsed.head.bias, member_mean(lp.head.bias))
     assert torch.equal(lpconvert.unload(lp, 1).body[2].bias, lp.body[2].bias[1])
     check_kind("test_bias")
+
+
+class ScaledBias(LatePhaseBias):
+    """A bias-only kind with an option: its members start at `scale` times the bias."""
+
+    kind = "test_scaled_bias"
+    option_specs = {"scale": Option(float, 1.0, "the members' bias at T0, times the original", minimum=0)}
+
+    def __init__(self, module: nn.Module, num_members: int, selection: MemberSelection, sigma0: float = 0.0,
+                 generator: torch.Generator | None = None, scale: float = 1.0) -> None:
+        super().__init__(module, num_members, selection, sigma0, generator)
+        with torch.no_grad():
+            self.bias.mul_(scale)
+
+
+def test_a_kind_declares_its_options_and_gets_them_checked(registry):
+    """A new kind's options need no parsing code: the command line's help lists them, values are converted (text as
+    from --late-phase-options) and checked, and the kind's constructor gets all of them, defaults filled in."""
+    register_kind(ScaledBias)
+    assert "test_scaled_bias: scale=FLOAT >= 0 (the members' bias at T0, times the original; default 1.0)" in \
+        options_help()
+    model = NormNet().double()
+    lp = lpconvert.convert(copy.deepcopy(model), K, "test_scaled_bias", options={"test_scaled_bias": {"scale": "2"}})
+    assert torch.equal(lp.head.bias, 2 * model.head.bias.detach().expand(K, 5))
+    assert lpconvert.late_phase_config(lp).options == {"test_scaled_bias": {"scale": 2.0}}
+    assert lpconvert.plan(model, K, "test_scaled_bias").options == {"test_scaled_bias": {"scale": 1.0}}
+    with pytest.raises(LatePhaseError, match=r"test_scaled_bias\.scale must be a finite number >= 0, got 'inf'"):
+        lpconvert.convert(copy.deepcopy(model), K, "test_scaled_bias", options={"test_scaled_bias": {"scale": "inf"}})
+    with pytest.raises(LatePhaseError, match=r"unknown option test_scaled_bias\.shift; test_scaled_bias's options "
+                                             r"are scale$"):
+        lpconvert.plan(model, K, "test_scaled_bias", options={"test_scaled_bias": {"shift": 1}})

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lpconvert import LatePhaseError
-from lpconvert.layers import (LatePhaseBatchNorm, LatePhaseLayerNorm, LatePhaseLinear, MemberSelection, Rank1Layer,
-                              member_mean)
+from lpconvert.layers import (LatePhaseBatchNorm, LatePhaseLayerNorm, LatePhaseLinear, MemberSelection, Option,
+                              Rank1Layer, member_mean, options_help)
 
 
 def test_batchnorm_statistics_are_estimated_per_member_slice():
@@ -59,6 +59,26 @@ def test_tensors_left_out_of_the_members_stay_shared():
     assert type(original) is nn.BatchNorm1d and original.running_mean is not running_mean
     assert torch.equal(original.running_mean, running_mean) and original.num_batches_tracked == 2
     assert torch.equal(original.weight, member_mean(layer.weight)) and torch.equal(original.bias, member_mean(layer.bias))
+
+
+def test_an_option_reads_text_and_python_values_strictly():
+    """A kind's option converts command-line text and Python values alike: booleans only from true/false/yes/no/1/0,
+    integers not from fractions, numbers finite and in range."""
+    flag = Option(bool, False, "a flag")
+    given = ("true", "YES", " 1 ", "false", "No", "0", True, False, 1, 0)
+    assert [flag.coerce(v) for v in given] == [True, True, True, False, False, False, True, False, True, False]
+    number, count = Option(float, 1e-3, "a bound", minimum=0), Option(int, None, "a size", minimum=1)
+    assert [number.coerce(v) for v in ("1e-2", 0, " 3 ", 0.5)] == [0.01, 0.0, 3.0, 0.5]
+    assert [count.coerce(v) for v in ("4", 7, None)] == [4, 7, None]
+    for option, bad in ((flag, ("maybe", "", "2", 2, 1.0, None, "nan")),
+                        (number, ("nan", float("inf"), "-inf", "-1", -0.5, True, "abc", None)),
+                        (count, ("2.5", 2.0, "0", 0, False, "x"))):
+        for value in bad:
+            with pytest.raises(ValueError):
+                option.coerce(value)
+    help_text = options_help()
+    assert "rank1: input_weights=BOOL (the input matrices of LSTM / GRU / RNN layers too; default false)" in help_text
+    assert "tolerance=FLOAT >= 0 (" in help_text and "default 0.001)" in help_text and "rank=INT >= 1 (" in help_text
 
 
 def test_classifier_runs_member_g_on_slice_g():

@@ -29,7 +29,8 @@ from lpconvert.data import (
 )
 from lpconvert.data.memory import BatchAugment
 from lpconvert.errors import LatePhaseError
-from lpconvert.finetune import RunInterrupted, run
+
+from exact_resume import assert_resume_is_exact
 
 MODEL = "cifar_lenet5_bn"
 CLASSES = ("ant", "bee", "cat", "dog")
@@ -172,10 +173,4 @@ def test_finetune_on_the_memory_path_resumes_bit_exactly(tree: Path, tmp_path: P
     settings = dict(model=MODEL, pretrained=False, num_classes=len(CLASSES), data=str(tree), K=2, epochs=2,
                     batch_size=BATCH, lr=0.05, schedule="constant", workers=0, quiet=True, log_every=1,
                     data_in_memory="on", late_phase=("batchnorm", "classifier"))
-    run(FinetuneConfig(output=str(tmp_path / "straight"), **settings))
-    with pytest.raises(RunInterrupted):
-        run(FinetuneConfig(output=str(tmp_path / "resumed"), **settings), stop_after=2)  # mid-epoch 0
-    run(FinetuneConfig(output=str(tmp_path / "resumed"), resume=str(tmp_path / "resumed"), **settings))
-    a, b = (torch.load(tmp_path / name / "checkpoints" / "last.pt", weights_only=True)["model"]
-            for name in ("straight", "resumed"))
-    assert a.keys() == b.keys() and all(torch.equal(a[key], b[key]) for key in a)
+    assert_resume_is_exact(settings, tmp_path)  # stopped mid-epoch 0

@@ -3,8 +3,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import log_loss, top_k_accuracy_score
 from torch import nn
+from torchmetrics.functional.classification import multiclass_calibration_error
 
 from lpconvert.errors import LatePhaseError
 from lpconvert.evaluation import evaluate_model, flatness
@@ -112,12 +114,70 @@ def test_auroc_extremes_and_all_ties():
     assert auroc(torch.ones(5), torch.ones(3)) == 0.5
 
 
-def test_auroc_matches_sklearn_with_ties():
-    rng = np.random.default_rng(0)
-    negatives = rng.normal(0.0, 1.0, 300).round(1)  # rounding makes many ties
-    positives = rng.normal(0.7, 1.0, 200).round(1)
-    expected = roc_auc_score(np.r_[np.zeros(300), np.ones(200)], np.r_[negatives, positives])
-    assert auroc(torch.from_numpy(negatives), torch.from_numpy(positives)) == pytest.approx(expected, abs=1e-12)
+def _pairwise_auroc(negatives: np.ndarray, positives: np.ndarray) -> float:
+    """The definition: the share of (positive, negative) pairs ranked right, a tie counting 1/2."""
+    neg, pos = negatives[:, None], positives[None, :]
+    return ((pos > neg).sum() + 0.5 * (pos == neg).sum()) / (neg.size * pos.size)
+
+
+def test_auroc_with_many_ties_keeps_the_numbers_of_the_rank_formula():
+    # 0.5633333333333334 and 0.646024375 are what the earlier hand-written Mann-Whitney rank formula gave.
+    rng = np.random.default_rng(7)
+    negatives, positives = rng.integers(0, 6, 40).astype(float), rng.integers(1, 7, 30).astype(float)
+    assert auroc(torch.tensor(negatives, dtype=torch.float32), torch.tensor(positives)) == pytest.approx(
+        0.5633333333333334, abs=1e-15)
+    assert _pairwise_auroc(negatives, positives) == pytest.approx(0.5633333333333334, abs=1e-15)
+    negatives, positives = rng.normal(0.0, 1.0, 1000).round(1), rng.normal(0.5, 1.0, 800).round(1)
+    assert auroc(torch.from_numpy(negatives), torch.from_numpy(positives)) == pytest.approx(0.646024375, abs=1e-15)
+    assert _pairwise_auroc(negatives, positives) == pytest.approx(0.646024375, abs=1e-15)
+
+
+def _random_probs(seed: int, n: int = 600, classes: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    probs = torch.softmax(3 * torch.randn(n, classes, generator=gen, dtype=torch.float64), dim=1)
+    return probs, torch.randint(0, classes, (n,), generator=gen)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_topk_and_nll_match_scikit_learn(seed):
+    probs, labels = _random_probs(seed)
+    y, p = labels.numpy(), probs.numpy()
+    for k in (1, 2, 5):
+        expected = 100 * top_k_accuracy_score(y, p, k=k, labels=np.arange(10))
+        assert topk_accuracy(probs, labels, k) == pytest.approx(expected, abs=1e-12)
+    assert nll(probs, labels) == pytest.approx(log_loss(y, p, labels=np.arange(10)), abs=1e-12)
+    meter = ClassificationMeter()
+    meter.update(probs, labels)
+    result = meter.compute()
+    assert result["top5"] == pytest.approx(100 * top_k_accuracy_score(y, p, k=5, labels=np.arange(10)), abs=1e-9)
+    assert result["nll"] == pytest.approx(log_loss(y, p, labels=np.arange(10)), rel=1e-6)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_ece_matches_torchmetrics_off_the_bin_edges(seed):
+    probs, labels = _random_probs(seed)
+    expected = multiclass_calibration_error(probs, labels, num_classes=10, n_bins=15, norm="l1").item()
+    assert ece(probs, labels) == pytest.approx(expected, abs=1e-6)  # torchmetrics sums in float32
+
+
+def test_ece_puts_a_confidence_on_an_edge_in_the_bin_below_as_scikit_learn_does():
+    # Per bin (b-1)/15 < c <= b/15, b = 8..15: one confidence exactly on the edge b/15 and one 0.01 below it, the
+    # first predicted right, the second wrong — two examples in each of 8 bins, in scikit-learn's binning too.
+    edges = np.arange(8, 16) / 15
+    confidence = np.concatenate([edges, edges - 0.01])
+    correct = np.concatenate([np.ones(8), np.zeros(8)])
+    probs = torch.tensor(np.stack([confidence, 1 - confidence], axis=1))
+    labels = torch.tensor(1 - correct, dtype=torch.long)  # class 0 holds the confidence: label 0 = right
+    accuracy, mean_confidence = calibration_curve(correct, confidence, n_bins=15, strategy="uniform")
+    assert len(accuracy) == 8  # every bin holds its edge and the point below it
+    expected = np.sum(2 / 16 * np.abs(accuracy - mean_confidence))
+    assert expected == pytest.approx(np.mean(np.abs(0.5 - (edges - 0.005))), abs=1e-15)
+    assert ece(probs, labels) == pytest.approx(expected, abs=1e-12)
+    meter = ClassificationMeter()
+    meter.update(probs, labels)
+    assert meter.compute()["ece"] == pytest.approx(expected, abs=1e-6)
+    # [lo, hi) bins would part each pair and count every example alone
+    assert expected != pytest.approx(np.mean(np.abs(correct - confidence)), abs=0.1)
 
 
 def test_ood_auroc_per_set_and_mean():

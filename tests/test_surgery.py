@@ -160,7 +160,7 @@ def test_include_exclude_patterns_and_kinds():
         ({"K": 2.0}, "integer >= 1"),
         ({"K": True}, "integer >= 1"),
         ({"targets": "batchnrom"}, "unknown late-phase target 'batchnrom'"),
-        ({"targets": "layernorm"}, r"no layernorm layers to convert; kinds present: batchnorm \(2\), classifier \(1\), rank1 \(3\)"),
+        ({"targets": "layernorm"}, r"no layernorm layers to convert; kinds present: batchnorm \(2\), classifier \(1\), rank1 \(4\)"),
         ({"include": "nothing.*"}, "matches no"),
         ({"exclude": ["stem.1", "nope"]}, "'nope' matches no"),
         ({"sigma0": -1.0}, "sigma0"),
@@ -239,3 +239,71 @@ def test_a_model_without_the_kind_asked_for_is_told_what_would_work():
     assert "VisionTransformer has no batchnorm layers" in message and "layernorm (" in message
     assert "--late-phase layernorm,classifier" in message and "\n" not in message
     lpconvert.convert(model, K=2, targets="layernorm,classifier")  # what the message proposes works
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"rank1": {"foo": 1}}, r"unknown option rank1\.foo; rank1's options are input_weights$"),
+    ({"hypernet": {"rnak": 1}}, r"unknown option hypernet\.rnak; hypernet's options are rank, tolerance, allow_error$"),
+    ({"batchnorm": {"momentum": 0.1}}, r"unknown option batchnorm\.momentum; batchnorm has no options$"),
+    ({"hypernets": {"rank": 2}}, r"unknown late-phase kind 'hypernets'; kinds with options: hypernet, rank1$"),
+    ({"hypernet": {"tolerance": float("nan")}}, r"hypernet\.tolerance must be a finite number >= 0, got nan$"),
+    ({"hypernet": {"tolerance": "abc"}}, r"hypernet\.tolerance must be a finite number >= 0, got 'abc'$"),
+    ({"hypernet": {"tolerance": -1e-3}}, r"hypernet\.tolerance must be a finite number >= 0, got -0\.001$"),
+    ({"hypernet": {"rank": 0}}, r"hypernet\.rank must be an integer >= 1, got 0$"),
+    ({"hypernet": {"rank": 2.0}}, r"hypernet\.rank must be an integer >= 1, got 2\.0$"),
+    ({"hypernet": {"rank": True}}, r"hypernet\.rank must be an integer >= 1, got True$"),
+    ({"hypernet": {"allow_error": "nope"}}, r"hypernet\.allow_error must be a boolean \(true/false/yes/no/1/0\)"),
+    ({"rank1": {"input_weights": 2}}, r"rank1\.input_weights must be a boolean"),
+    ({"rank1": ["input_weights"]}, r"the options of rank1 must be a mapping"),
+])
+def test_kind_options_are_checked_against_their_declarations(options, message):
+    """Through the Python API as on the command line: an unknown kind or option is refused with the valid ones, a
+    value must have the option's type and lie in its range — one line, a LatePhaseError, the model untouched."""
+    model = Recurrent()
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(LatePhaseError, match="^late-phase options: " + message) as error:
+        lpconvert.convert(model, K=2, targets=("rank1", "hypernet", "batchnorm", "layernorm"), options=options)
+    assert "\n" not in str(error.value)
+    assert not lpconvert.late_phase_layers(model)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("value, factored", [
+    ("no", ["weight_hh_l0", "weight_hh_l0_reverse", "weight_hh_l1", "weight_hh_l1_reverse"]),
+    (0, ["weight_hh_l0", "weight_hh_l0_reverse", "weight_hh_l1", "weight_hh_l1_reverse"]),
+    (" Yes ", ["weight_ih_l0", "weight_hh_l0", "weight_ih_l0_reverse", "weight_hh_l0_reverse",
+               "weight_ih_l1", "weight_hh_l1", "weight_ih_l1_reverse", "weight_hh_l1_reverse"]),
+])
+def test_boolean_options_read_strictly_and_are_saved_converted(value, factored):
+    """``input_weights: "no"`` does not factor the input matrices (it did: a non-empty string was true); the plan and
+    the saved configuration hold every option of the converted kinds, converted, defaults filled in."""
+    report = lpconvert.plan(Recurrent(), K=2, targets="rank1,hypernet", include="lstm",
+                            options={"rank1": {"input_weights": value}})
+    expected = {"rank1": {"input_weights": factored[0].startswith("weight_ih")},
+                "hypernet": {"rank": None, "tolerance": 1e-3, "allow_error": False}}
+    assert report.options == expected
+    lp = lpconvert.convert(Recurrent(), K=2, targets="rank1", include="lstm",
+                           options={"rank1": {"input_weights": value}})
+    assert lp.lstm.factored == factored
+    assert lpconvert.late_phase_config(lp).options == {"rank1": expected["rank1"]}
+
+
+def test_an_option_for_layers_the_kind_does_not_convert_is_refused():
+    """rank-1's input_weights concerns recurrent layers: on a model without one it would silently do nothing."""
+    with pytest.raises(LatePhaseError, match=r"^late-phase options: rank1\.input_weights concerns RNNBase layers, but "
+                                             r"none of the rank1 layers here \(4\) is one; drop the option$"):
+        lpconvert.plan(Tiny(), K=2, targets="rank1", options={"rank1": {"input_weights": True}})
+    with pytest.raises(LatePhaseError, match=r"none of the rank1 layers here \(1\)"):
+        lpconvert.plan(Recurrent(), K=2, targets="rank1", exclude="lstm", options={"rank1": {"input_weights": False}})
+    assert lpconvert.plan(Recurrent(), K=2, targets="rank1", options={"rank1": {"input_weights": True}}).layers == {
+        "lstm": "rank1", "head": "rank1"}
+
+
+def test_a_saved_configuration_is_checked_like_the_api():
+    """convert_from_config (a run resumed, a model loaded) reads the saved options through the same declarations."""
+    config = lpconvert.plan(Recurrent(), K=2, targets="rank1", include="lstm").late_phase_config(0.0, None)
+    config.options = {"rank1": {"input_weights": "maybe"}}
+    with pytest.raises(LatePhaseError, match=r"rank1\.input_weights must be a boolean"):
+        lpconvert.convert_from_config(Recurrent(), config)
+    config.options = {"rank1": {"input_weights": "1"}}
+    assert lpconvert.convert_from_config(Recurrent(), config).lstm.factored[0] == "weight_ih_l0"

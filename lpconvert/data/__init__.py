@@ -1,30 +1,37 @@
-"""Data for fine-tuning and evaluation: ImageFolder trees (or tar archives of them), transforms, subsets, loaders.
+"""Data for fine-tuning and evaluation: ImageFolder trees (or tar archives of them), Hugging Face datasets,
+transforms, subsets, loaders.
 
 The fine-tuner's whole pipeline is :func:`build_data` (datasets with the model's preprocessing) and the three
 loaders :func:`train_loader`, :func:`eval_loader`, :func:`recalibration_loader`. One concept per module:
 
-* :mod:`~lpconvert.data.archives` — locating data, extracting archives once into the cache (:func:`resolve_data_dirs`)
+* :mod:`~lpconvert.data.archives` — locating data; uncompressed tar archives read in place (:class:`TarPath`),
+  compressed ones extracted once into the cache (:func:`resolve_data_dirs`)
+* :mod:`~lpconvert.data.hfds` — Hugging Face datasets through timm's dataset factory (``--dataset hfds/NAME``,
+  :func:`hub_splits`)
 * :mod:`~lpconvert.data.labels` — class folders → the model's label indices (:func:`class_to_index`)
 * :mod:`~lpconvert.data.transforms` — the model's preprocessing and training augmentation (:func:`build_transform`)
-* :mod:`~lpconvert.data.datasets` — ImageFolder datasets, subsets, the scikit-learn digits, :func:`build_data`,
-  fingerprints
+* :mod:`~lpconvert.data.datasets` — labelled image datasets of every source, subsets, the scikit-learn digits,
+  :func:`build_data`, fingerprints
 * :mod:`~lpconvert.data.sampler` — the seeded, resumable batch order and seeded augmentation
 * :mod:`~lpconvert.data.memory` — small image sets decoded once into memory, augmented batch-wise (:func:`memory_data`)
 * :mod:`~lpconvert.data.loaders` — the training, validation and recalibration loaders
 """
 
-from lpconvert.data.archives import ARCHIVE_SUFFIXES, resolve_data_dirs
+from lpconvert.data.archives import ARCHIVE_SUFFIXES, VAL_SPLITS, TarPath, resolve_data_dirs
 from lpconvert.data.datasets import (
     DIGITS,
     DIGITS_MEAN,
     DIGITS_STD,
     Data,
+    LabelledImages,
+    Source,
     build_data,
     build_datasets,
     data_fingerprint,
     digits_datasets,
     stratified_indices,
 )
+from lpconvert.data.hfds import HubImages, HubSplit, hub_dataset_id, hub_name, hub_splits
 from lpconvert.data.labels import class_to_index
 from lpconvert.data.loaders import eval_loader, recalibration_loader, train_loader
 from lpconvert.data.memory import MemoryImages, MemorySamples, memory_data
@@ -38,9 +45,15 @@ __all__ = [
     "DIGITS_STD",
     "Data",
     "EpochBatchSampler",
+    "HubImages",
+    "HubSplit",
+    "LabelledImages",
     "MemoryImages",
     "MemorySamples",
     "SeededSamples",
+    "Source",
+    "TarPath",
+    "VAL_SPLITS",
     "build_data",
     "build_datasets",
     "build_transform",
@@ -48,6 +61,9 @@ __all__ = [
     "data_fingerprint",
     "digits_datasets",
     "eval_loader",
+    "hub_dataset_id",
+    "hub_name",
+    "hub_splits",
     "memory_data",
     "recalibration_loader",
     "resolve_data_dirs",

@@ -1,9 +1,10 @@
-"""Datasets: ImageFolder trees with the model's transforms and labels, stratified subsets, the scikit-learn digits,
-and :func:`build_data` — the fine-tuner's training and validation sets — with their fingerprint.
+"""Datasets: ImageFolder trees (folders, or inside uncompressed tar archives) and Hugging Face splits with the model's
+transforms and labels, stratified subsets, the scikit-learn digits, and :func:`build_data` — the fine-tuner's training
+and validation sets — with their fingerprint.
 
 ::
 
-    train_dir, val_dir = resolve_data_dirs(data="~/data/cifar10")
+    train_dir, val_dir = resolve_data_dirs(data="~/data/cifar10")        # or hub_splits("hfds/ORG/NAME")
     cfg = timm.data.resolve_data_config(model=model)
     train_ds, val_ds = build_datasets(train_dir, val_dir, data_config=cfg, num_classes=model.num_classes)
 
@@ -14,19 +15,24 @@ set that needs no download.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
-from collections.abc import Mapping, Sequence
+import posixpath
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import Dataset, TensorDataset
 from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import default_loader, has_file_allowed_extension
 
-from lpconvert.data.archives import resolve_data_dirs
+from lpconvert.data.archives import TarPath, resolve_data_dirs
+from lpconvert.data.hfds import HubImages, HubSplit, hub_splits
 from lpconvert.data.labels import class_to_index
 from lpconvert.data.memory import memory_data
 from lpconvert.data.sampler import SeededSamples
@@ -41,6 +47,8 @@ __all__ = [
     "DIGITS_MEAN",
     "DIGITS_STD",
     "Data",
+    "LabelledImages",
+    "Source",
     "build_data",
     "build_datasets",
     "data_fingerprint",
@@ -55,18 +63,25 @@ DIGITS_MEAN = 0.3053
 DIGITS_STD = 0.3760
 
 
+#: Where a dataset comes from: a folder, a folder inside an uncompressed tar archive, a Hugging Face split.
+Source = Path | TarPath | HubSplit
+#: What :func:`build_datasets` makes of a source: an ImageFolder (folders and tar trees) or :class:`HubImages`.
+LabelledImages = ImageFolder | HubImages
+
+
 # ------------------------------------------------------------------------------------------------------- datasets
 
 
 class _MappedImageFolder(ImageFolder):
     """ImageFolder whose labels come from a given folder-name → index mapping."""
 
-    def __init__(self, root: Path, class_to_idx: Mapping[str, int], transform: Any) -> None:
-        self._mapping = dict(class_to_idx)
-        super().__init__(str(root), transform=transform)
+    def __init__(self, root: Path | TarPath, class_to_idx: Mapping[str, int], transform: Any,
+                 loader: Callable[[str], Any] = default_loader) -> None:
+        self._mapping, self._tree = dict(class_to_idx), root
+        super().__init__(str(root), transform=transform, loader=loader)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        present = {name: i for name, i in self._mapping.items() if (Path(directory) / name).is_dir()}
+        present = {name: i for name, i in self._mapping.items() if (self._tree / name).is_dir()}
         return sorted(present, key=present.get), present
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
@@ -78,9 +93,45 @@ class _MappedImageFolder(ImageFolder):
             ) from err
 
 
-def _class_folders(root: Path) -> list[str]:
+class _MappedTarFolder(_MappedImageFolder):
+    """An ImageFolder tree inside an uncompressed tar archive, read in place: the samples, order and labels of the
+    extracted tree, each image read at its offset in the archive (no handle is kept: safe in forked workers)."""
+
+    def __init__(self, root: TarPath, class_to_idx: Mapping[str, int], transform: Any) -> None:
+        self._places: dict[str, tuple[int, int]] = {}  # sample → (offset, size) in the archive
+        super().__init__(root, class_to_idx, transform, loader=self._read)
+
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions: tuple[str, ...] | None = None,
+                     is_valid_file: Callable[[str], bool] | None = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """torchvision's order: classes alphabetically, then files by folder and name."""
+        found: dict[str, list[tuple[tuple[str, str], str]]] = {}
+        for path, place in self._tree.files():
+            name, _, rest = path.partition("/")
+            if rest and name in class_to_idx and has_file_allowed_extension(rest, extensions or ()):
+                sample = f"{directory}/{path}"
+                found.setdefault(name, []).append((posixpath.split(path), sample))
+                self._places[sample] = place
+        empty = sorted(set(class_to_idx) - set(found))
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
+        return [(sample, class_to_idx[name]) for name in sorted(found) for _, sample in sorted(found[name])]
+
+    def _read(self, sample: str) -> Image.Image:
+        offset, size = self._places[sample]
+        with open(self._tree.index.archive, "rb") as file:
+            file.seek(offset)
+            return Image.open(io.BytesIO(file.read(size))).convert("RGB")
+
+
+def _class_names(source: Source) -> list[str]:
+    """The classes of a source: its class folders, alphabetically, or a Hugging Face split's ClassLabel names."""
+    return source.class_names if isinstance(source, HubSplit) else _class_folders(source)
+
+
+def _class_folders(root: Path | TarPath) -> list[str]:
     try:
-        names = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+        names = sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
     except FileNotFoundError as exc:
         raise LatePhaseError(f"data folder {root} does not exist; check the path") from exc
     except OSError as exc:
@@ -91,8 +142,8 @@ def _class_folders(root: Path) -> list[str]:
 
 
 def build_datasets(
-    train_dir: str | os.PathLike | None,
-    val_dir: str | os.PathLike | None,
+    train_dir: str | os.PathLike | Source | None,
+    val_dir: str | os.PathLike | Source | None,
     *,
     data_config: Mapping[str, Any],
     num_classes: int | None,
@@ -101,26 +152,29 @@ def build_datasets(
     val_subset: int | None = None,
     seed: int = 0,
     train_transform: str = "auto",
-) -> tuple[ImageFolder | None, ImageFolder | None]:
-    """ImageFolder datasets with the model's transforms (:func:`build_transform`) and labels (:func:`class_to_index`).
+) -> tuple[LabelledImages | None, LabelledImages | None]:
+    """Datasets with the model's transforms (:func:`build_transform`) and labels (:func:`class_to_index`).
 
-    The label mapping is computed from the training folders (the validation folders when there is no training set)
-    and reused for validation, whose classes must be among them. ``train_subset`` / ``val_subset`` keep that many
-    samples, stratified: each class keeps its share (largest remainder), drawn at random with ``seed``, in file
-    order; the result is still an ImageFolder (``samples``/``targets`` trimmed). ``None`` for a missing directory.
+    A source is an ImageFolder tree (a folder, or a :class:`~lpconvert.data.archives.TarPath` inside an uncompressed
+    tar archive, read in place) or a Hugging Face split (:class:`~lpconvert.data.hfds.HubSplit`, labels in its
+    ClassLabel order). The label mapping is computed from the training classes (the validation classes when there is
+    no training set) and reused for validation, whose classes must be among them. ``train_subset`` / ``val_subset``
+    keep that many samples, stratified: each class keeps its share (largest remainder), drawn at random with
+    ``seed``, in file order; the result keeps its type (``samples``/``targets`` trimmed). ``None`` for a missing
+    source.
     """
-    train_root = Path(train_dir) if train_dir is not None else None
-    val_root = Path(val_dir) if val_dir is not None else None
+    train_root, val_root = (Path(d) if isinstance(d, (str, os.PathLike)) else d for d in (train_dir, val_dir))
     mapping_root = train_root or val_root
     if mapping_root is None:
         raise LatePhaseError("no data folder given; pass --data, --train-dir or --val-dir")
-    mapping = class_to_index(_class_folders(mapping_root), num_classes, class_map)
+    mapping = class_to_index(_class_names(mapping_root), num_classes, class_map,
+                             ordered=isinstance(mapping_root, HubSplit))
 
-    def make(root: Path | None, train: bool, subset: int | None) -> ImageFolder | None:
+    def make(root: Source | None, train: bool, subset: int | None) -> LabelledImages | None:
         if root is None:
             return None
         if root is not mapping_root:
-            extra = sorted(set(_class_folders(root)) - set(mapping))
+            extra = sorted(set(_class_names(root)) - set(mapping))
             if extra:
                 raise LatePhaseError(
                     f"class folder {extra[0]!r} in {root} has no training counterpart in {mapping_root}; "
@@ -128,7 +182,7 @@ def build_datasets(
                 )
         transform = build_transform(data_config, train=train, train_transform=train_transform)
         try:
-            dataset = _MappedImageFolder(root, mapping, transform)
+            dataset = _labelled_images(root, mapping, transform)
         except (FileNotFoundError, PermissionError) as exc:
             raise LatePhaseError(f"cannot use data folder {root}: {exc}") from exc
         if subset is not None:
@@ -136,6 +190,14 @@ def build_datasets(
         return dataset
 
     return make(train_root, True, train_subset), make(val_root, False, val_subset)
+
+
+def _labelled_images(source: Source, mapping: Mapping[str, int], transform: Any) -> LabelledImages:
+    if isinstance(source, HubSplit):
+        return HubImages(source, mapping, transform)
+    if isinstance(source, TarPath):
+        return _MappedTarFolder(source, mapping, transform)
+    return _MappedImageFolder(source, mapping, transform)
 
 
 def stratified_indices(targets: Sequence[int], size: int, seed: int = 0) -> list[int]:
@@ -156,10 +218,11 @@ def stratified_indices(targets: Sequence[int], size: int, seed: int = 0) -> list
     return sorted(int(i) for i in np.concatenate(chosen))
 
 
-def _keep(dataset: ImageFolder, indices: Sequence[int]) -> None:
+def _keep(dataset: LabelledImages, indices: Sequence[int]) -> None:
     dataset.samples = [dataset.samples[i] for i in indices]
-    dataset.imgs = dataset.samples
     dataset.targets = [target for _, target in dataset.samples]
+    if isinstance(dataset, ImageFolder):
+        dataset.imgs = dataset.samples
 
 
 def digits_datasets(seed: int = 0, test_size: int = 597) -> tuple[TensorDataset, TensorDataset]:
@@ -196,28 +259,38 @@ class Data:
     label_names: list[str] | None = None
 
 
-def build_data(config: FinetuneConfig, model: nn.Module) -> Data:
+def build_data(config: FinetuneConfig, model: nn.Module,
+               sources: tuple[Source, Source] | None = None) -> Data:
     """Training and validation sets of `config` with `model`'s own preprocessing (its timm data config).
 
-    Subsets are drawn with ``config.subset_seed``; the training augmentation is seeded per (``config.seed``, epoch,
-    sample) by :class:`~lpconvert.data.sampler.SeededSamples`. Image folders are decoded into memory and augmented
-    batch-wise (:func:`~lpconvert.data.memory.memory_data`) as ``config.data_in_memory`` says."""
-    if config.data == DIGITS:
+    The sources are ``config.dataset`` (:func:`~lpconvert.data.hfds.hub_splits`) or ``config.data`` /
+    ``train_dir`` / ``val_dir`` (:func:`~lpconvert.data.archives.resolve_data_dirs`), unless `sources` gives the
+    (training, validation) pair itself. Labels follow ``config.class_map`` (default: :func:`class_to_index`'s
+    ``"auto"``). Subsets are drawn with ``config.subset_seed``; the training augmentation is seeded per
+    (``config.seed``, epoch, sample) by :class:`~lpconvert.data.sampler.SeededSamples`. Images are decoded into
+    memory and augmented batch-wise (:func:`~lpconvert.data.memory.memory_data`) as ``config.data_in_memory`` says."""
+    if sources is None and config.data == DIGITS:
         train, val = digits_datasets()  # one split for every seed: the T0 model never sees a test digit
         return Data(SeededSamples(train, config.seed), val, {"dataset": DIGITS, "num_files": len(train) + len(val)},
                     [str(d) for d in range(10)])
     import timm.data
 
-    train_dir, val_dir = resolve_data_dirs(config.data, config.train_dir, config.val_dir)
-    if train_dir is None or val_dir is None:
-        raise LatePhaseError("fine-tuning needs a training and a validation set; pass --data ROOT or --train-dir/--val-dir")
+    if sources is None and config.dataset is not None:
+        sources = hub_splits(config.dataset)
+        if None in sources:
+            raise LatePhaseError(f"fine-tuning needs a training and a validation set; {config.dataset} has no "
+                                 f"{'train' if sources[0] is None else 'val, validation or test'} split")
+    train_source, val_source = sources or resolve_data_dirs(config.data, config.train_dir, config.val_dir)
+    if train_source is None or val_source is None:
+        raise LatePhaseError("fine-tuning needs a training and a validation set; pass --data ROOT or "
+                             "--train-dir/--val-dir")
     train, val = build_datasets(
-        train_dir, val_dir, data_config=timm.data.resolve_data_config(model=model), num_classes=_num_classes(model),
-        train_subset=config.train_subset, val_subset=config.val_subset, seed=config.subset_seed,
-        train_transform=config.train_transform,
+        train_source, val_source, data_config=timm.data.resolve_data_config(model=model),
+        num_classes=_num_classes(model), class_map=config.class_map or "auto", train_subset=config.train_subset,
+        val_subset=config.val_subset, seed=config.subset_seed, train_transform=config.train_transform,
     )
     if len(train.class_to_idx) < 2:
-        raise LatePhaseError(f"the training set {train_dir} has {len(train.class_to_idx)} class folder; a classifier "
+        raise LatePhaseError(f"the training set {train_source} has {len(train.class_to_idx)} class; a classifier "
                              "needs at least 2")
     fingerprint = {"train": data_fingerprint(train), "val": data_fingerprint(val)}
     names = sorted(train.class_to_idx, key=train.class_to_idx.get)
@@ -234,9 +307,16 @@ def _num_classes(model: nn.Module) -> int | None:
 # ---------------------------------------------------------------------------------------------------- provenance
 
 
-def data_fingerprint(dataset_or_dir: ImageFolder | str | os.PathLike) -> dict[str, Any]:
+def data_fingerprint(dataset_or_dir: LabelledImages | str | os.PathLike) -> dict[str, Any]:
     """``{"root", "num_files", "sha256"}``: the files of a folder, or the samples of an ImageFolder (subset
-    included), and the SHA-256 of their sorted relative POSIX paths, one per line. File contents are not read."""
+    included; a tree inside a tar archive gives the same as the extracted tree), and the SHA-256 of their sorted
+    relative POSIX paths, one per line. File contents are not read. A Hugging Face split (:class:`HubImages`) gives
+    ``{"root": "hfds/NAME", "split", "num_files", "sha256"}``, the SHA-256 of its data's version (the datasets
+    library's fingerprint) and the rows used."""
+    if isinstance(dataset_or_dir, HubImages):
+        split, rows = dataset_or_dir.split, [str(row) for row, _ in dataset_or_dir.samples]
+        return {"root": split.dataset, "split": split.split, "num_files": len(rows),
+                "sha256": _sha256_lines([split.version, *rows])}
     if isinstance(dataset_or_dir, ImageFolder):
         root = Path(dataset_or_dir.root)
         files = [Path(path).relative_to(root).as_posix() for path, _ in dataset_or_dir.samples]
@@ -251,7 +331,10 @@ def data_fingerprint(dataset_or_dir: ImageFolder | str | os.PathLike) -> dict[st
         ]
     else:
         raise LatePhaseError(
-            f"cannot fingerprint a {type(dataset_or_dir).__name__}; pass a directory or an ImageFolder dataset"
+            f"cannot fingerprint a {type(dataset_or_dir).__name__}; pass a directory or a dataset of build_datasets"
         )
-    digest = hashlib.sha256("".join(f"{name}\n" for name in sorted(files)).encode()).hexdigest()
-    return {"root": str(root), "num_files": len(files), "sha256": digest}
+    return {"root": str(root), "num_files": len(files), "sha256": _sha256_lines(sorted(files))}
+
+
+def _sha256_lines(lines: Sequence[str]) -> str:
+    return hashlib.sha256("".join(f"{line}\n" for line in lines).encode()).hexdigest()

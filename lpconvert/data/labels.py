@@ -1,8 +1,8 @@
-"""Labels: which model output a class folder stands for.
+"""Labels: which model output a class (a folder, or a name in a dataset's ClassLabel) stands for.
 
-Labels follow the alphabetical order of the class folders, except that folders named by ImageNet WordNet IDs are
-mapped to the model's ImageNet class indices (``class_map="auto"``); a class-map text file gives the order
-explicitly.
+Labels follow the alphabetical order of the class folders — or a Hugging Face dataset's own class order — except that
+classes named by ImageNet WordNet IDs are mapped to the model's ImageNet class indices (``class_map="auto"``); a
+class-map text file (``--class-map``) gives the order explicitly.
 """
 
 from __future__ import annotations
@@ -19,19 +19,21 @@ __all__ = ["class_to_index"]
 
 
 def class_to_index(
-    classes: Sequence[str], num_classes: int | None, class_map: str | os.PathLike = "auto"
+    classes: Sequence[str], num_classes: int | None, class_map: str | os.PathLike = "auto", *, ordered: bool = False
 ) -> dict[str, int]:
-    """Map class folder names to the model's label indices.
+    """Map class names (folders) to the model's label indices.
 
-    ``class_map``: ``"folder"`` — alphabetical order of the folders, which must number ``num_classes``;
+    ``class_map``: ``"folder"`` — alphabetical order of the folders (with ``ordered``: the order of ``classes``, a
+    dataset's ClassLabel), which must number ``num_classes``;
     ``"imagenet"`` — folders are WordNet IDs (``n01440764``) mapped to their index in the ImageNet label set that
     timm infers from ``num_classes`` (1000: ImageNet-1k; also 21k/12k/22k variants), a subset of classes is fine;
     ``"auto"`` — ``"imagenet"`` when every folder is a WordNet ID of that label set, else ``"folder"``;
-    any other value — a text file with one folder name per line, line ``i`` being label ``i`` (timm's class map).
+    any other value — a text file with one class name per line, line ``i`` being label ``i`` (timm's class map;
+    ``--class-map FILE``).
 
     Example: ``class_to_index(["n01443537", "n01440764"], 1000)`` gives ``{"n01440764": 0, "n01443537": 1}``.
     """
-    classes = sorted(classes)
+    classes = list(classes) if ordered else sorted(classes)
     if class_map in ("auto", "imagenet"):
         synsets = _imagenet_synsets(num_classes)
         unknown = sorted(set(classes) - set(synsets)) if synsets else classes
@@ -45,7 +47,7 @@ def class_to_index(
                     f"but the model head has {num_classes}; use class_map 'folder'"
                 )
             raise LatePhaseError(
-                f"class folder {unknown[0]!r} is not an ImageNet class ID (WordNet ID like n01440764); "
+                f"class {unknown[0]!r} is not an ImageNet class ID (WordNet ID like n01440764); "
                 "use class_map 'folder'"
             )
     elif class_map != "folder":
@@ -68,12 +70,12 @@ def _class_map_file(path: Path, classes: Sequence[str], num_classes: int | None)
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     except OSError as exc:
         raise LatePhaseError(
-            f"cannot read class map {path}: {exc.strerror or exc}; use 'auto', 'folder', 'imagenet' or a text file"
+            f"cannot read class map {path}: {exc.strerror or exc}; pass a text file with one class name per line"
         ) from exc
     index = {name: i for i, name in enumerate(names)}
     missing = [name for name in classes if name not in index]
     if missing:
-        raise LatePhaseError(f"class folder {missing[0]!r} is not listed in the class map {path}; add it")
+        raise LatePhaseError(f"class {missing[0]!r} is not listed in the class map {path}; add it")
     if num_classes is not None and max((index[name] for name in classes), default=-1) >= num_classes:
         raise LatePhaseError(
             f"the class map {path} lists {len(names)} classes but the model head has {num_classes}; "

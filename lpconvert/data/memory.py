@@ -2,11 +2,12 @@
 
 When the training augmentation is the CIFAR one (:func:`~lpconvert.data.transforms.build_transform` ``"cifar"``:
 resize to the input size, RandomCrop with zero padding, horizontal flip) and the images fit a memory budget, the
-training and validation ImageFolders are decoded ONCE — through their own loader and labels, and the deterministic
-head of their own transforms (resize; resize + center crop) — into uint8 tensors (N, C, H, W). Batches are then
-cropped, flipped and normalised as whole tensors, with the very ``Normalize`` of the per-sample transform: validation
-tensors equal the per-sample path's bit for bit. The loaders fetch such batches in the training process itself
-(``--workers`` only parallelises the decode); every process of a torchrun job holds its own copy of the images.
+training and validation sets (ImageFolders, Hugging Face splits) are decoded ONCE — through their own loader and
+labels, and the deterministic head of their own transforms (resize; resize + center crop) — into uint8 tensors
+(N, C, H, W). Batches are then cropped, flipped and normalised as whole tensors, with the very ``Normalize`` of the
+per-sample transform: validation tensors equal the per-sample path's bit for bit. The loaders fetch such batches in
+the training process itself (``--workers`` only parallelises the decode); every process of a torchrun job holds its
+own copy of the images.
 
 The seeded order contract of :mod:`lpconvert.data.sampler` holds: batches come from the same
 :class:`~lpconvert.data.sampler.EpochBatchSampler`, and the crop offsets and flip of sample (epoch, index) are a
@@ -31,6 +32,7 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder
 from torchvision.transforms import functional as TF
 
+from lpconvert.data.hfds import HubImages
 from lpconvert.data.sampler import SeededSamples
 from lpconvert.errors import LatePhaseError
 
@@ -52,8 +54,8 @@ _STREAMS = tuple(np.uint64(j * 0x9E3779B97F4A7C15 % 2**64) for j in (1, 2, 3))
 
 class MemoryImages(Dataset):
     """Decoded images as one uint8 tensor (N, C, H, W) with their labels; items and batches are normalised by the
-    per-sample transform's own ``Normalize``. ``samples`` are the (file, label) pairs they were decoded from, as in
-    the ImageFolder."""
+    per-sample transform's own ``Normalize``. ``samples`` are the (file or row, label) pairs they were decoded from,
+    as in the source dataset."""
 
     def __init__(self, images: torch.Tensor, targets: torch.Tensor, normalize: transforms.Normalize,
                  samples: Sequence[tuple[str, int]] = ()) -> None:
@@ -172,14 +174,14 @@ def _split(transform: Any) -> _Split | None:
     return _Split(transforms.Compose([*head, transforms.PILToTensor()]), augment, steps[-1])
 
 
-def _decoding(dataset: ImageFolder, split: _Split) -> ImageFolder:
+def _decoding(dataset: ImageFolder | HubImages, split: _Split) -> ImageFolder | HubImages:
     """`dataset` (its files, labels and loader) with the deterministic head of its transform, ending in uint8."""
     decoding = copy.copy(dataset)
     decoding.transform = split.decode
     return decoding
 
 
-def _decode(decoding: ImageFolder, normalize: transforms.Normalize, workers: int) -> MemoryImages:
+def _decode(decoding: ImageFolder | HubImages, normalize: transforms.Normalize, workers: int) -> MemoryImages:
     images = torch.empty((len(decoding), *decoding[0][0].shape), dtype=torch.uint8)
     start = 0
     for batch, _ in DataLoader(decoding, batch_size=256, num_workers=workers):
@@ -188,8 +190,8 @@ def _decode(decoding: ImageFolder, normalize: transforms.Normalize, workers: int
     return MemoryImages(images, torch.as_tensor(decoding.targets, dtype=torch.long), normalize, decoding.samples)
 
 
-def memory_data(train: ImageFolder, val: ImageFolder, *, mode: str, seed: int, workers: int = 0,
-                budget: int = MEMORY_BUDGET) -> tuple[MemorySamples, MemoryImages] | None:
+def memory_data(train: ImageFolder | HubImages, val: ImageFolder | HubImages, *, mode: str, seed: int,
+                workers: int = 0, budget: int = MEMORY_BUDGET) -> tuple[MemorySamples, MemoryImages] | None:
     """The training samples and validation set decoded into memory, or None to keep the per-sample path.
 
     ``mode``: ``"off"`` — None; ``"on"`` — decode (refused when a transform does something the batch path cannot,

@@ -10,7 +10,9 @@ import pkgutil
 
 from .base import LatePhaseLayer, MemberSelection, StackedLayer, member_mean
 from .discovery import Discovery
-from .registry import KINDS, aliases, kind_names, kinds_help, options_help, register_kind, resolve_kinds
+from .options import Option
+from .registry import (KINDS, aliases, check_kind_options, kind_names, kinds_help, options_help, register_kind,
+                       resolve_kinds)
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
@@ -33,10 +35,12 @@ __all__ = [
     "LatePhaseLayerNorm",
     "LatePhaseLinear",
     "MemberSelection",
+    "Option",
     "Rank1Layer",
     "Rank1RecurrentLayer",
     "StackedLayer",
     "aliases",
+    "check_kind_options",
     "kind_names",
     "kinds_help",
     "member_mean",

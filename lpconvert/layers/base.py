@@ -12,7 +12,7 @@ mode of Algorithm 1, G > 1 the vectorized mode (the members' minibatches stacked
 from __future__ import annotations
 
 import copy
-from typing import Any, ClassVar, Iterator, Sequence
+from typing import Any, ClassVar, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torch.func import functional_call
 
 from ..errors import LatePhaseError
 from .discovery import Discovery
+from .options import Option
 
 
 class MemberSelection:
@@ -108,10 +109,10 @@ class LatePhaseLayer(nn.Module):
     """Interface of every late-phase layer: K members, a shared :class:`MemberSelection`, a way back.
 
     A subclass registered with :func:`~lpconvert.layers.registry.register_kind` is a *kind* of late-phase weights.
-    It declares its name and aliases, its precedence, the module types torch.fx keeps as leaves, how it finds its
-    targets in a model (:meth:`targets`: single modules, or groups of modules that share state), how many parameters
-    a member adds (:meth:`member_parameters`) and how it is built (:meth:`build`). Surgery, plan, the CLI and loading
-    read that.
+    It declares its name and aliases, its precedence, its options (:attr:`option_specs`), the module types torch.fx
+    keeps as leaves, how it finds its targets in a model (:meth:`targets`: single modules, or groups of modules that
+    share state), how many parameters a member adds (:meth:`member_parameters`) and how it is built (:meth:`build`).
+    Surgery, plan, the CLI and loading read that.
     """
 
     kind: ClassVar[str] = ""
@@ -122,7 +123,9 @@ class LatePhaseLayer(nn.Module):
     precedence: ClassVar[int] = 0
     module_types: ClassVar[tuple[type[nn.Module], ...]] = ()
     member_weight_decay: ClassVar[bool] = True  # False: U_φ applies no weight decay to this kind's members
-    options_help: ClassVar[str] = ""  # the kind's options (``convert(options={kind: ...})``), for ``--help``
+    # the kind's options (``convert(options={kind: {...}})``, ``--late-phase-options KIND.OPTION=VALUE``): every value
+    # is checked against its Option before the kind sees it, and the kind's methods get all of them (defaults filled)
+    option_specs: ClassVar[dict[str, Option]] = {}
     num_members: int
     selection: MemberSelection
 
@@ -132,6 +135,11 @@ class LatePhaseLayer(nn.Module):
         self.__dict__["selection"] = selection  # shared by every layer of the model, not a submodule
 
     # -- the kind ---------------------------------------------------------------------------------------------------
+    @classmethod
+    def option_values(cls, given: Mapping[str, Any]) -> dict[str, Any]:
+        """Every option of this kind: the declared defaults, overridden by `given` (values already checked)."""
+        return {name: spec.default for name, spec in cls.option_specs.items()} | dict(given)
+
     @classmethod
     def accepts(cls, name: str, module: nn.Module, discovery: Discovery) -> bool:
         """Whether `module` (qualified name `name`) is a target of this kind on its own."""
@@ -163,7 +171,7 @@ class LatePhaseLayer(nn.Module):
     def build(cls, modules: Sequence[nn.Module], num_members: int, selection: MemberSelection, sigma0: float,
               generator: torch.Generator | None, options: dict[str, Any]) -> list[LatePhaseLayer]:
         """The late-phase layers replacing a target's modules, in order (Eq. 2 initialisation with `sigma0`);
-        `options` are this kind's options (``convert(..., options={kind: {...}})``)."""
+        `options` are this kind's options (:meth:`option_values`), passed to the constructor as keywords."""
         return [cls(module, num_members, selection, sigma0, generator, **options) for module in modules]
 
     def late_phase_parameters(self) -> Iterator[nn.Parameter]:

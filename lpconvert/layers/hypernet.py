@@ -4,7 +4,7 @@ the late-phase weights, K members each.
 
 Conversion of a pretrained model is exact: θ = [vec W^(1) … vec W^(L)] and φ^(l) = e_l (d = L), so θ φ^(l) = vec W^(l)
 bit for bit. Option ``rank=d`` (< L) takes θ, φ from a truncated SVD of the group's weights instead; its relative
-reconstruction error is shown by ``plan`` and refused above ``tolerance`` (default 1e-3) unless ``allow_error=True``.
+reconstruction error is shown by ``plan`` and refused above ``tolerance`` (default 1e-3) unless ``allow_error``.
 Members follow Eq. 2 on the embeddings and get no weight decay (as in the paper). W is linear in φ, so the average
 of the members is exact (Eq. 1): W̄^(l) = θ mean_k φ_k^(l), stored as the original layer's weight.
 
@@ -24,9 +24,8 @@ from torch.func import functional_call
 from ..errors import LatePhaseError
 from .base import LatePhaseLayer, MemberSelection, _hollow_copy, member_mean
 from .discovery import Discovery
+from .options import Option
 from .registry import register_kind
-
-TOLERANCE = 1e-3
 
 
 @register_kind
@@ -39,7 +38,13 @@ class HypernetLayer(LatePhaseLayer):
     description = "hypernetwork embeddings: W = θ φ per layer, θ shared by layers of one shape"
     module_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
     member_weight_decay = False
-    options_help = "rank=D (a rank-D embedding by truncated SVD), tolerance=T (its largest error), allow_error=true"
+    option_specs = {
+        "rank": Option(int, None, "the embedding size d, by truncated SVD; default: exact, d = the group's layers",
+                       minimum=1),
+        "tolerance": Option(float, 1e-3, "the largest relative reconstruction error of a smaller embedding",
+                            minimum=0),
+        "allow_error": Option(bool, False, "accept a larger error: a model that differs from the original"),
+    }
 
     def __init__(
         self,
@@ -141,25 +146,25 @@ class HypernetLayer(LatePhaseLayer):
 
 
 def _rank(modules: Sequence[nn.Module], options: dict[str, Any]) -> int:
-    rank = options.get("rank")
+    """The embedding's size d: option ``rank`` (at most the group's L layers), else L (exact)."""
+    rank = options["rank"]
     if rank is None:
         return len(modules)
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= len(modules):
-        raise LatePhaseError(f"hypernet option rank must be an integer in [1, {len(modules)}] (the group's layers), "
-                             f"got {rank!r}")
+    if rank > len(modules):
+        raise LatePhaseError(f"late-phase options: hypernet.rank must be at most {len(modules)} (the layers of the "
+                             f"group of shape {tuple(modules[0].weight.shape)}), got {rank}; lower it")
     return rank
 
 
 def _checked_factorise(modules: Sequence[nn.Module], options: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """:func:`_factorise` at the option's rank, refused above the tolerance unless ``allow_error``."""
+    """:func:`_factorise` at the option's rank, refused above ``tolerance`` unless ``allow_error``."""
     rank = _rank(modules, options)
     theta, embeddings, error = _factorise(modules, rank)
-    limit = float(options.get("tolerance", TOLERANCE))
-    if error > limit and not options.get("allow_error", False):
+    if error > options["tolerance"] and not options["allow_error"]:
         raise LatePhaseError(
             f"a rank-{rank} hypernetwork reproduces the {len(modules)} layers of shape "
-            f"{tuple(modules[0].weight.shape)} only to a relative error of {error:.3g} (> {limit:g}); raise "
-            "'rank', or pass allow_error=True to accept a model that differs from the original"
+            f"{tuple(modules[0].weight.shape)} only to a relative error of {error:.3g} (> {options['tolerance']:g}); "
+            "raise hypernet.rank, or set hypernet.allow_error=true to accept a model that differs from the original"
         )
     return theta, embeddings, error
 

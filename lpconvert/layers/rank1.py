@@ -16,6 +16,7 @@ from torch.func import functional_call
 from ..errors import LatePhaseError
 from .base import LatePhaseLayer, MemberSelection, _hollow_copy, mean_outer, perturb_factors
 from .discovery import Discovery
+from .options import Option
 from .rank1_recurrent import Rank1RecurrentLayer
 from .registry import register_kind
 
@@ -28,7 +29,8 @@ class Rank1Layer(LatePhaseLayer):
     precedence = 10  # the Linear / Conv layers that the classifier and hypernet leave
     description = "multiplicative u vᵀ on Linear / Conv weights and LSTM / GRU recurrent matrices"
     module_types = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.RNNBase)
-    options_help = "input_weights=true (a recurrent layer's input matrices too)"
+    option_specs = {"input_weights": Option(bool, False, "the input matrices of LSTM / GRU / RNN layers too",
+                                            applies_to=(nn.RNNBase,))}
 
     @classmethod
     def accepts(cls, name: str, module: nn.Module, discovery: Discovery) -> bool:

@@ -9,12 +9,14 @@ it (``classifier`` before ``hypernet`` before ``rank1``). ``--help`` and ``plan`
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 from torch import nn
 
 from ..errors import LatePhaseError
 from .base import LatePhaseLayer
+from .options import check_options
 
 KINDS: dict[str, type[LatePhaseLayer]] = {}
 
@@ -72,5 +74,22 @@ def kinds_help() -> str:
 
 
 def options_help() -> str:
-    """The kinds' options for ``--help``: ``kind.option=…`` per kind that has any."""
-    return "; ".join(f"{kind}: {cls.options_help}" for kind, cls in KINDS.items() if cls.options_help)
+    """The kinds' options for ``--help``: ``kind: option=TYPE (help; default)`` per kind that has any."""
+    return "; ".join(f"{kind}: " + ", ".join(spec.text(name) for name, spec in cls.option_specs.items())
+                     for kind, cls in KINDS.items() if cls.option_specs)
+
+
+def check_kind_options(options: Mapping[str, Mapping[str, Any]] | None,
+                       source: str = "late-phase options") -> dict[str, dict[str, Any]]:
+    """``{kind: {option: value}}`` with every kind and option known and every value converted by the kind's declared
+    :class:`~lpconvert.layers.options.Option` (text as on the command line, or Python values); anything else is a
+    one-line :class:`LatePhaseError` naming `source` and the valid kinds or options."""
+    if options is None:
+        return {}
+    if not isinstance(options, Mapping):
+        raise LatePhaseError(f"{source} must be a mapping {{kind: {{option: value}}}}, got {options!r}")
+    unknown = [kind for kind in options if kind not in KINDS]
+    if unknown:
+        with_options = ", ".join(kind for kind, cls in KINDS.items() if cls.option_specs)
+        raise LatePhaseError(f"{source}: unknown late-phase kind {unknown[0]!r}; kinds with options: {with_options}")
+    return {kind: check_options(kind, KINDS[kind].option_specs, values, source) for kind, values in options.items()}
