@@ -13,8 +13,6 @@ import torch.distributed as dist
 from .config import FinetuneConfig
 from .errors import LatePhaseError
 
-logger = logging.getLogger(__name__)
-
 
 @dataclass
 class Runtime:
@@ -67,16 +65,6 @@ def cpu_threads(threads: int | None, processes_on_node: int = 1) -> int:
     return max(1, min(torch.get_num_threads(), available // max(processes_on_node, 1)))
 
 
-def _hint_if_busy(threads: int) -> None:
-    """One line when the CPUs are already busy: several torch threads then wait on each other (measured on a busy
-    2-core machine: 1 thread 4.6 times faster than 2, zoo/BENCHMARKS.md)."""
-    available = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-    if threads > 1 and load > available - threads + 0.5:
-        logger.warning("the CPUs are busy (load %.1f on %d CPUs): %d torch threads may run much slower than "
-                       "--threads 1", load, available, threads)
-
-
 def init_runtime(config: FinetuneConfig) -> Runtime:
     """Device, distributed process group (from torchrun's environment), autocast dtype and memory format."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -89,8 +77,6 @@ def init_runtime(config: FinetuneConfig) -> Runtime:
         raise LatePhaseError("--sync-bn synchronises BatchNorm statistics across GPUs and has no CPU implementation; "
                              "drop --sync-bn, or run on CUDA GPUs under torchrun")
     torch.set_num_threads(cpu_threads(config.threads, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
-    if device.type == "cpu" and config.threads is None and rank == 0:
-        _hint_if_busy(torch.get_num_threads())
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True

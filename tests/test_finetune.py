@@ -370,19 +370,3 @@ def test_saved_state_is_checked_before_it_is_used(tmp_path):
     report = run(_digits_run(tmp_path, "early", K=4, t0=1, epochs=2, resume=str(tmp_path / "early"), force=True))
     assert report["K"] == 4 and json.loads((tmp_path / "early" / "config.json").read_text())["K"] == 4
 
-
-def test_a_busy_cpu_gets_a_threads_hint(monkeypatch, caplog):
-    from lpconvert.runtime import init_runtime
-
-    before = torch.get_num_threads()
-    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
-    try:
-        for load, expected in ((0.2, False), (1.8, True)):
-            monkeypatch.setattr("os.getloadavg", lambda: (load, load, load))
-            torch.set_num_threads(2)
-            caplog.clear()
-            with caplog.at_level("WARNING", logger="lpconvert.runtime"):
-                init_runtime(FinetuneConfig(model="digits_cnn", device="cpu"))
-            assert any("--threads 1" in r.getMessage() for r in caplog.records) == expected, load
-    finally:
-        torch.set_num_threads(before)
