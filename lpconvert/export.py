@@ -27,6 +27,7 @@ from .run_dir import checkpoint_file
 from .run_state import History
 from .surgery import resolve_kinds
 from .tensorboard import RUN_LOGS
+from .weights import check_weights
 
 
 def eval_bn_stats(config: FinetuneConfig, swa: bool) -> str:
@@ -139,7 +140,7 @@ def collapse_run(path: str | Path, out: str | Path, *, bn_stats: str = "fold", d
     ``bn_stats="recalibrate"`` re-estimates the statistics on the training split of `data` exactly as the run did
     (:func:`lpconvert.data.recalibration_loader` with the run's batch size, seed and ``--recalibrate-batches``)."""
     path, out = Path(path), Path(out)
-    checkpoint_file(path, which)  # a run (or run checkpoint), before anything else
+    file = checkpoint_file(path, which)  # a run (or run checkpoint), before anything else
     check_apart(out, path, "--out")
     check_replaceable(out.expanduser().absolute(), "model", "--out", force)
     if bn_stats == "recalibrate" and data is None:
@@ -152,6 +153,8 @@ def collapse_run(path: str | Path, out: str | Path, *, bn_stats: str = "fold", d
         swa = AveragedModel(model, use_buffers=False)
         swa.load_state_dict(checkpoint.swa)
         model = swa.module
+    check_weights(model, str(file), "nothing was written; collapse the run's other checkpoint (--which best or last) "
+                  "or train again with a lower --lr")
     recalibration = None
     if bn_stats == "recalibrate":
         source = {"data": None, "dataset": data} if str(data).startswith("hfds/") else {"data": data, "dataset": None}

@@ -10,6 +10,7 @@ member at once); interruptible and exactly resumable.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import itertools
 import logging
@@ -50,6 +51,7 @@ from .surgery import convert_from_config, plan_or_refuse
 from .tensorboard import check_log, log_metrics
 from .training import (RunInterrupted, StopRequest, evaluate_averaged, recalibration_batches, sync_member_statistics,
                        train_one_epoch)
+from .weights import check_weights
 
 logger = logging.getLogger(__name__)
 #: Settings a resumed run may differ in without --force (they do not change what is computed).
@@ -121,16 +123,40 @@ def prepare(config: FinetuneConfig, runtime: Runtime, checkpoint: RunCheckpoint 
         if get_token() is None:
             raise LatePhaseError(f"--push-to-hub {config.push_to_hub} needs a Hub token: set HF_TOKEN or run "
                                  "`hf auth login` first (checked now, not after the training)")
+    late_phase = report.late_phase_config(config.sigma0, config.seed)
+    if config.sigma0 > 0 and has_late_phase(config):
+        _check_members(model, late_phase, data)
     if checkpoint is None:
         report.warn()
     input_size = (1, 8, 8) if config.data == DIGITS else getattr(model, "pretrained_cfg", {}).get("input_size",
                                                                                                   (3, 224, 224))
-    return Job(model.to(runtime.device), source, data, train, val, recalibration, tuple(input_size),
-               report.late_phase_config(config.sigma0, config.seed))
+    return Job(model.to(runtime.device), source, data, train, val, recalibration, tuple(input_size), late_phase)
 
 
 def _check_model_runs_on_data(model: nn.Module, data: Data) -> None:
-    """Decode one training image and one validation image and run the model on them (channels, sizes, classes)."""
+    """Decode one training image and one validation image and run the model on them (channels, sizes, classes,
+    finite outputs)."""
+    logits, y = _first_outputs(model, data)
+    if logits.dim() != 2 or y >= logits.shape[1]:
+        raise LatePhaseError(f"the model outputs {tuple(logits.shape[1:])} scores but the data has label {y}; "
+                             "pass --num-classes with the data's number of classes")
+    if not bool(torch.isfinite(logits).all()):
+        raise LatePhaseError("the model's outputs are not finite (NaN or inf) on the first images of the data; "
+                             "its weights overflow, check them for huge values")
+
+
+def _check_members(model: nn.Module, late_phase: LatePhaseConfig, data: Data) -> None:
+    """The planned conversion, of a copy: Eq. 2 with a huge σ0 overflows the members to inf, or their outputs."""
+    fix = f"lower --sigma0 (now {late_phase.sigma0:g})"
+    converted = convert_from_config(copy.deepcopy(model), late_phase)
+    check_weights(converted, "the late-phase model initialised by Eq. 2", fix)
+    if not bool(torch.isfinite(_first_outputs(converted, data)[0]).all()):
+        raise LatePhaseError("the late-phase model initialised by Eq. 2 gives non-finite outputs (NaN or inf) on the "
+                             f"first images of the data; {fix}")
+
+
+def _first_outputs(model: nn.Module, data: Data) -> tuple[torch.Tensor, int]:
+    """The model's logits (eval mode) for the first training and validation images, and the first training label."""
     (x, y), (vx, _) = data.train[(0, 0)], data.val[0]
     was_training = model.training
     try:
@@ -141,9 +167,7 @@ def _check_model_runs_on_data(model: nn.Module, data: Data) -> None:
                              f"the model's input (channels, image size)") from err
     finally:
         model.train(was_training)
-    if logits.dim() != 2 or int(y) >= logits.shape[1]:
-        raise LatePhaseError(f"the model outputs {tuple(logits.shape[1:])} scores but the data has label {int(y)}; "
-                             "pass --num-classes with the data's number of classes")
+    return logits, int(y)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -390,13 +414,16 @@ def run(config: FinetuneConfig, *, stop_after: int | None = None, stop_at_epoch:
         if config.resume:
             path = Path(config.resume)
             run_dir = open_run(path) if runtime.is_main else RunDir(path)
-            checkpoint = run_dir.load_checkpoint("last")
-            _resumable(config, checkpoint, path)
+            if run_dir.checkpoint_path("last").is_file():  # else it stopped before its first one: it starts again
+                checkpoint = run_dir.load_checkpoint("last")
+                _resumable(config, checkpoint, path)
         else:
             output = output_path(config, runtime)
             replacing = prepare_run(output, config.force) if runtime.is_main else False
         job = prepare(config, runtime, checkpoint)
-        if checkpoint is not None and runtime.is_main:  # config.json states the settings the run continues with
+        if run_dir is not None and runtime.is_main:  # config.json states the settings the run continues with
+            if checkpoint is None:
+                run_dir.restart()
             atomic_write_json(run_dir.config_path, config.to_dict())
         if run_dir is None:
             run_dir = create_run(output, config.to_dict(), replacing) if runtime.is_main else RunDir(output)

@@ -13,6 +13,7 @@ from lpconvert.model_card import REPO_ID_PLACEHOLDER
 from lpconvert.model_folder import OutputDir, read_output_dir
 from lpconvert.tensorboard import MODEL_LOGS
 from lpconvert.version import lpconvert_version
+from lpconvert.weights import check_tensors, read_state_dict
 
 __all__ = ["push"]
 
@@ -39,7 +40,8 @@ def push(
     The repository is created if needed, then ONE commit adds ``model.safetensors``, ``config.json``, ``README.md``,
     ``lpconvert.json`` and the TensorBoard logs in ``runs/`` (plus every other non-hidden file when
     ``include_extra``), so a failure leaves the repository's files unchanged. Refuses uncollapsed checkpoints, a model
-    card whose metadata huggingface_hub cannot parse and, unless ``allow_regression``, models whose recorded validation
+    card whose metadata huggingface_hub cannot parse, weights with a NaN/inf value or a negative BatchNorm variance
+    and, unless ``allow_regression``, models whose recorded validation
     top-1 is below the base checkpoint's. ``token`` defaults to ``HF_TOKEN`` / the stored login, ``endpoint`` to
     ``HF_ENDPOINT``.
     """
@@ -50,6 +52,8 @@ def push(
         raise LatePhaseError(_uncollapsed_message(folder, f"{PROVENANCE_NAME} says it is not collapsed"))
     _check_regression(output.metrics, allow_regression)
     _verify_weights(output)
+    check_tensors(read_state_dict(folder / WEIGHTS_NAME).items(), str(folder / WEIGHTS_NAME),
+                  "nothing was uploaded; export the model again from a checkpoint that did not diverge")
     _check_card(folder / MODEL_CARD_NAME)
 
     from huggingface_hub import CommitOperationAdd, HfApi

@@ -27,6 +27,8 @@ METRIC_NAMES = ("top1", "top5", "nll", "ece")  # what a run records per epoch an
 PROB_FLOOR = 1e-12
 ECE_BINS = 15
 _SUM_TOLERANCE = 1e-2
+#: Per-batch sums of a ClassificationMeter before its ECE bins: n, top1, top5, nll, labels, rows, non-finite rows.
+_HEAD = 7
 
 __all__ = [
     "METRIC_NAMES",
@@ -178,8 +180,8 @@ class ClassificationMeter:
     """Streaming top-1/top-5 accuracy, NLL, ECE (15 bins) and predictive entropy over batches of probabilities.
 
     :meth:`update` does not synchronise with the device: per-batch sums (and the per-example entropies, for AUROC)
-    stay where the probabilities are until :meth:`compute`, which also reports invalid labels or non-probability rows
-    seen in any batch.
+    stay where the probabilities are until :meth:`compute`, which also reports invalid labels, non-finite rows (the
+    model's outputs overflowed) or non-probability rows seen in any batch.
     """
 
     def __init__(self) -> None:
@@ -209,6 +211,7 @@ class ClassificationMeter:
             -p_true.clamp_min(PROB_FLOOR).log().sum(),
             bad_labels.sum(),
             _bad_rows(probs).sum(),
+            (~torch.isfinite(probs).all(1)).sum(),
         ]
         bins = _calibration_sums(top_p[:, 0], hits[:, 0], ECE_BINS, torch.float32).flatten()
         self._sums.append(torch.cat([torch.stack([value.float() for value in head]), bins]))
@@ -219,12 +222,17 @@ class ClassificationMeter:
         if not self._sums:
             raise LatePhaseError("no examples to evaluate")
         sums = torch.stack(self._sums).to("cpu", torch.float64).sum(0)
-        n, top1, top5, nll_sum, bad_labels, bad_rows = sums[:6].tolist()
+        n, top1, top5, nll_sum, bad_labels, bad_rows, non_finite = sums[:_HEAD].tolist()
         if bad_labels:
             raise LatePhaseError(f"{int(bad_labels)} labels are outside [0, {self._num_classes})")
+        if non_finite:
+            raise LatePhaseError(
+                f"the model's outputs are not finite (NaN or inf for {int(non_finite)} of {int(n)} examples); its "
+                "weights or inputs overflow: check the weights for NaN/inf or huge values, or lower --lr / --sigma0"
+            )
         if bad_rows:
             raise LatePhaseError(f"{int(bad_rows)} rows are not probability vectors; pass softmax outputs, not logits")
-        _, conf_sum, correct_sum = sums[6:].view(3, ECE_BINS)
+        _, conf_sum, correct_sum = sums[_HEAD:].view(3, ECE_BINS)
         return {
             "count": int(n),
             "top1": 100.0 * top1 / n,

@@ -41,6 +41,7 @@ from lpconvert.model_card import render_model_card
 from lpconvert.ownership import check_replaceable, swap_into_place
 from lpconvert.tensorboard import MODEL_LOGS, RUN_LOGS
 from lpconvert.version import lpconvert_version
+from lpconvert.weights import check_weights
 
 __all__ = ["OutputDir", "read_output_dir", "save_pretrained"]
 
@@ -77,7 +78,8 @@ def save_pretrained(
     ``logs`` (a run's ``tensorboard/``) are copied into ``runs/``, which ``lpconvert push`` uploads. Everything is
     written into a temp directory beside ``out_dir`` and renamed into place. An existing non-empty ``out_dir`` is
     replaced only with ``force`` and only if it is an lpconvert model folder (see :mod:`lpconvert.ownership`), after
-    the new one is complete. Returns the output path.
+    the new one is complete. A model with non-finite weights or a negative BatchNorm variance is refused before
+    anything is written. Returns the output path.
     """
     out_dir = Path(out_dir).expanduser().absolute()
     check_replaceable(out_dir, "model", "--out", force)
@@ -85,6 +87,8 @@ def save_pretrained(
     _check_datasets(datasets)
     events = _event_files(Path(logs)) if logs is not None else {}
     model = unwrap(model)
+    check_weights(model, "the model to save", f"nothing was written to {out_dir}; save a model that did not diverge "
+                  "(an earlier checkpoint, or train again with a lower --lr)")
     if source is None:
         if not getattr(model, "pretrained_cfg", None):
             raise LatePhaseError(

@@ -140,6 +140,17 @@ class RunDir:
         self.path, self.replaces = target, None
         return target
 
+    def restart(self) -> None:
+        """Back to what :func:`create_run` made (marker, lock, config.json): for a run that stopped before its first
+        checkpoint, all it wrote since (metrics.jsonl, logs, a partial checkpoint) cannot be continued."""
+        for entry in self.path.iterdir():
+            if entry.name in (MARKER, LOCK, "config.json"):
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
     def close(self) -> None:
         if self.lock is not None:
             self.lock.release()
@@ -181,12 +192,13 @@ def create_run(path: Path, config: dict[str, Any], replacing: bool) -> RunDir:
 
 
 def open_run(path: Path) -> RunDir:
-    """An existing run directory, to resume: recognised, and locked by this process."""
+    """An existing run directory, to resume: recognised, and locked by this process. A run that stopped before its
+    first checkpoint (``checkpoints/last.pt``) is resumed by starting it again: see :meth:`RunDir.restart`."""
     if recognise(path) != "run" and not (path / "checkpoints" / "last.pt").is_file():
         raise LatePhaseError(f"{path} is not an lpconvert run directory (no checkpoints/last.pt); cannot resume")
-    if not (path / "checkpoints" / "last.pt").is_file():
-        raise LatePhaseError(f"{path} has no checkpoint yet (it stopped before its first one); start it again "
-                             "with --force")
+    if not (path / "checkpoints" / "last.pt").is_file() and not (path / "config.json").is_file():
+        raise LatePhaseError(f"{path} stopped before it saved its settings (no config.json); start it again with "
+                             "the same flags and --force")
     replaces = None
     with contextlib.suppress(OSError, ValueError):
         replaces = json.loads((path / MARKER).read_text()).get("replaces")

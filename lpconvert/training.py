@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import signal
 import time
+from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import torch
@@ -22,8 +23,10 @@ from .errors import LatePhaseError
 from .evaluation import evaluate_model
 from .export import eval_bn_stats
 from .optim import lr_factor, minibatches_per_iteration, set_learning_rates
+from .run_dir import RunDir
 from .run_state import TrainState
 from .runtime import Runtime
+from .weights import broken_tensor, model_tensors
 
 __all__ = ["RunInterrupted", "StopRequest", "evaluate_averaged", "train_one_epoch"]
 
@@ -87,7 +90,7 @@ def train_one_epoch(state: TrainState, loader: DataLoader, config: FinetuneConfi
         checkpoint_due = config.checkpoint_every and position.iteration % config.checkpoint_every == 0
         stopping = stop.reason(position.iteration)
         if boundary or checkpoint_due or stopping:
-            _check_finite(finite, position.epoch, position.iteration)
+            _check_finite(state, finite, Path(run_dir), weights=bool(checkpoint_due or stopping))
             position.loss_sum += loss_sum.item()
             loss_sum.zero_()
             bar.set_postfix(members=engine.num_members, loss=f"{position.loss_sum / max(position.loss_count, 1):.4f}",
@@ -99,6 +102,7 @@ def train_one_epoch(state: TrainState, loader: DataLoader, config: FinetuneConfi
             bar.close()
             raise RunInterrupted(stopping, run_dir)
     bar.close()
+    _check_finite(state, finite, Path(run_dir), weights=True)
     elapsed = time.perf_counter() - started
     if runtime.distributed:  # every rank saw its own shard: report the loss over the global batches
         total = torch.tensor([position.loss_sum], dtype=torch.float64, device=runtime.device)
@@ -136,12 +140,23 @@ def sync_member_statistics(state: TrainState, runtime: Runtime) -> None:
             buffer /= runtime.world_size
 
 
-def _check_finite(finite: torch.Tensor, epoch: int, iteration: int) -> None:
-    if not bool(finite):
-        raise LatePhaseError(
-            f"non-finite loss at epoch {epoch + 1}, iteration {iteration}; stopped — "
-            "the last good checkpoint is intact (lower --lr, or try --amp off)"
-        )
+def _check_finite(state: TrainState, finite: torch.Tensor, run_dir: Path, weights: bool) -> None:
+    """Stop a diverged run — a non-finite loss so far, or with `weights` (before a checkpoint and at the end of an
+    epoch) non-finite weights — saying what is left: the last checkpoint (saved only after this check passed), or
+    none."""
+    problem = None if bool(finite) else "non-finite loss"
+    if problem is None and weights:
+        problem = broken_tensor(model_tensors(state.model))
+    if problem is None:
+        return
+    where = f"{problem} at epoch {state.position.epoch + 1}, iteration {state.position.iteration}; stopped"
+    last = RunDir(run_dir).checkpoint_path("last")
+    if last.is_file():
+        raise LatePhaseError(f"{where} — the last good checkpoint is intact ({last}); lower --lr (or try --amp off) "
+                             f"and continue it with --resume {run_dir} --force")
+    raise LatePhaseError(f"{where} before the first checkpoint, so nothing was saved: {run_dir} holds only its "
+                         f"settings and starting metrics; start it again with --resume {run_dir} and a lower --lr "
+                         "(or --amp off)")
 
 
 def _progress(total: int, description: str, disable: bool, initial: int = 0):

@@ -2,13 +2,14 @@
 
 :func:`read_state_dict` reads ``.safetensors`` or a weights-only pickle (``.pth/.pt/.th/.bin``), unwrapping the usual
 containers and prefixes; :func:`load_weights` loads it into a model — keys and shapes must match, except a classifier
-of another size when the caller asks for a new head; :func:`check_weights` refuses non-floating-point parameters
-(quantised checkpoints) and non-finite values.
+of another size when the caller asks for a new head; :func:`check_weights` (a model) and :func:`check_tensors` (named
+tensors, e.g. a file's) refuse non-finite values and negative BatchNorm variances.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import chain
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,8 @@ from torch import nn
 from lpconvert.errors import LatePhaseError, one_line
 from lpconvert.files import torch_load_weights_only
 
-__all__ = ["check_weights", "copy_all_but_head", "load_weights", "read_state_dict"]
+__all__ = ["broken_tensor", "check_tensors", "check_weights", "copy_all_but_head", "load_weights", "model_tensors",
+           "read_state_dict"]
 
 _TORCH_SUFFIXES = (".pth", ".pt", ".th", ".bin")
 _STATE_DICT_WRAPPERS = ("state_dict", "model", "model_state_dict")
@@ -112,12 +114,37 @@ def load_weights(model: nn.Module, path: str | Path, *, new_head: bool = False) 
     return load_checked(model, state, Path(path), type(model).__name__)
 
 
-def check_weights(model: nn.Module, where: str) -> None:
-    """Refuse non-finite parameters or buffers (NaN/inf weights) of a loaded model. (:func:`load_weights` refuses
-    integer weights in the file: loading would silently turn a quantised checkpoint into a model at chance level.)"""
-    for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise LatePhaseError(f"{where} holds non-finite values (NaN or inf) in {name}; the checkpoint is broken")
+def check_weights(model: nn.Module, where: str, fix: str = "the checkpoint is broken") -> None:
+    """Refuse a model whose parameters or buffers are broken (see :func:`broken_tensor`). (:func:`load_weights`
+    refuses integer weights in the file: loading would silently turn a quantised checkpoint into a model at chance
+    level.)"""
+    check_tensors(model_tensors(model), where, fix)
+
+
+def check_tensors(tensors: Iterable[tuple[str, torch.Tensor]], where: str, fix: str) -> None:
+    """Refuse the first broken tensor (:func:`broken_tensor`) in one line: ``{where} holds … in NAME; {fix}``."""
+    problem = broken_tensor(tensors)
+    if problem is not None:
+        raise LatePhaseError(f"{where} holds {problem}; {fix}")
+
+
+def broken_tensor(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """What is wrong with the first broken tensor, naming it, or None: a floating-point tensor with a NaN or inf
+    value, or a BatchNorm ``running_var`` (a late-phase layer's members alike) with a negative entry — normalising by
+    its square root gives NaN outputs."""
+    for name, tensor in tensors:
+        if not tensor.is_floating_point():
+            continue
+        if not bool(torch.isfinite(tensor).all()):
+            return f"non-finite values (NaN or inf) in {name}"
+        if name.rsplit(".", 1)[-1] == "running_var" and bool((tensor < 0).any()):
+            return f"a negative BatchNorm variance in {name}"
+    return None
+
+
+def model_tensors(model: nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """A model's parameters and buffers, by name."""
+    return chain(model.named_parameters(), model.named_buffers())
 
 
 def load_checked(model: nn.Module, state: Mapping[str, torch.Tensor], path: Path, arch: str) -> nn.Module:

@@ -48,7 +48,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import shlex
@@ -67,6 +66,7 @@ from lpconvert.finetune import RunInterrupted, run
 
 from lpconvert.late_phase_model import load_late_phase
 from lpconvert.run_state import RunCheckpoint
+from lpconvert.stats import paired_difference
 
 
 def read_checkpoint(path: Path) -> dict:
@@ -443,22 +443,18 @@ def code_version() -> dict:
 # the report
 # --------------------------------------------------------------------------------------------------------------------
 def paired(report: dict, arm: str, base: str, evaluation: str, key: str) -> dict | None:
-    """Per-seed differences arm − base (base evaluated as its averaged model) and a paired t-test over seeds."""
+    """Per-seed differences arm − base (base evaluated as its averaged model), their 95 % interval and paired t-test
+    (:func:`lpconvert.stats.paired_difference`)."""
     rows = report["rows"]
     first = {r["seed"]: r[key] for r in rows if r["arm"] == arm and r["eval"] == evaluation}
     second = {r["seed"]: r[key] for r in rows if r["arm"] == base and not r["eval"].startswith("ensemble")}
     seeds = sorted(set(first) & set(second))
     if not seeds:
         return None
-    diffs = [first[s] - second[s] for s in seeds]
-    result = {"seeds": seeds, "diffs": diffs, "mean": statistics.mean(diffs)}
-    if len(diffs) > 1:
-        from scipy import stats
-
-        sd = statistics.stdev(diffs)
-        half = stats.t.ppf(0.975, len(diffs) - 1) * sd / math.sqrt(len(diffs))
-        result.update(sd=sd, ci95=(result["mean"] - half, result["mean"] + half),
-                      p=float(stats.ttest_1samp(diffs, 0.0).pvalue) if sd > 0 else float("nan"))
+    difference = paired_difference([second[s] for s in seeds], [first[s] for s in seeds])  # lpconvert compare's
+    result = {"seeds": seeds, "diffs": [first[s] - second[s] for s in seeds], "mean": difference["mean"]}
+    if len(seeds) > 1:
+        result.update(sd=difference["std"], ci95=(difference["low"], difference["high"]), p=difference["p"])
     return result
 
 

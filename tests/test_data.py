@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import io
+import os
 import random
+import socket
+import subprocess
+import sys
 import tarfile
 from pathlib import Path
 
@@ -13,6 +17,7 @@ import torch
 from PIL import Image
 from timm.data import ImageNetInfo
 from torchvision import transforms
+from torchvision.datasets import ImageFolder
 
 from lpconvert.data import (
     build_datasets,
@@ -295,3 +300,39 @@ def test_fine_tuning_subsets_do_not_depend_on_the_training_seed(tmp_path: Path) 
 
     assert files(seed=0) == files(seed=1) == files(seed=1, subset_seed=0)
     assert files(seed=0) != files(seed=0, subset_seed=1)
+
+
+# ------------------------------------------------------------------------------------------------- data that lies
+
+
+def test_symlinks_are_followed_only_inside_the_tree_and_never_into_a_loop(tmp_path: Path, caplog) -> None:
+    val = _tree(tmp_path / "val", {"cat": 20, "dog": 20})
+    outside = _tree(tmp_path / "elsewhere", {"cat": 5})
+    (val / "cat" / "current").symlink_to(".")  # a loop: torchvision walks it until the path is too long
+    (val / "cat" / "up").symlink_to("..")  # another one, through the root
+    (val / "dog" / "more").symlink_to(outside / "cat")  # images from outside the tree
+    (val / "dog" / "gone.png").symlink_to(tmp_path / "missing.png")  # leads nowhere
+    (val / "dog" / "alias.png").symlink_to("000.png")  # a file inside the tree: harmless, kept
+    with caplog.at_level("WARNING", logger="lpconvert.data.datasets"):
+        _, dataset = build_datasets(None, val, data_config=CIFAR_CFG, num_classes=2)
+    assert len(dataset) == 41 and dataset.targets.count(0) == 20 and dataset.targets.count(1) == 21
+    assert data_fingerprint(dataset)["num_files"] == 41
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "skipped 4 symlink(s) leading outside it or into a loop" in warning and "cat/current" in warning
+    plain = _tree(tmp_path / "plain", {"cat": 20, "dog": 20})  # without links: torchvision's samples, in its order
+    assert build_datasets(None, plain, data_config=CIFAR_CFG, num_classes=2)[1].samples == ImageFolder(plain).samples
+
+
+def test_a_killed_extraction_is_removed_on_the_next_use(tmp_path: Path, monkeypatch) -> None:
+    archive = _tar(tmp_path / "train.tar.gz", {"train/a/0.png": _png(), "train/b/0.png": _png()})
+    monkeypatch.setenv("LPCONVERT_CACHE", str(tmp_path / "cache"))
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    train = resolve_data_dirs(train_dir=archive)[0]
+    cache = tmp_path / "cache" / "extracted"
+    host = socket.gethostname()
+    partial = cache / f".{train.parent.name}-{host}-{int(dead.stdout)}-abc123"  # what a kill -9 mid-way leaves
+    (partial / "train" / "a").mkdir(parents=True)
+    running = cache / f".{train.parent.name}-{host}-{os.getpid()}-def456"  # an extraction still in progress
+    running.mkdir()
+    assert resolve_data_dirs(train_dir=archive)[0] == train
+    assert sorted(p.name for p in cache.iterdir()) == sorted([running.name, train.parent.name])

@@ -326,3 +326,29 @@ def test_the_model_cards_loading_snippet_works_in_a_fresh_interpreter(hub, tmp_p
     with torch.no_grad():
         expected = net(x)
     assert (y - expected).abs().max() <= 1e-5 * expected.abs().max()  # another process: other thread count
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("fc.weight", float("nan"), "non-finite values (NaN or inf) in fc.weight"),
+    ("bn1.running_var", -0.25, "a negative BatchNorm variance in bn1.running_var"),
+])
+def test_broken_weights_are_refused_before_any_request(hub, tmp_path, model, key, value, problem):
+    """A folder whose weights were written with a recorded checksum yet hold NaN or a negative variance (written by
+    hand or an older lpconvert) never leaves the machine."""
+    import safetensors.torch
+
+    from lpconvert.files import sha256_file
+
+    folder = saved(tmp_path, model)
+    weights = folder / "model.safetensors"
+    state = safetensors.torch.load_file(str(weights))
+    state[key].view(-1)[1] = value
+    safetensors.torch.save_file(state, str(weights), metadata={"format": "pt"})
+    info = json.loads((folder / "lpconvert.json").read_text())
+    info["files"]["model.safetensors"]["sha256"] = sha256_file(weights)
+    (folder / "lpconvert.json").write_text(json.dumps(info))
+    with pytest.raises(LatePhaseError) as err:
+        push(folder, "alice/model", token=TEST_TOKEN)
+    assert one_line(err) == (f"{weights} holds {problem}; nothing was uploaded; export the model again from a "
+                             "checkpoint that did not diverge")
+    assert hub.requests == []

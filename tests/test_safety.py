@@ -176,6 +176,11 @@ def _weights(root: Path, kind: str) -> None:
     state = timm.create_model("digits_cnn").state_dict()
     if kind == "nan":
         state["fc.weight"][0, 0] = float("nan")
+    elif kind == "negative-variance":
+        state["features.1.1.running_var"][3] = -0.5
+    elif kind == "overflowing":  # every weight finite, the logits +inf
+        state["features.0.0.weight"] *= 1e6
+        state["fc.weight"].fill_(3e38)
     else:
         state = {k: (v * 100).to(torch.int8) if v.is_floating_point() else v for k, v in state.items()}
     safetensors.torch.save_file(state, str(root / f"{kind}.safetensors"))
@@ -203,6 +208,17 @@ INVALID = {  # case: (setup, arguments of `lpconvert finetune`, fragments of the
                                       ["--K 50 members", "only 30 late-phase minibatches"]),
     "NaN weights": (lambda r: _weights(r, "nan"), [*DIGITS_CNN, "--weights", "nan.safetensors"],
                     ["non-finite", "fc.weight"]),
+    "negative BatchNorm variance": (lambda r: _weights(r, "negative-variance"),
+                                    [*DIGITS_CNN, "--weights", "negative-variance.safetensors"],
+                                    ["negative BatchNorm variance in features.1.1.running_var",
+                                     "checkpoint is broken"]),
+    "outputs overflow": (lambda r: _weights(r, "overflowing"), [*DIGITS_CNN, "--weights", "overflowing.safetensors"],
+                         ["the model's outputs are not finite", "huge values"]),
+    "sigma0 overflowing the members": (None, [*DIGITS_CNN, "--sigma0", "1e38"],
+                                       ["initialised by Eq. 2 holds non-finite values", "features.0.1.weight",
+                                        "lower --sigma0 (now 1e+38)"]),
+    "sigma0 overflowing the outputs": (None, [*DIGITS_CNN, "--sigma0", "1e20"],
+                                       ["Eq. 2 gives non-finite outputs", "lower --sigma0 (now 1e+20)"]),
     "int8 weights": (lambda r: _weights(r, "int8"), [*DIGITS_CNN, "--weights", "int8.safetensors"],
                      ["torch.int8", "dequantize"]),
     "recipe: a word for a number": (_recipe("  lr: fast\n"), RECIPE, ["--lr must be a number, got 'fast'"]),
@@ -331,3 +347,98 @@ def test_an_interrupt_names_the_real_run_directory(workdir):
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted (SIGINT)") and last.endswith("--resume somewhere/run"), err
     assert "Traceback" not in err and "RUN_DIR" not in err
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 9. no dead ends: a run that died before its first checkpoint is resumed by starting it again
+# --------------------------------------------------------------------------------------------------------------------
+def test_a_run_that_died_before_its_first_checkpoint_restarts_with_resume(workdir):
+    _image_tree(workdir / "images")
+    good = workdir / "images" / "train" / "b" / "005.png"
+    image = good.read_bytes()
+    good.write_bytes(image[:40])  # a bad image met mid-epoch, after the checks
+    args = ["finetune", "cifar_resnet20", *CIFAR_LIKE, "--num-classes", "2", "--data-in-memory", "off",
+            "--output", "run"]
+    assert_one_line(invoke(*args), "cannot read image", "005.png")
+    died = sorted(p.name for p in (workdir / "run").iterdir())
+    assert died == sorted([MARKER, ".lock", "config.json", "metrics.jsonl"])
+    assert_one_line(invoke(*args), "is not empty", "--resume run")
+    good.write_bytes(image)
+    result = invoke("finetune", "--resume", "run")
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in rows] == [0, 1]  # started again: epoch 0 once, not twice
+    assert (workdir / "run" / "checkpoints" / "last.pt").is_file() and (workdir / "run" / "model").is_dir()
+    assert json.loads((workdir / "run" / "config.json").read_text())["output"] == "run"
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 5. finite or nothing: a diverged run says what is left; non-finite weights are never collapsed, saved or evaluated
+# --------------------------------------------------------------------------------------------------------------------
+def test_a_run_that_diverges_before_its_first_checkpoint_says_nothing_was_saved(workdir):
+    result = invoke("finetune", "digits_cnn", *DIGITS, "--lr", "1e6", "--output", "run")
+    assert_one_line(result, "non-finite loss at epoch 1", "nothing was saved", "run holds only its settings",
+                    "lower --lr")
+    assert "intact" not in result.output and "--resume run and a lower --lr" in result.output
+    assert sorted(p.name for p in (workdir / "run").iterdir()) == [".lock", MARKER, "config.json", "metrics.jsonl"]
+    again = invoke("finetune", "--resume", "run", "--lr", "0.01")  # what the message says to do
+    assert again.exit_code == 0, again.output
+    assert (workdir / "run" / "model" / "model.safetensors").is_file()
+
+
+def test_a_run_that_diverges_after_a_checkpoint_keeps_it_intact(workdir):
+    result = invoke("finetune", "digits_cnn", *DIGITS, "--lr", "1e6", "--log-every", "1", "--checkpoint-every", "1",
+                    "--output", "run")
+    # the loss of iteration 3 was computed before its step, which made the BatchNorm statistics NaN: caught before
+    # the checkpoint of iteration 3 could hold them
+    assert_one_line(result, "non-finite values (NaN or inf) in features.1.1.running_var at epoch 1, iteration 3",
+                    f"the last good checkpoint is intact ({Path('run') / 'checkpoints' / 'last.pt'})",
+                    "--resume run --force")
+    checkpoint = torch.load(workdir / "run" / "checkpoints" / "last.pt", weights_only=False)
+    assert checkpoint["position"]["iteration"] == 2
+    assert all(bool(torch.isfinite(t).all()) for t in checkpoint["model"].values() if t.is_floating_point())
+
+
+@pytest.mark.parametrize("key, value, problem", [
+    ("features.1.1.weight", float("nan"), "non-finite values (NaN or inf) in features.1.1.weight"),
+    ("features.1.1.running_var", -1.0, "a negative BatchNorm variance in features.1.1.running_var"),
+])
+def test_collapse_refuses_a_broken_checkpoint(workdir, finished_run, key, value, problem):
+    import shutil
+
+    shutil.copytree(finished_run, workdir / "run")
+    file = workdir / "run" / "checkpoints" / "best.pt"
+    checkpoint = torch.load(file, weights_only=False)
+    checkpoint["model"][key][1, 0] = value  # member 1 of a late-phase BatchNorm
+    torch.save(checkpoint, file)
+    before = listing(workdir)
+    assert_one_line(invoke("collapse", "run", "--out", "m"), f"{file.relative_to(workdir)} holds {problem}",
+                    "nothing was written")
+    assert listing(workdir) == before
+
+
+def test_save_pretrained_refuses_non_finite_weights(workdir):
+    from lpconvert.errors import LatePhaseError
+    from lpconvert.loading import load_model
+    from lpconvert.model_folder import save_pretrained
+
+    model, source = load_model("digits_cnn", pretrained=False)
+    with torch.no_grad():
+        model.get_parameter("fc.bias")[2] = float("inf")
+    before = listing(workdir)
+    with pytest.raises(LatePhaseError, match=r"^the model to save holds non-finite values \(NaN or inf\) in fc.bias; "
+                       r"nothing was written to .*model"):
+        save_pretrained(model, workdir / "model", source=source)
+    assert listing(workdir) == before
+
+
+def test_evaluating_a_model_whose_outputs_overflow_says_so(workdir):
+    from lpconvert.errors import LatePhaseError
+    from lpconvert.evaluation import evaluate_model
+    from lpconvert.loading import load_model
+
+    _weights(workdir, "overflowing")
+    model, _ = load_model("digits_cnn", weights=workdir / "overflowing.safetensors")
+    batches = [(torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3]))]
+    with pytest.raises(LatePhaseError, match=r"^the model's outputs are not finite \(NaN or inf for 4 of 4 examples\)"):
+        evaluate_model(model, batches)

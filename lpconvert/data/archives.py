@@ -9,11 +9,13 @@ compressed archive is extracted safely, once, into the cache folder — ``LPCONV
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import logging
 import os
 import posixpath
 import shutil
+import socket
 import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
@@ -229,11 +231,13 @@ def _extract_cached(archive: Path, cache_dir: str | os.PathLike | None) -> Path:
     key = hashlib.sha256(f"{archive.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     parent = _cache_root(cache_dir) / "extracted"
     target = parent / key
+    prefix = f".{key}-{socket.gethostname()}-"  # + pid: an extraction in progress is ".<key>-<host>-<pid>-XXXX"
+    _remove_abandoned(parent, prefix)
     if target.is_dir():
         return target
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-", dir=parent))
     except OSError as exc:
         raise LatePhaseError(f"cannot create the extraction cache in {parent}: {exc}; set LPCONVERT_CACHE") from exc
     logger.info("extracting %s into the cache %s (once; LPCONVERT_CACHE sets the folder)", archive.name, parent)
@@ -256,6 +260,25 @@ def _extract_cached(archive: Path, cache_dir: str | os.PathLike | None) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _remove_abandoned(parent: Path, prefix: str) -> None:
+    """Remove the partial extractions ``<prefix><pid>-XXXX`` in `parent` whose process is gone (killed mid-way)."""
+    for partial in parent.glob(f"{glob.escape(prefix)}*-*"):
+        pid = partial.name[len(prefix):].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            logger.info("removing %s, an extraction that was interrupted", partial)
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _progress(items: Iterator[Any], description: str) -> Iterator[Any]:

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import posixpath
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,8 @@ from lpconvert.errors import LatePhaseError, one_line
 
 if TYPE_CHECKING:
     from lpconvert.config import FinetuneConfig
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DIGITS",
@@ -84,6 +87,34 @@ class _MappedImageFolder(ImageFolder):
         present = {name: i for name, i in self._mapping.items() if (self._tree / name).is_dir()}
         return sorted(present, key=present.get), present
 
+    def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions: tuple[str, ...] | None = None,
+                     is_valid_file: Callable[[str], bool] | None = None,
+                     allow_empty: bool = False) -> list[tuple[str, int]]:
+        """torchvision's samples and order (classes alphabetically, then files by folder and name) of the files
+        :meth:`_files` finds."""
+        found: dict[str, list[tuple[tuple[str, str], str]]] = {}
+        for name, key, sample in self._files(directory, class_to_idx):
+            if has_file_allowed_extension(sample, extensions or ()):
+                found.setdefault(name, []).append((key, sample))
+        empty = sorted(set(class_to_idx) - set(found))
+        if empty and not allow_empty:
+            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
+        return [(sample, class_to_idx[name]) for name in sorted(found) for _, sample in sorted(found[name])]
+
+    def _files(self, directory: str, class_to_idx: Mapping[str, int]) -> Iterator[tuple[str, tuple[str, str], str]]:
+        """(class, (folder, name), path) of every file below the class folders. Unlike torchvision's
+        ``os.walk(followlinks=True)``, a symlink is followed only to a file or folder inside the root and never back
+        into a folder it lies in (a loop): the others are skipped, and counted in one warning."""
+        root = Path(directory).resolve()
+        skipped: list[Path] = []
+        for name in class_to_idx:
+            for folder, file in _walk(Path(directory, name), root, (root,), skipped):
+                yield name, (folder, file), os.path.join(folder, file)
+        if skipped:
+            shown = ", ".join(str(path.relative_to(directory)) for path in skipped[:3])
+            logger.warning("%s: skipped %d symlink(s) leading outside it or into a loop (%s%s); remove them or copy "
+                           "the files in", directory, len(skipped), shown, ", …" * (len(skipped) > 3))
+
     def __getitem__(self, index: int) -> tuple[Any, int]:
         try:
             return super().__getitem__(index)
@@ -101,27 +132,50 @@ class _MappedTarFolder(_MappedImageFolder):
         self._places: dict[str, tuple[int, int]] = {}  # sample → (offset, size) in the archive
         super().__init__(root, class_to_idx, transform, loader=self._read)
 
-    def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions: tuple[str, ...] | None = None,
-                     is_valid_file: Callable[[str], bool] | None = None,
-                     allow_empty: bool = False) -> list[tuple[str, int]]:
-        """torchvision's order: classes alphabetically, then files by folder and name."""
-        found: dict[str, list[tuple[tuple[str, str], str]]] = {}
+    def _files(self, directory: str, class_to_idx: Mapping[str, int]) -> Iterator[tuple[str, tuple[str, str], str]]:
+        """The archive's files below the class folders (links are not indexed), each one's place recorded."""
         for path, place in self._tree.files():
             name, _, rest = path.partition("/")
-            if rest and name in class_to_idx and has_file_allowed_extension(rest, extensions or ()):
+            if rest and name in class_to_idx:
                 sample = f"{directory}/{path}"
-                found.setdefault(name, []).append((posixpath.split(path), sample))
                 self._places[sample] = place
-        empty = sorted(set(class_to_idx) - set(found))
-        if empty and not allow_empty:
-            raise FileNotFoundError(f"Found no valid file for the classes {', '.join(empty)}")
-        return [(sample, class_to_idx[name]) for name in sorted(found) for _, sample in sorted(found[name])]
+                yield name, posixpath.split(path), sample
 
     def _read(self, sample: str) -> Image.Image:
         offset, size = self._places[sample]
         with open(self._tree.index.archive, "rb") as file:
             file.seek(offset)
             return Image.open(io.BytesIO(file.read(size))).convert("RGB")
+
+
+def _walk(folder: Path, root: Path, chain: tuple[Path, ...], skipped: list[Path]) -> Iterator[tuple[str, str]]:
+    """(folder, name) of the files below `folder` (reached through `chain`, the resolved folders above it), symlinks
+    followed only as :func:`_inside` says, the others put in `skipped`. Unreadable folders are passed over, as
+    ``os.walk`` does."""
+    if not _inside(folder, root, chain):
+        skipped.append(folder)
+        return
+    chain = (*chain, folder.resolve())
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return
+    for entry in entries:
+        path = Path(entry.path)
+        if entry.is_dir():
+            yield from _walk(path, root, chain, skipped)
+        elif _inside(path, root, chain):
+            yield str(folder), entry.name
+        else:
+            skipped.append(path)
+
+
+def _inside(path: Path, root: Path, chain: tuple[Path, ...]) -> bool:
+    """Not a symlink, or one to an existing file or folder inside `root` (resolved) that is none of `chain` (a loop)."""
+    if not path.is_symlink():
+        return True
+    target = path.resolve()
+    return target.exists() and target.is_relative_to(root) and target not in chain
 
 
 def _class_names(source: Source) -> list[str]:
