@@ -170,6 +170,8 @@ class FinetuneConfig:
             self._require(name, getattr(self, name) >= 1, "must be a positive integer")
         for name in ("t0", "checkpoint_every", "workers", "seed", "subset_seed"):
             self._require(name, getattr(self, name) >= 0, "must be 0 or more")
+        for name in ("seed", "subset_seed"):
+            self._require(name, getattr(self, name) < 2**32, "must be below 2^32 (4294967296)")
         for name in ("train_subset", "val_subset", "num_classes", "group_size", "threads"):
             self._require(name, getattr(self, name) is None or getattr(self, name) >= 1, "must be a positive integer")
         for name in ("lr", "member_lr", "gamma_theta", "lr_gamma", "swa_lr", "warmup_lr", "clip_grad"):

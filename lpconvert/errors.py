@@ -50,6 +50,10 @@ def is_network_error(err: BaseException) -> bool:
     return isinstance(err, _network_error_types())
 
 
+#: A message longer than this (e.g. one quoting a huge value) is cut: one line, readable in a terminal.
+MAX_MESSAGE = 1000
+
+
 def user_message(err: LatePhaseError) -> str:
     """The one-line message of a user error, also when a DataLoader worker re-raised it with the worker's
     traceback folded into the message."""
@@ -57,7 +61,8 @@ def user_message(err: LatePhaseError) -> str:
     if "Original Traceback" in text:
         last = text.strip().splitlines()[-1]
         text = last.split("LatePhaseError: ", 1)[-1]
-    return one_line(text) if "\n" in text else text
+    text = " ".join(text.split())
+    return text if len(text) <= MAX_MESSAGE else text[:MAX_MESSAGE] + " … (cut)"
 
 
 def os_error_message(err: OSError) -> str:

@@ -11,6 +11,7 @@ from lpconvert.errors import LatePhaseError, http_client_modules, is_network_err
 from lpconvert.files import MODEL_CARD_NAME, OUTPUT_FILES, PROVENANCE_NAME, WEIGHTS_NAME, sha256_file
 from lpconvert.model_card import REPO_ID_PLACEHOLDER
 from lpconvert.model_folder import OutputDir, read_output_dir
+from lpconvert.ownership import recognise
 from lpconvert.tensorboard import MODEL_LOGS
 from lpconvert.version import lpconvert_version
 from lpconvert.weights import check_tensors, read_state_dict
@@ -34,8 +35,8 @@ def push(
     include_extra: bool = False,
     commit_message: str | None = None,
 ) -> str:
-    """Upload ``folder`` (written by :func:`lpconvert.model_folder.save_pretrained`) to ``repo_id``; return the commit
-    URL (the pull-request URL with ``create_pr``).
+    """Upload ``folder`` (written by :func:`lpconvert.model_folder.save_pretrained`, or a run directory: its
+    ``model/``) to ``repo_id``; return the commit URL (the pull-request URL with ``create_pr``).
 
     The repository is created if needed, then ONE commit adds ``model.safetensors``, ``config.json``, ``README.md``,
     ``lpconvert.json`` and the TensorBoard logs in ``runs/`` (plus every other non-hidden file when
@@ -46,6 +47,8 @@ def push(
     ``HF_ENDPOINT``.
     """
     folder = Path(folder).expanduser()
+    if recognise(folder) == "run" and (folder / "model").is_dir():  # a run directory: its collapsed model
+        folder = folder / "model"
     _refuse_uncollapsed(folder)
     output = read_output_dir(folder)
     if not output.collapsed:

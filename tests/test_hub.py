@@ -287,6 +287,10 @@ def test_finetune_push_to_hub_and_the_push_command(hub, tmp_path, monkeypatch):
 
     bad = runner.invoke(main, ["push", "run/model", "--repo", "lpw-org/digits-lp", "--token", "hf_wrong"])
     assert bad.exit_code == 2 and bad.output.startswith("error: ") and len(bad.output.strip().splitlines()) == 1
+    whole_run = runner.invoke(main, ["push", "run", "--repo", "lpw-org/digits-lp"])  # a run: its model/ folder
+    assert whole_run.exit_code == 0, whole_run.output
+    assert set(hub.files("lpw-org/digits-lp")) == EXPECTED_FILES | {".gitattributes"}
+    (tmp_path / "run" / "model").rename(tmp_path / "model-aside")
     late = runner.invoke(main, ["push", "run", "--repo", "lpw-org/digits-lp"])
     assert late.exit_code == 2 and "collapse" in late.output
 

@@ -442,3 +442,17 @@ def test_evaluating_a_model_whose_outputs_overflow_says_so(workdir):
     batches = [(torch.randn(4, 1, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([0, 1, 2, 3]))]
     with pytest.raises(LatePhaseError, match=r"^the model's outputs are not finite \(NaN or inf for 4 of 4 examples\)"):
         evaluate_model(model, batches)
+
+
+def test_messages_stay_one_bounded_line_and_seeds_stay_in_range(workdir):
+    """A recipe that expands to a huge value (a YAML alias bomb) is refused in one line of at most ~1,000 characters;
+    a seed beyond 2^32 is a one-line setting error, not an internal error."""
+    bomb = ["a: &a [x, x, x, x, x, x, x, x, x]"] + [
+        f"{chr(98 + i)}: &{chr(98 + i)} [*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, "
+        f"*{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}, *{chr(97 + i)}]" for i in range(5)]
+    (workdir / "bomb.yaml").write_text("\n".join(bomb + ["settings:", "  model: digits_cnn", "  lr: *f"]) + "\n")
+    result = invoke("finetune", "--recipe", "bomb.yaml", "--output", "run")
+    assert_one_line(result, "lr")
+    assert len(result.output) < 1100 and not (workdir / "run").exists()
+    huge = invoke("finetune", "digits_cnn", *DIGITS, "--seed", str(2**70), "--output", "run")
+    assert_one_line(huge, "--seed must be below 2^32")
