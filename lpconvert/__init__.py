@@ -7,6 +7,7 @@
 >>> lpconvert.save_pretrained(averaged, "resnet50-lp")                                 # safetensors, config, card
 """
 
+from . import hub_env  # noqa: F401  (first: a malformed HF_ENDPOINT must not traceback when timm imports the Hub)
 from . import models  # noqa: F401  (registers lpconvert's architectures (cifar_resnet20, digits_cnn, …) with timm)
 from .collapse import collapse, ensemble_predict, recalibrate_batch_norm, unload
 from .engine import LatePhaseEngine, iterate_members

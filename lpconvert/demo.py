@@ -14,6 +14,7 @@ from pathlib import Path
 
 from .config import FinetuneConfig
 from .data import DIGITS
+from .errors import LatePhaseError
 from .files import atomic_write_json
 from .finetune import run
 from .ownership import DEMO_MARKER, REPLACING, check_replaceable, recognise, swap_into_place
@@ -27,7 +28,9 @@ def run_demo(output: Path, K: int = 4, seeds: int = 3, force: bool = False) -> s
     With `force`, an earlier demo folder (and only that) is replaced once the new demo is complete."""
     replacing = check_replaceable(output, "demo", "--output", force)
     folder = output.with_name(output.name + REPLACING) if replacing else output
-    if replacing and folder.exists() and recognise(folder) == "demo":
+    if replacing and folder.exists():
+        if recognise(folder) != "demo" and any(folder.iterdir()):
+            raise LatePhaseError(f"{folder} is in the way of the replacement and was not made by lpconvert; move it")
         shutil.rmtree(folder)  # an earlier replacement that never finished
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_json(folder / DEMO_MARKER, {"kind": "demo", "K": K, "seeds": seeds})

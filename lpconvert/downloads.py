@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lpconvert.errors import LatePhaseError, one_line
+from lpconvert.hub_env import check_endpoint
 
 #: Seconds to wait when checking that a download host answers before handing the download to timm/torchvision.
 PROBE_TIMEOUT_S = 5.0
@@ -30,12 +31,16 @@ def offline() -> bool:
 def hub_endpoint() -> str:
     from huggingface_hub import constants
 
+    check_endpoint()
+
     return constants.ENDPOINT
 
 
 def hub_cached(repo_id: str, revision: str | None, needed: Sequence[Sequence[str]]) -> bool:
     """True when, for every group of alternative file names, one is in the local Hub cache."""
     from huggingface_hub import try_to_load_from_cache
+
+    check_endpoint()
 
     return all(
         any(isinstance(try_to_load_from_cache(repo_id, f, revision=revision), str) for f in group) for group in needed

@@ -17,11 +17,21 @@ from typing import Any, Sequence
 
 import timm.data
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from .collapse import collapse, ensemble_predict
 from .config import FinetuneConfig
-from .data import Source, build_data, build_datasets, hub_splits, recalibration_loader, resolve_data_dirs
+from .data import (
+    DIGITS,
+    Source,
+    build_data,
+    build_datasets,
+    digits_datasets,
+    hub_splits,
+    recalibration_loader,
+    resolve_data_dirs,
+    stratified_indices,
+)
 from .errors import LatePhaseError
 from .evaluation import evaluate_model, flatness
 from .late_phase_model import load_late_phase
@@ -36,6 +46,8 @@ from .runtime import resolve_device
 def _splits(data: str | None, dataset: str | None) -> tuple[Source | None, Source]:
     """The (training, validation) splits of ``--dataset hfds/NAME`` or of a data root (validation: the first of val,
     validation, test) — both `data` itself when it is one ImageFolder tree (a folder or a tar archive)."""
+    if data == DIGITS:  # scikit-learn's digits, as `lpconvert finetune --data sklearn-digits` splits them
+        return DIGITS, DIGITS
     if dataset is not None:
         train, val = hub_splits(dataset)
     else:
@@ -53,6 +65,11 @@ def eval_set(model: nn.Module, data: str | Source, *, subset: int | None, batch_
              num_classes: int | None, class_map: str | None = None) -> DataLoader:
     """Evaluation-transform loader (the model's timm data config) over a split, or over the validation split of the
     data path `data`; labels by `class_map` (a run's ``--class-map``; default ``"auto"``)."""
+    if data == DIGITS:  # the test split that `lpconvert finetune --data sklearn-digits` validates on
+        digits = digits_datasets()[1]
+        if subset is not None:
+            digits = Subset(digits, stratified_indices(digits.tensors[1].tolist(), subset, 0))
+        return DataLoader(digits, batch_size=batch_size, shuffle=False, num_workers=workers)
     config = timm.data.resolve_data_config(model=model)
     source = _splits(data, None)[1] if isinstance(data, str) else data
     _, dataset = build_datasets(None, source, data_config=config, num_classes=num_classes,
@@ -63,8 +80,10 @@ def eval_set(model: nn.Module, data: str | Source, *, subset: int | None, batch_
 def _recalibration_set(model: nn.Module, checkpoint: RunCheckpoint, train: Source) -> DataLoader:
     """The batches the run itself recalibrates on (:func:`lpconvert.data.recalibration_loader`): the training split
     `train` built with the run's settings (labels, subset, augmentation, batch size, seed)."""
-    config = FinetuneConfig.from_dict({**checkpoint.config, "resume": None, "force": False, "workers": 0})
-    return recalibration_loader(build_data(config, model, sources=(train, train)).train, config.batch_size,
+    config = FinetuneConfig.from_dict({**checkpoint.config, "resume": None, "force": False, "workers": 0,
+                                       **({"data": DIGITS, "dataset": None} if train == DIGITS else {})})
+    sources = None if train == DIGITS else (train, train)
+    return recalibration_loader(build_data(config, model, sources=sources).train, config.batch_size,
                                 seed=config.seed)
 
 

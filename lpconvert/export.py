@@ -23,7 +23,7 @@ from .loading import ModelSource
 from .metrics import METRIC_NAMES
 from .model_folder import save_pretrained
 from .ownership import check_apart, check_replaceable
-from .run_dir import checkpoint_file
+from .run_dir import checkpoint_file, output_lock
 from .run_state import History
 from .surgery import resolve_kinds
 from .tensorboard import RUN_LOGS
@@ -137,6 +137,20 @@ def collapse_run(path: str | Path, out: str | Path, *, bn_stats: str = "fold", d
                  which: str = "best", force: bool = False, command: str | None = None) -> Path:
     """`lpconvert collapse`: average a run's (or checkpoint's) members into the original architecture and save it.
 
+    The output folder is locked while it is written (as a run is): a second ``collapse`` to the same ``--out`` is
+    refused with the holder's pid, and a finished model is replaced only with `force` (see :func:`_collapse_run`)."""
+    path, out = Path(path), Path(out)
+    checkpoint_file(path, which)  # a run (or run checkpoint), before anything else
+    check_apart(out, path, "--out")
+    check_replaceable(out.expanduser().absolute(), "model", "--out", force)
+    with output_lock(out.expanduser().absolute()):
+        return _collapse_run(path, out, bn_stats=bn_stats, data=data, which=which, force=force, command=command)
+
+
+def _collapse_run(path: str | Path, out: str | Path, *, bn_stats: str = "fold", data: str | None = None,
+                  which: str = "best", force: bool = False, command: str | None = None) -> Path:
+    """`lpconvert collapse`: average a run's (or checkpoint's) members into the original architecture and save it.
+
     ``bn_stats="recalibrate"`` re-estimates the statistics on the training split of `data` exactly as the run did
     (:func:`lpconvert.data.recalibration_loader` with the run's batch size, seed and ``--recalibrate-batches``)."""
     path, out = Path(path), Path(out)
@@ -159,7 +173,12 @@ def collapse_run(path: str | Path, out: str | Path, *, bn_stats: str = "fold", d
     if bn_stats == "recalibrate":
         source = {"data": None, "dataset": data} if str(data).startswith("hfds/") else {"data": data, "dataset": None}
         own = FinetuneConfig.from_dict({**config.to_dict(), **source, "train_dir": None, "val_dir": None, "workers": 0})
-        recalibration = recalibration_loader(build_data(own, model).train, config.batch_size, seed=config.seed)
+        samples = build_data(own, model, labels=False).train  # recalibration reads images, not labels
+        if len(samples) < config.batch_size:  # collapse has no --batch-size: the run's batch size is used
+            raise LatePhaseError(f"--data has {len(samples)} training images, fewer than one batch of the run's "
+                                 f"batch size {config.batch_size}; pass the run's training data to --data, "
+                                 "or use --bn-stats fold")
+        recalibration = recalibration_loader(samples, config.batch_size, seed=config.seed)
     history = checkpoint.history
     chosen = "best" if which == "best" and history.best_epoch is not None else "last"
     epoch = history.best_epoch if chosen == "best" else checkpoint.position.epoch

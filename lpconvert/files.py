@@ -154,21 +154,29 @@ def torch_load_weights_only(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(err))
+        # torch < 2.14: "Unsupported global: GLOBAL posix.system"; 2.14: "unsupported GLOBAL posix.system whose ..."
+        found = re.search(r"unsupported (?:global:\s*)?GLOBAL\s+([\w.]+)", str(err), re.IGNORECASE)
         if found is None:
-            detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
-            reason = one_line(detail.group(1) if detail else err)
             raise LatePhaseError(
-                f"cannot read {path} as a plain weights file ({reason}); it is corrupted or holds more than "
-                "tensors, re-save only the state dict (or convert it to safetensors)"
+                f"cannot read {path} as a plain weights file ({_unpickling_reason(err)}); it is corrupted or holds "
+                "more than tensors, re-save only the state dict (or convert it to safetensors)"
             ) from err
         raise LatePhaseError(
-            f"{path} is not a plain weights file: it pickles the Python object {found.group(1)}, which "
-            "weights-only loading refuses; if you trust it, re-save only its tensors "
-            "(torch.save(obj['state_dict'], 'weights.pth') or safetensors) and pass that"
+            f"{path} is not a weights-only checkpoint: it pickles {one_line(found.group(1))}, which lpconvert never "
+            "unpickles; re-save it as safetensors or a plain state_dict"
         ) from err
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile) as err:
         raise LatePhaseError(f"cannot read {path}: {one_line(err)}; the file may be truncated or corrupted") from err
+
+
+def _unpickling_reason(err: BaseException) -> str:
+    """torch's weights-only refusal without its advice (re-run with ``weights_only=False``, read the docs)."""
+    detail = re.search(r"WeightsUnpickler error:\s*(.+)", str(err))
+    if detail:
+        return one_line(detail.group(1))
+    paragraphs = [p for p in re.split(r"\n\s*\n", str(err)) if p.strip()]
+    kept = [p for p in paragraphs if "weights_only" not in p and "documentation" not in p]
+    return one_line(kept[0]) if kept else "it is not a weights-only pickle"
 
 
 def sha256_file(path: str | Path) -> str:

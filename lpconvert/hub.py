@@ -11,7 +11,7 @@ from lpconvert.errors import LatePhaseError, http_client_modules, is_network_err
 from lpconvert.files import MODEL_CARD_NAME, OUTPUT_FILES, PROVENANCE_NAME, WEIGHTS_NAME, sha256_file
 from lpconvert.model_card import REPO_ID_PLACEHOLDER
 from lpconvert.model_folder import OutputDir, read_output_dir
-from lpconvert.ownership import recognise
+from lpconvert.ownership import MARKER
 from lpconvert.tensorboard import MODEL_LOGS
 from lpconvert.version import lpconvert_version
 from lpconvert.weights import check_tensors, read_state_dict
@@ -47,7 +47,7 @@ def push(
     ``HF_ENDPOINT``.
     """
     folder = Path(folder).expanduser()
-    if recognise(folder) == "run" and (folder / "model").is_dir():  # a run directory: its collapsed model
+    if (folder / MARKER).is_file() and (folder / "model").is_dir():  # a run directory: its collapsed model
         folder = folder / "model"
     _refuse_uncollapsed(folder)
     output = read_output_dir(folder)
@@ -59,6 +59,10 @@ def push(
                   "nothing was uploaded; export the model again from a checkpoint that did not diverge")
     _check_card(folder / MODEL_CARD_NAME)
 
+    if endpoint is None:
+        from lpconvert.hub_env import check_endpoint
+
+        check_endpoint()
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 

@@ -38,7 +38,7 @@ from lpconvert.files import (
 from lpconvert.loading import ModelSource, source_from_timm
 from lpconvert.members import unwrap
 from lpconvert.model_card import render_model_card
-from lpconvert.ownership import check_replaceable, swap_into_place
+from lpconvert.ownership import check_replaceable, manifest_of, swap_into_place
 from lpconvert.tensorboard import MODEL_LOGS, RUN_LOGS
 from lpconvert.version import lpconvert_version
 from lpconvert.weights import check_weights
@@ -82,7 +82,7 @@ def save_pretrained(
     anything is written. Returns the output path.
     """
     out_dir = Path(out_dir).expanduser().absolute()
-    check_replaceable(out_dir, "model", "--out", force)
+    replacing = check_replaceable(out_dir, "model", "--out", force)
     _check_metrics(metrics)
     _check_datasets(datasets)
     events = _event_files(Path(logs)) if logs is not None else {}
@@ -123,6 +123,8 @@ def save_pretrained(
             "metrics": dict(metrics) if metrics is not None else None,
             "averaging": dict(averaging) if averaging is not None else None,
             "provenance": dict(provenance or {}),
+            # every other file written here and its size: --force replaces this folder only while it holds just these
+            "manifest": manifest_of(tmp),
         }
         text = json.dumps(info, indent=2, ensure_ascii=False, default=json_default) + "\n"
         (tmp / PROVENANCE_NAME).write_text(text, encoding="utf-8")
@@ -132,7 +134,7 @@ def save_pretrained(
         if events:
             fsync_dir(tmp / MODEL_LOGS)
         fsync_dir(tmp)
-        swap_into_place(tmp, out_dir)
+        swap_into_place(tmp, out_dir, replace=replacing)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

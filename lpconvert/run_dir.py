@@ -2,7 +2,7 @@
 
 ::
 
-    RUN/.lpconvert-run         marker: lpconvert made this folder (and, while it is being built, what it replaces)
+    RUN/.lpconvert-run         marker: lpconvert made this folder, what it replaces, the manifest of its files
     RUN/.lock                  held (flock) by the one process writing the run; pid and host inside
     RUN/config.json            every setting
     RUN/metrics.jsonl          epoch 0 = the start, then one row per epoch
@@ -30,11 +30,11 @@ import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from .errors import LatePhaseError
 from .files import atomic_write_bytes, atomic_write_json
-from .ownership import LOCK, MARKER, REPLACING, check_replaceable, recognise, swap_into_place
+from .ownership import LOCK, MARKER, REPLACING, check_replaceable, manifest_of, recognise, swap_into_place
 from .run_state import RunCheckpoint
 
 
@@ -49,23 +49,35 @@ class RunLock:
         self.path = folder / LOCK
         self._fd: int | None = None
 
-    def acquire(self) -> RunLock:
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+    def acquire(self, flag: str = "--output") -> RunLock:
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise LatePhaseError(
+                    f"{self.path.parent} is being written by {holder}; wait for it to finish, or choose another {flag}"
+                ) from None
+            try:  # the holder removed the lock file (or its folder was swapped) as we opened it: lock the new one
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
             os.close(fd)
-            raise LatePhaseError(
-                f"{self.path.parent} is being written by {holder}; wait for it to finish, or choose another --output"
-            ) from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"process {os.getpid()} on {socket.gethostname()}".encode(), 0)
         self._fd = fd
         return self
 
-    def release(self) -> None:
+    def release(self, remove: bool = False) -> None:
+        """Drop the lock; with `remove`, also delete the lock file if it is still this lock's."""
         if self._fd is not None:
+            if remove:
+                with contextlib.suppress(OSError):
+                    if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
+                        os.unlink(self.path)
             os.close(self._fd)  # closing drops the flock
             self._fd = None
 
@@ -126,19 +138,27 @@ class RunDir:
     def finish(self) -> Path:
         """The run is complete: a replacement now takes the place of the folder it replaces. Returns the path."""
         if self.replaces is None:
+            self._record_manifest(replaces=True)
             return self.path
         target = self.replaces
         old_lock = RunLock(target).acquire() if recognise(target) == "run" else None
         try:
-            marker = json.loads((self.path / MARKER).read_text())
-            marker.pop("replaces", None)
-            atomic_write_json(self.path / MARKER, marker)
+            self._record_manifest(replaces=False)
             swap_into_place(self.path, target)
         finally:
             if old_lock is not None:
                 old_lock.release()
         self.path, self.replaces = target, None
         return target
+
+    def _record_manifest(self, replaces: bool) -> None:
+        """The run is complete: its marker lists every file it holds, with its size (``model/`` has its own)."""
+        marker = json.loads((self.path / MARKER).read_text())
+        if not replaces:
+            marker.pop("replaces", None)
+        marker["files"] = {rel: size for rel, size in manifest_of(self.path, frozenset({MARKER})).items()
+                           if not rel.startswith("model/")}
+        atomic_write_json(self.path / MARKER, marker)
 
     def restart(self) -> None:
         """Back to what :func:`create_run` made (marker, lock, config.json): for a run that stopped before its first
@@ -183,8 +203,10 @@ def create_run(path: Path, config: dict[str, Any], replacing: bool) -> RunDir:
         marker = {"kind": "run", "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
         if replacing:
             marker["replaces"] = str(path.resolve())
-        atomic_write_json(building / MARKER, marker)
         atomic_write_json(building / "config.json", config)
+        # the manifest: what lpconvert wrote here (sizes); completed by RunDir.finish, cleared while a run is resumed
+        marker["files"] = {"config.json": (building / "config.json").stat().st_size}
+        atomic_write_json(building / MARKER, marker)
     except BaseException:
         lock.release()
         raise
@@ -200,9 +222,39 @@ def open_run(path: Path) -> RunDir:
         raise LatePhaseError(f"{path} stopped before it saved its settings (no config.json); start it again with "
                              "the same flags and --force")
     replaces = None
-    with contextlib.suppress(OSError, ValueError):
-        replaces = json.loads((path / MARKER).read_text()).get("replaces")
-    return RunDir(path, Path(replaces) if replaces else None, RunLock(path).acquire())
+    lock = RunLock(path).acquire()
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        marker = json.loads((path / MARKER).read_text())
+        replaces = marker.get("replaces")
+        if isinstance(marker.get("files"), dict):  # its files change again: listed anew when it is complete
+            marker["files"] = {}
+            atomic_write_json(path / MARKER, marker)
+    return RunDir(path, Path(replaces) if replaces else None, lock)
+
+
+@contextlib.contextmanager
+def output_lock(folder: Path, flag: str = "--out") -> Iterator[RunLock]:
+    """Hold `folder`'s lock (:class:`RunLock`, as a run's) while a command writes it, creating the folder if absent:
+    a second writer is refused with the holder's pid and host. On failure what this made is removed again."""
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    had_lock = (folder / LOCK).exists()
+    try:
+        lock = RunLock(folder).acquire(flag)
+    except BaseException:
+        _remove_empty(missing)
+        raise
+    try:
+        yield lock
+    finally:
+        lock.release(remove=not had_lock)
+        _remove_empty(missing)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def _building_path(path: Path) -> Path:

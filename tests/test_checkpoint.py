@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -215,7 +216,7 @@ def test_pickle_with_custom_object_is_refused(tmp_path, timm_model):
     with pytest.raises(LatePhaseError) as err:
         read_state_dict(path)
     message = one_line(err)
-    assert "not a plain weights file" in message and "NotAWeight" in message and str(path) in message
+    assert "not a weights-only checkpoint" in message and "NotAWeight" in message and str(path) in message
 
 
 def test_corrupted_pth_is_reported(tmp_path):
@@ -335,7 +336,13 @@ def test_existing_non_empty_dir_is_refused_unless_forced(tmp_path, timm_model):
     assert "not an lpconvert model folder" in one_line(err) and [p.name for p in out.iterdir()] == ["keep.txt"]
 
     ours = save_pretrained(model, tmp_path / "ours", source=source)
-    (ours / "config.json").write_text("{}")  # an older export, to be replaced
+    (ours / "config.json").write_text("{}")  # changed since lpconvert wrote it: no longer lpconvert's to replace
+    with pytest.raises(LatePhaseError) as err:
+        save_pretrained(model, ours, source=source, force=True)
+    assert f"{ours / 'config.json'} is not a file lpconvert wrote" in one_line(err)
+    assert (ours / "config.json").read_text() == "{}"
+    shutil.rmtree(ours)
+    save_pretrained(model, ours, source=source)  # an older export, to be replaced
     save_pretrained(model, ours, source=source, force=True)
     assert json.loads((ours / "config.json").read_text())["architecture"] == "test_resnet"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ours", "out"]

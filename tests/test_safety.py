@@ -456,3 +456,95 @@ def test_messages_stay_one_bounded_line_and_seeds_stay_in_range(workdir):
     assert len(result.output) < 1100 and not (workdir / "run").exists()
     huge = invoke("finetune", "digits_cnn", *DIGITS, "--seed", str(2**70), "--output", "run")
     assert_one_line(huge, "--seed must be below 2^32")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# 1b. ownership all the way down: every file at every depth is lpconvert's, unchanged (manifest), or --force refuses
+# --------------------------------------------------------------------------------------------------------------------
+def _notes_in_model(run: Path) -> str:
+    (run / "model" / "NOTES.md").write_text("what I learned")
+    return "run/model/NOTES.md"
+
+
+def _backup_checkpoint(run: Path) -> str:
+    (run / "checkpoints" / "epoch5_backup.pt").write_bytes(b"five epochs")
+    return "run/checkpoints/epoch5_backup.pt"
+
+
+def _edited_report(run: Path) -> str:
+    (run / "report.json").write_text('{"mine": "rewritten by hand"}')
+    return "run/report.json"
+
+
+def _forged_marker(run: Path) -> str:
+    import shutil
+
+    shutil.rmtree(run)
+    (run / "model").mkdir(parents=True)
+    (run / MARKER).write_text("")
+    (run / "model" / "thesis.tex").write_text("months of work")
+    return "run/.lpconvert-run"
+
+
+def _forged_marker_with_manifest(run: Path) -> str:
+    _forged_marker(run)
+    (run / MARKER).write_text(json.dumps({"kind": "run", "files": {}}))
+    return "run/model/thesis.tex"
+
+
+def _user_link(run: Path) -> str:
+    (run / "checkpoints" / "best.pt").unlink()
+    (run / "checkpoints" / "best.pt").symlink_to(run.parent / "home" / "notes.txt")
+    return "run/checkpoints/best.pt"
+
+
+DEEP = {f.__name__.strip("_"): f for f in (_notes_in_model, _backup_checkpoint, _edited_report, _forged_marker,
+                                           _forged_marker_with_manifest, _user_link)}
+
+
+@pytest.mark.parametrize("case", sorted(DEEP))
+def test_force_checks_every_file_at_every_depth(workdir, finished_run, case):
+    import shutil
+
+    shutil.copytree(finished_run, workdir / "run")
+    foreign = DEEP[case](workdir / "run")
+    before = listing(workdir)
+    result = invoke("finetune", "digits_cnn", *DIGITS, "--output", "run", "--force")
+    assert_one_line(result, f"--force: {foreign} is not a file lpconvert wrote", "move it out first")
+    assert listing(workdir) == before
+
+
+def test_a_finished_run_and_its_model_carry_a_manifest(finished_run):
+    marker = json.loads((finished_run / MARKER).read_text())
+    assert {"config.json", "metrics.jsonl", "checkpoints/last.pt", "report.json"} <= set(marker["files"])
+    assert marker["files"]["report.json"] == (finished_run / "report.json").stat().st_size
+    info = json.loads((finished_run / "model" / "lpconvert.json").read_text())
+    assert set(info["manifest"]) == {"model.safetensors", "config.json", "README.md"}
+
+
+def test_collapse_locks_its_output_and_never_replaces_a_finished_model_without_force(workdir, finished_run):
+    out = workdir / "out"
+    out.mkdir()
+    lock = RunLock(out).acquire()  # another collapse is writing it
+    try:
+        before = listing(workdir)
+        assert_one_line(invoke("collapse", finished_run, "--out", out), "is being written by process",
+                        str(os.getpid()))
+        assert listing(workdir) == before
+    finally:
+        lock.release(remove=True)
+    assert invoke("collapse", finished_run, "--out", out).exit_code == 0
+    assert not (out / ".lock").exists()
+    before = listing(workdir)
+    assert_one_line(invoke("collapse", finished_run, "--out", out), "is not empty", "--force")
+    assert listing(workdir) == before
+    assert invoke("collapse", finished_run, "--out", out, "--force").exit_code == 0
+    assert sorted(p.name for p in out.iterdir()) == ["README.md", "config.json", "lpconvert.json", "model.safetensors"]
+
+
+def test_a_dangling_symlink_as_output_is_one_line(workdir, finished_run):
+    (workdir / "out").symlink_to(workdir / "missing")
+    before = listing(workdir)
+    for args in (["collapse", finished_run, "--out", "out"], ["finetune", "digits_cnn", *DIGITS, "--output", "out"]):
+        assert_one_line(invoke(*args), "out is a symlink to", "which does not exist")
+        assert listing(workdir) == before

@@ -9,6 +9,7 @@ compressed archive is extracted safely, once, into the cache folder — ``LPCONV
 
 from __future__ import annotations
 
+import errno
 import glob
 import hashlib
 import logging
@@ -32,6 +33,7 @@ __all__ = ["ARCHIVE_SUFFIXES", "VAL_SPLITS", "TarPath", "resolve_data_dirs"]
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 VAL_SPLITS = ("val", "validation", "test")  # the validation split's names, in order of preference
 _SPLITS = ("train", *VAL_SPLITS)
+_DISK_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}  # no space left, disk quota exceeded
 _FILTER_ERRORS = (tarfile.FilterError,) if hasattr(tarfile, "FilterError") else ()
 
 
@@ -255,7 +257,14 @@ def _extract_cached(archive: Path, cache_dir: str | os.PathLike | None) -> Path:
                 raise
     except _FILTER_ERRORS as exc:
         raise LatePhaseError(f"refusing to extract {archive}: {exc}; repack it without links or special files") from exc
-    except (tarfile.TarError, OSError, EOFError) as exc:
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:  # the cache's disk, not the archive
+            raise LatePhaseError(
+                f"cannot extract {archive.name}: the disk of the cache folder {parent} is full "
+                f"({os.strerror(exc.errno)}); free space there or set LPCONVERT_CACHE to a folder on a larger disk"
+            ) from exc
+        raise LatePhaseError(f"cannot extract {archive}: {exc}; check that the archive is complete") from exc
+    except (tarfile.TarError, EOFError) as exc:
         raise LatePhaseError(f"cannot extract {archive}: {exc}; check that the archive is complete") from exc
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

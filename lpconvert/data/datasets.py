@@ -314,7 +314,7 @@ class Data:
 
 
 def build_data(config: FinetuneConfig, model: nn.Module,
-               sources: tuple[Source, Source] | None = None) -> Data:
+               sources: tuple[Source, Source] | None = None, *, labels: bool = True) -> Data:
     """Training and validation sets of `config` with `model`'s own preprocessing (its timm data config).
 
     The sources are ``config.dataset`` (:func:`~lpconvert.data.hfds.hub_splits`) or ``config.data`` /
@@ -322,7 +322,9 @@ def build_data(config: FinetuneConfig, model: nn.Module,
     (training, validation) pair itself. Labels follow ``config.class_map`` (default: :func:`class_to_index`'s
     ``"auto"``). Subsets are drawn with ``config.subset_seed``; the training augmentation is seeded per
     (``config.seed``, epoch, sample) by :class:`~lpconvert.data.sampler.SeededSamples`. Images are decoded into
-    memory and augmented batch-wise (:func:`~lpconvert.data.memory.memory_data`) as ``config.data_in_memory`` says."""
+    memory and augmented batch-wise (:func:`~lpconvert.data.memory.memory_data`) as ``config.data_in_memory`` says.
+    ``labels=False`` (BatchNorm recalibration, which reads no labels): the classes are not matched to the model's
+    head, they are numbered in folder order."""
     if sources is None and config.data == DIGITS:
         train, val = digits_datasets()  # one split for every seed: the T0 model never sees a test digit
         return Data(SeededSamples(train, config.seed), val, {"dataset": DIGITS, "num_files": len(train) + len(val)},
@@ -340,7 +342,8 @@ def build_data(config: FinetuneConfig, model: nn.Module,
                              "--train-dir/--val-dir")
     train, val = build_datasets(
         train_source, val_source, data_config=timm.data.resolve_data_config(model=model),
-        num_classes=_num_classes(model), class_map=config.class_map or "auto", train_subset=config.train_subset,
+        num_classes=_num_classes(model) if labels else None,
+        class_map=(config.class_map or "auto") if labels else "folder", train_subset=config.train_subset,
         val_subset=config.val_subset, seed=config.subset_seed, train_transform=config.train_transform,
     )
     if len(train.class_to_idx) < 2:
