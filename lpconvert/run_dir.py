@@ -34,7 +34,8 @@ from typing import Any, Iterable, Iterator
 
 from .errors import LatePhaseError
 from .files import atomic_write_bytes, atomic_write_json
-from .ownership import LOCK, MARKER, REPLACING, check_replaceable, manifest_of, recognise, swap_into_place
+from .ownership import (LOCK, MARKER, REPLACING, check_replaceable, first_foreign, manifest_of, recognise,
+                        swap_into_place)
 from .run_state import RunCheckpoint
 
 
@@ -162,7 +163,12 @@ class RunDir:
 
     def restart(self) -> None:
         """Back to what :func:`create_run` made (marker, lock, config.json): for a run that stopped before its first
-        checkpoint, all it wrote since (metrics.jsonl, logs, a partial checkpoint) cannot be continued."""
+        checkpoint, all it wrote since (metrics.jsonl, logs, a partial checkpoint) cannot be continued. Only files
+        lpconvert writes in a run are removed: with any other file there it refuses, naming it."""
+        foreign = first_foreign(self.path, "run")
+        if foreign is not None:
+            raise LatePhaseError(f"--resume {self.path}: {self.path / foreign} is not a file lpconvert wrote, and "
+                                 "restarting the run would remove what is there; move it out first")
         for entry in self.path.iterdir():
             if entry.name in (MARKER, LOCK, "config.json"):
                 continue
@@ -216,7 +222,7 @@ def create_run(path: Path, config: dict[str, Any], replacing: bool) -> RunDir:
 def open_run(path: Path) -> RunDir:
     """An existing run directory, to resume: recognised, and locked by this process. A run that stopped before its
     first checkpoint (``checkpoints/last.pt``) is resumed by starting it again: see :meth:`RunDir.restart`."""
-    if recognise(path) != "run" and not (path / "checkpoints" / "last.pt").is_file():
+    if not (path / MARKER).is_file() and not (path / "checkpoints" / "last.pt").is_file():
         raise LatePhaseError(f"{path} is not an lpconvert run directory (no checkpoints/last.pt); cannot resume")
     if not (path / "checkpoints" / "last.pt").is_file() and not (path / "config.json").is_file():
         raise LatePhaseError(f"{path} stopped before it saved its settings (no config.json); start it again with "

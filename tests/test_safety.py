@@ -364,6 +364,10 @@ def test_a_run_that_died_before_its_first_checkpoint_restarts_with_resume(workdi
     assert died == sorted([MARKER, ".lock", "config.json", "metrics.jsonl"])
     assert_one_line(invoke(*args), "is not empty", "--resume run")
     good.write_bytes(image)
+    (workdir / "run" / "notes.txt").write_text("mine")  # restarting would delete it: refused, nothing touched
+    assert_one_line(invoke("finetune", "--resume", "run"), "notes.txt is not a file lpconvert wrote", "move it out")
+    assert sorted(p.name for p in (workdir / "run").iterdir()) == sorted(died + ["notes.txt"])
+    (workdir / "run" / "notes.txt").unlink()
     result = invoke("finetune", "--resume", "run")
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in (workdir / "run" / "metrics.jsonl").read_text().splitlines()]
