@@ -132,12 +132,18 @@ def broken_tensor(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     """What is wrong with the first broken tensor, naming it, or None: a floating-point tensor with a NaN or inf
     value, or a BatchNorm ``running_var`` (a late-phase layer's members alike) with a negative entry — normalising by
     its square root gives NaN outputs."""
-    for name, tensor in tensors:
-        if not tensor.is_floating_point():
-            continue
-        if not bool(torch.isfinite(tensor).all()):
+    checked = [(name, tensor) for name, tensor in tensors if tensor.is_floating_point()]
+    if not checked:
+        return None
+    device = checked[0][1].device
+    no = torch.zeros((), dtype=torch.bool, device=device)
+    flags = torch.stack([torch.stack((~torch.isfinite(tensor).all().to(device),
+                                      (tensor < 0).any().to(device) if name.rsplit(".", 1)[-1] == "running_var" else no))
+                         for name, tensor in checked]).tolist()  # one host sync for the whole model
+    for (name, _), (non_finite, negative) in zip(checked, flags):
+        if non_finite:
             return f"non-finite values (NaN or inf) in {name}"
-        if name.rsplit(".", 1)[-1] == "running_var" and bool((tensor < 0).any()):
+        if negative:
             return f"a negative BatchNorm variance in {name}"
     return None
 
