@@ -147,9 +147,13 @@ def config_option(name: str) -> Callable[[_F], _F]:
         kind = _PATH_TYPES[field.metadata["path"]]
     elif base is bool:
         declaration = f"{declaration}/--no-{declaration[2:]}"
+    elif "nargs" in field.metadata:  # a list of that many separate values
+        kind = typing.get_args(hint)[0]
     else:
         kind = base if base in (int, float) else str  # lists: comma-separated text
     extra = {"is_flag": False, "flag_value": field.metadata["flag_value"]} if "flag_value" in field.metadata else {}
+    if "nargs" in field.metadata:
+        extra["nargs"] = field.metadata["nargs"]
     return click.option(declaration, *field.metadata.get("aliases", ()), name, type=kind, default=None,
                         help=help_text, **extra)
 
@@ -249,12 +253,19 @@ def finetune(model: str | None, model_option: str | None, recipe: str | None, ba
 
 
 def _report_table(report: dict[str, Any]) -> str:
+    """The run's result: validation top-1 at the start and of the exported epoch, then the test set's one measurement
+    when validation was held out of the training images."""
     what = "plain fine-tuning" if report["K"] == 1 else f"late-phase K={report['K']}"
+    on = {"held-out": "validation (held out of train)", "test": "test set (nothing selected on it)"}.get(
+        report.get("validation"), "validation")
     return "\n".join([
-        f"start checkpoint            top-1 {report['start_top1']:6.2f}",
-        f"{what:<27} top-1 {report['final_top1']:6.2f}   (epoch {report['epoch']}, {report['select']}, "
+        f"top-1 on the {on}",
+        f"  start checkpoint          {report['start_top1']:6.2f}",
+        f"  {what:<25} {report['final_top1']:6.2f}   (epoch {report['epoch']}, {report['select']}, "
         f"bn_stats={report['bn_stats']})",
-        f"change                      {report['change']:+6.2f}",
+        f"  change                    {report['change']:+6.2f}",
+        *([f"test top-1 of the exported model (evaluated once): {report['test_top1']:.2f}"]
+          if "test_top1" in report else []),
         *([f"note: {report['note']}"] if report.get("note") else []),
         f"averaged model: {report['model_dir']}",
     ])

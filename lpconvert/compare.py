@@ -5,8 +5,9 @@ Arms are named settings over one base :class:`~lpconvert.config.FinetuneConfig` 
 any kinds, K, σ0, γθ; SWA; the accumulation control; any other setting). Seeds are paired: per seed, the epochs
 before T0 are trained once (``seedS/trunk``) and every arm whose settings leave those epochs unchanged branches from
 a copy of it — same data order, same augmentation, bitwise the run it would have been in one go. Every arm ends at
-its last epoch (``select = last``: nothing is chosen on the evaluation set) and is evaluated the same way on the
-base configuration's validation split: the averaged model (Eq. 1), and for late-phase arms the ensemble of the
+its last epoch (``select = last``: nothing is chosen on the evaluation set, so nothing is held out of the training
+set either, ``val_split = 0``) and is evaluated the same way on the base configuration's evaluation split (validation
+or test): the averaged model (Eq. 1), and for late-phase arms the ensemble of the
 members. :mod:`lpconvert.compare_report` turns the numbers into paired differences. Rerunning the same command
 continues where it stopped.
 """
@@ -29,7 +30,7 @@ from .errors import LatePhaseError
 from .evaluate import eval_set
 from .evaluation import evaluate_model
 from .files import atomic_write_json, read_json_object
-from .finetune import RunInterrupted, run
+from .finetune import LEGACY_SETTINGS, RunInterrupted, run
 from .late_phase_model import load_late_phase
 from .loading import load_model
 from .ownership import check_not_protected
@@ -45,7 +46,8 @@ LATE_SETTINGS = frozenset({
     "member_optimizer", "member_lr", "member_weight_decay", "bn_stats", "recalibrate_batches", "mode", "group_size",
 })
 #: Settings that belong to the comparison, not to an arm.
-NOT_PER_ARM = frozenset({"seed", "output", "resume", "force", "select", "push_to_hub", "allow_regression"})
+NOT_PER_ARM = frozenset({"seed", "output", "resume", "force", "select", "val_split", "push_to_hub",
+                         "allow_regression"})
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
@@ -92,7 +94,7 @@ def _for_seed(values: dict[str, Any], seed: int, output: Path) -> FinetuneConfig
     its own starting checkpoint, e.g. ``local-dir:runs/seed{seed}/plain/model``)."""
     per_seed = {k: values[k].replace("{seed}", str(seed)) for k in ("model", "weights") if isinstance(values[k], str)}
     return FinetuneConfig.from_dict({**values, **per_seed, "seed": seed, "output": str(output), "select": "last",
-                                     "resume": None, "force": False, "push_to_hub": None})
+                                     "val_split": 0.0, "resume": None, "force": False, "push_to_hub": None})
 
 
 def arm_config(base: FinetuneConfig, arm: Arm, *, seed: int, output: Path) -> FinetuneConfig:
@@ -137,6 +139,7 @@ def plan_comparison(base: FinetuneConfig, arms: Sequence[Arm], seeds: Sequence[i
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise LatePhaseError(f"--seeds must be distinct non-negative integers, got {seeds}")
     folder = Path(output)
+    base = dataclasses.replace(base, val_split=0.0)  # nothing is selected: every arm trains on all training images
     for arm in arms:
         arm_config(base, arm, seed=seeds[0], output=folder)  # every setting checked as finetune checks it
     for path in ood:
@@ -148,6 +151,7 @@ def plan_comparison(base: FinetuneConfig, arms: Sequence[Arm], seeds: Sequence[i
         if not (folder / MARKER).is_file():
             raise LatePhaseError(f"--output {folder} exists and is not an lpconvert comparison; choose another folder")
         saved, wanted = read_json_object(folder / SETTINGS), _jsonable(comparison.settings())
+        saved["base"] = {**LEGACY_SETTINGS, **saved.get("base", {})}  # settings earlier versions did not save
         if {k: v for k, v in saved.items() if k != "seeds"} != {k: v for k, v in wanted.items() if k != "seeds"}:
             raise LatePhaseError(f"--output {folder} holds a comparison with other settings; rerun it with the same "
                                  "arms and settings to continue it (other --seeds may be added), or choose another "

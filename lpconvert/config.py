@@ -35,12 +35,17 @@ TRAIN_TRANSFORMS = ("auto", "timm", "cifar")
 LOGGERS = ("tensorboard",)
 #: Settings that only the command line may set: a recipe cannot make lpconvert replace anything.
 COMMAND_LINE_ONLY = ("force",)
+#: --batch-size when not given (--batch-size-per-gpu is refused together with any other).
+DEFAULT_BATCH_SIZE = 256
 
 
 def _setting(default: Any, help: str, *, choices: tuple[str, ...] = (), path: Literal["file", "dir"] | None = None,
-             argument: bool = False, aliases: tuple[str, ...] = (), flag_value: str | None = None) -> Any:
+             argument: bool = False, aliases: tuple[str, ...] = (), flag_value: str | None = None,
+             nargs: int | None = None) -> Any:
     """A :class:`FinetuneConfig` field with its command-line facts as metadata (see the class)."""
     metadata: dict[str, Any] = {"help": help}
+    if nargs is not None:
+        metadata["nargs"] = nargs
     if aliases:
         metadata["aliases"] = aliases
     if flag_value is not None:
@@ -60,8 +65,9 @@ class FinetuneConfig:
     finetune`` (and ``inspect``, for the settings it shares) makes its flags: ``help`` (every field), ``choices`` (the
     values allowed; :data:`CHOICES`), ``path`` (``"file"`` or ``"dir"``: the flag takes a path to one) and
     ``argument`` (the command's positional argument rather than a flag), ``aliases`` (timm's names for the same flag,
-    e.g. ``-b`` for ``--batch-size``) and ``flag_value`` (the value of the flag given alone, e.g. ``--amp``). A flag is
-    ``--`` and the field's name with dashes (:func:`flag`); its type is the field's."""
+    e.g. ``-b`` for ``--batch-size``), ``flag_value`` (the value of the flag given alone, e.g. ``--amp``) and ``nargs``
+    (a list flag that takes that many separate values, timm's ``--input-size 3 224 224``, instead of comma-separated
+    text). A flag is ``--`` and the field's name with dashes (:func:`flag`); its type is the field's."""
 
     # model
     model: str = _setting("resnet152", "timm name, tv:NAME, hf-hub:ORG/NAME, local-dir:DIR or a registered model.",
@@ -82,9 +88,19 @@ class FinetuneConfig:
                                            "WordNet-ID classes get ImageNet indices, else folders alphabetically, a "
                                            "dataset's ClassLabel in its order].", path="file")
     train_subset: int | None = _setting(None, "Use a stratified subset of this many training images.")
-    val_subset: int | None = _setting(None, "Use a stratified subset of this many validation images.")
+    val_subset: int | None = _setting(None, "Use a stratified subset of this many images of the data's validation (or test) split.")
+    val_split: float = _setting(0.1, "When the data's evaluation split is a test set (test/, a dataset's test split, "
+                                     "sklearn-digits): hold out this fraction of the training images, stratified "
+                                     "(--subset-seed), to validate and select on; the test set is evaluated once, at "
+                                     "the end. 0: no hold-out (then only --select last).")
     subset_seed: int = _setting(0, "Which stratified subsets (fixed across --seed, so seeds compare on the same "
                                    "images).")
+    input_size: tuple[int, ...] = _setting((), "Input size C H W of the model's preprocessing, e.g. 3 224 224 "
+                                                "[default: the model's data config].", nargs=3)
+    img_size: int | None = _setting(None, "Square input size N (the model's channels) [default: the model's data "
+                                          "config].")
+    crop_pct: float | None = _setting(None, "Center-crop fraction of evaluation preprocessing, in (0, 1] [default: "
+                                            "the model's data config].")
     train_transform: str = _setting("auto", "Training augmentation (auto: cifar up to 64 px, else timm).",
                                     choices=TRAIN_TRANSFORMS)
     data_in_memory: str = _setting("auto", "Decode image folders once into memory and augment whole batches (auto: "
@@ -104,7 +120,10 @@ class FinetuneConfig:
     accumulate: int = _setting(1, "With --K 1: θ accumulates over this many minibatches (Table 10 control).")
     # optimisation: U_θ, and U_φ where the member_* fields differ
     epochs: int = _setting(20, "Epochs.")
-    batch_size: int = _setting(256, "Global minibatch size per member step.", aliases=("-b",))
+    batch_size: int = _setting(DEFAULT_BATCH_SIZE, "Global minibatch size per member step (split evenly among the "
+                                                   "processes).", aliases=("-b",))
+    batch_size_per_gpu: int | None = _setting(None, "Minibatch size per process instead of --batch-size: the global "
+                                                    "batch is this times the number of processes.")
     optimizer: str = _setting("sgd", "U_θ.", choices=OPTIMIZERS, aliases=("--opt",))
     lr: float = _setting(0.001, "Learning rate of U_θ (and U_φ unless --member-lr).")
     momentum: float = _setting(0.9, "SGD momentum.")
@@ -136,6 +155,8 @@ class FinetuneConfig:
     channels_last: bool | None = _setting(None, "Memory format [default: on GPU].")
     compile: bool = _setting(False, "torch.compile the model.")
     sync_bn: bool = _setting(False, "SyncBatchNorm across GPUs under torchrun.")
+    dist_timeout: float = _setting(60.0, "Minutes a process waits for the others in a collective under torchrun "
+                                         "(long enough for the largest evaluation) before the run fails.")
     threads: int | None = _setting(None, "CPU threads per process for torch [default: torch's, at most the CPUs this "
                                          "process may use divided among the processes torchrun starts on the node]. "
                                          "Results are bit-identical for a fixed thread count.")
@@ -179,7 +200,23 @@ class FinetuneConfig:
         for name in ("weight_decay", "member_weight_decay", "sigma0", "lr_end", "anneal_start", "warmup_epochs"):
             self._require(name, getattr(self, name) is None or getattr(self, name) >= 0, "must be 0 or more")
         self._require("momentum", 0 <= self.momentum < 1, "must lie in [0, 1)")
+        self._require("val_split", 0 <= self.val_split < 1, "must lie in [0, 1)")
+        self._require("batch_size_per_gpu", self.batch_size_per_gpu is None or self.batch_size_per_gpu >= 1,
+                      "must be a positive integer")
+        self._require("batch_size_per_gpu", self.batch_size_per_gpu is None or self.batch_size == DEFAULT_BATCH_SIZE,
+                      f"and --batch-size {self.batch_size} both set the batch; pass one (--batch-size is the global "
+                      "batch, --batch-size-per-gpu the batch of each process)")
+        self._require("dist_timeout", 0 < self.dist_timeout < float("inf"), "must be a positive number of minutes")
         self._require("smoothing", 0 <= self.smoothing < 1, "must lie in [0, 1)")
+        self._require("input_size", not self.input_size or (len(self.input_size) == 3 and min(self.input_size) >= 1),
+                      "must be three positive integers C H W")
+        self._require("img_size", self.img_size is None or not self.input_size,
+                      f"and --input-size {_shown(self.input_size)} both set the input size; pass one")
+        self._require("img_size", self.img_size is None or self.img_size >= 1, "must be a positive integer")
+        self._require("crop_pct", self.crop_pct is None or 0 < self.crop_pct <= 1, "must lie in (0, 1]")
+        for name in ("input_size", "img_size", "crop_pct"):
+            self._require(name, not getattr(self, name) or self.data != DIGITS,
+                          f"sets a model's image preprocessing; {DIGITS} are fixed 8x8 tensors")
         self._require("warmup_epochs", self.warmup_epochs < self.epochs, f"must be shorter than --epochs {self.epochs}")
         self._require("nesterov", not self.nesterov or self.momentum > 0, "needs --momentum > 0")
         self._require("t0", self.t0 < self.epochs, f"must be smaller than --epochs {self.epochs}")

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lpconvert.distributed import active, gather, shard
 from lpconvert.errors import LatePhaseError
 from lpconvert.metrics import ClassificationMeter, ood_auroc, predictive_entropy
 
@@ -48,6 +49,7 @@ def evaluate_model(
     ood_loaders: Mapping[str, Iterable] | None = None,
     predict_fn: Callable[[Tensor], Tensor] | None = None,
     progress: str | None = None,
+    distributed: bool = False,
 ) -> dict[str, float]:
     """Evaluate a classifier: :class:`ClassificationMeter` metrics, "auroc/<name>" per OOD set and "auroc/mean".
 
@@ -56,7 +58,10 @@ def evaluate_model(
     when given (e.g. the mean of the members' softmax outputs of an ensemble; ``model`` may then be None). ``device``
     defaults to the model's; when given, the model is moved there. ``loader`` yields (x, y); OOD loaders yield (x, y)
     or x, and their labels are ignored. The OOD score is the predictive entropy (OOD = positive class). With
-    ``progress`` (a description), a progress bar shows on a terminal.
+    ``progress`` (a description), a progress bar shows on a terminal. With ``distributed`` (in a process group of
+    several ranks, every rank calling), each rank evaluates its contiguous shard of every loader
+    (:func:`lpconvert.distributed.shard`: DataLoaders with a ``batch_size``) and every rank returns the metrics of
+    the whole sets, equal to one process's up to the order of float64 sums.
     """
     if model is None and predict_fn is None:
         raise LatePhaseError("pass a model or a predict_fn")
@@ -73,17 +78,23 @@ def evaluate_model(
     modes = [(module, module.training) for module in model.modules()] if model is not None else []
     if model is not None:
         model.eval()
+    split = distributed and active()
     try:
         with torch.no_grad():
             meter = ClassificationMeter()
-            for batch in _progress(loader, progress):
+            for batch in _progress(shard(loader) if split else loader, progress):
                 x, y = _inputs(batch, need_labels=True)
                 meter.update(predict(x), y.to(device, non_blocking=True))
+            if split:
+                meter.all_reduce()
             result: dict[str, float] = meter.compute()
             if ood_loaders:
                 ood = {}
                 for name, ood_loader in ood_loaders.items():
-                    scores = [predictive_entropy(predict(_inputs(batch, need_labels=False)[0])) for batch in ood_loader]
+                    scores = [predictive_entropy(predict(_inputs(batch, need_labels=False)[0]))
+                              for batch in (shard(ood_loader) if split else ood_loader)]
+                    if split:
+                        scores = gather(scores)
                     if not scores:
                         raise LatePhaseError(f"OOD loader {name!r} yielded no batches")
                     ood[name] = torch.cat(scores)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from torch import nn
 
@@ -16,16 +16,17 @@ from .collapse import collapse
 from .config import FinetuneConfig
 from .data import DIGITS, build_data, hub_dataset_id, hub_name, recalibration_loader
 from .data.archives import ARCHIVE_SUFFIXES, VAL_SPLITS
+from .data.transforms import INPUT_KEYS, data_config
 from .errors import LatePhaseError
 from .late_phase_config import late_phase_config
 from .late_phase_model import load_late_phase
 from .loading import ModelSource
 from .metrics import METRIC_NAMES
 from .model_folder import save_pretrained
+from .optim import gamma_theta, has_late_phase, optimizer_settings
 from .ownership import check_apart, check_replaceable
 from .run_dir import checkpoint_file, output_lock
 from .run_state import History
-from .surgery import resolve_kinds
 from .tensorboard import RUN_LOGS
 from .weights import check_weights
 
@@ -44,13 +45,17 @@ def measured_bn_stats(config: FinetuneConfig, epoch: int) -> str:
 def export_model(late_model: nn.Module, out_dir: Path, *, config: FinetuneConfig, source: ModelSource,
                  history: History, epoch: int, chosen: str, bn_stats: str, data: Iterable | None,
                  extra: dict[str, Any], label_names: list[str] | None, force: bool = True,
-                 logs: Path | None = None) -> dict[str, Any] | None:
+                 logs: Path | None = None,
+                 test: Callable[[nn.Module], dict[str, Any]] | None = None) -> dict[str, Any] | None:
     """Collapse `late_model` (Eq. 1) and write it with its card; metrics are the ones recorded for `epoch` when
     `bn_stats` is the mode they were measured with (else none are claimed). Returns those metrics.
 
     `data` are the recalibration batches for ``bn_stats="recalibrate"`` (:func:`lpconvert.data.recalibration_loader`),
     of which the first ``config.recalibrate_batches`` are used; `logs` is the run's TensorBoard folder
-    (:func:`run_logs`), published with the model."""
+    (:func:`run_logs`), published with the model. `test` evaluates the collapsed model once on the test set (when the
+    run selected on a held-out validation set); what it returns (``{"test": metrics, "test_dataset": description}``)
+    joins the metrics. ``extra["execution"]["mode"]`` (the engine's mode), when given, is recorded as the resolved
+    ``mode`` (:func:`resolved_config`)."""
     averaged = collapse(late_model, bn_stats=bn_stats, data=data if bn_stats == "recalibrate" else None,
                         num_batches=config.recalibrate_batches)
     row = history.row(epoch)
@@ -63,18 +68,35 @@ def export_model(late_model: nn.Module, out_dir: Path, *, config: FinetuneConfig
                         f"members averaged with bn_stats={bn_stats}, epoch {epoch} ({chosen})",
             "dataset": _validation_set(config, extra.get("data_fingerprint")),
         }
+    if test is not None:
+        measured = test(averaged)
+        measured["test_dataset"] = {"name": _data_name(config), **measured["test_dataset"]}
+        metrics = {**(metrics or {}), **measured}
     spec = late_phase_config(late_model)
     hub_id = hub_dataset_id(config.dataset)
-    averaging = {"K": spec.K, "late_phase": ",".join(sorted(set(spec.layers.values()))), "bn_stats": bn_stats,
-                 "epoch": epoch, "select": chosen, "swa_start": config.swa_start,
+    averaging = {"bn_stats": bn_stats, "epoch": epoch, "select": chosen, "swa_start": config.swa_start,
                  "training_data": describe_training_data(config, extra.get("data_fingerprint"))}
+    if config.input_size or config.img_size is not None or config.crop_pct is not None:
+        used = data_config(averaged, config)  # config.json: the input size and crop it was trained and measured with
+        own = getattr(averaged, "pretrained_cfg", None) or {}
+        averaged.pretrained_cfg = {**own, **{key: used[key] for key in INPUT_KEYS}}
     save_pretrained(
         averaged, out_dir, source=source, metrics=metrics, hparams=_hparams(config), label_names=label_names,
-        averaging=averaging, datasets=[hub_id] if hub_id else [], logs=logs, force=force,
-        provenance={**extra, "config": config.to_dict(), "seed": config.seed, "epoch": epoch, "bn_stats": bn_stats,
+        averaging=averaging, datasets=[hub_id] if hub_id else [], logs=logs, force=force, late_phase=spec,
+        provenance={**extra, "config": resolved_config(config, source, (extra.get("execution") or {}).get("mode")),
+                    "seed": config.seed, "epoch": epoch, "bn_stats": bn_stats,
                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "late_phase": spec.to_dict()},
     )
     return metrics
+
+
+def resolved_config(config: FinetuneConfig, source: ModelSource, mode: str | None) -> dict[str, Any]:
+    """The run's settings with what they resolved to, an equivalent configuration: ``pretrained`` as the base weights
+    were loaded (False when ``--weights`` replaced the Hub's, as the model's ``source`` says), ``gamma_theta`` the
+    number (default 1/K, see :func:`~lpconvert.optim.gamma_theta`) and ``mode`` the engine's (`mode`, when known)."""
+    return {**config.to_dict(), "pretrained": source.pretrained,
+            "gamma_theta": gamma_theta(config, config.K, has_late_phase(config)),
+            **({"mode": mode} if mode is not None else {})}
 
 
 def run_logs(config: FinetuneConfig, run_path: Path) -> Path | None:
@@ -99,14 +121,16 @@ def _data_name(config: FinetuneConfig) -> str:
     return name
 
 
-def _validation_set(config: FinetuneConfig, fingerprint: dict[str, Any] | None) -> dict[str, str]:
-    """The set a run's metrics were measured on, as the model card's ``model-index`` names it: ``type`` (the Hub
-    dataset id, else the data's name), ``name`` and ``split`` (the Hugging Face split, else the folder's name)."""
+def _validation_set(config: FinetuneConfig, fingerprint: dict[str, Any] | None) -> dict[str, Any]:
+    """The set a run's metrics were measured on, as the model card names it: ``type`` (the Hub dataset id, else the
+    data's name), ``name``, ``split`` (the Hugging Face split, else the folder's name) and ``num_images`` (the
+    fingerprint's count of validation images, when it has one)."""
     val = (fingerprint or {}).get("val") or {}
     split = val.get("split") or Path(val.get("root") or "validation").name
     name = _data_name(config)
-    return {"type": DIGITS if config.data == DIGITS else name, "name": name,
-            "split": split if split in VAL_SPLITS else "validation"}
+    found = {"type": DIGITS if config.data == DIGITS else name, "name": name,
+             "split": split if split in VAL_SPLITS else "validation"}
+    return {**found, "num_images": val["num_files"]} if val.get("num_files") else found
 
 
 def describe_training_data(config: FinetuneConfig, fingerprint: dict[str, Any] | None) -> str:
@@ -121,16 +145,33 @@ def describe_training_data(config: FinetuneConfig, fingerprint: dict[str, Any] |
 
 
 def _hparams(config: FinetuneConfig) -> dict[str, Any]:
-    return {
-        "K": config.K, "T0 (epochs)": config.t0, "sigma0": config.sigma0,
-        "gamma_theta": config.gamma_theta if config.gamma_theta is not None else f"1/K = {1 / config.K:.4g}",
-        "late-phase weights": ",".join(resolve_kinds(config.late_phase)), "epochs": config.epochs,
-        "batch size": config.batch_size, "U_theta": f"{config.optimizer} lr={config.lr} momentum={config.momentum} "
-        f"nesterov={config.nesterov} wd={config.weight_decay}",
-        "U_phi": f"{config.member_optimizer or config.optimizer} lr={config.member_lr or config.lr} "
-                 f"wd={config.member_weight_decay if config.member_weight_decay is not None else config.weight_decay}",
-        "schedule": config.schedule, "bn_stats": config.bn_stats, "swa_start": config.swa_start,
-    }
+    """The run's training settings for the card and ``lpconvert.json`` (K, the kinds and σ0 come from the model's
+    late-phase configuration: :func:`~lpconvert.model_folder.late_phase_record`): γθ resolved, U_θ and — with
+    members — U_φ with every setting they were built with (:func:`~lpconvert.optim.optimizer_settings`)."""
+    late = has_late_phase(config)
+    theta, member = optimizer_settings(config, late)
+    hparams: dict[str, Any] = {"T0 (epochs)": config.t0, "gamma_theta": gamma_theta(config, config.K, late)} \
+        if late else {}
+    if config.accumulate > 1:
+        hparams["accumulate"] = config.accumulate
+    hparams.update({"epochs": config.epochs, "batch size": config.batch_size, "U_theta": theta.describe()})
+    if config.K > 1:
+        hparams["U_phi"] = member.describe()
+    hparams.update({"schedule": _schedule(config), "label smoothing": config.smoothing, "clip_grad": config.clip_grad,
+                    "bn_stats": config.bn_stats, "swa_start": config.swa_start})
+    if config.swa_start is not None:
+        hparams["swa_lr"] = config.swa_lr
+    return hparams
+
+
+def _schedule(config: FinetuneConfig) -> str:
+    """The learning-rate schedule with its settings (:func:`~lpconvert.optim.lr_factor`) and the warm-up."""
+    settings = {"multistep": f"milestones={','.join(map(str, config.milestones))} lr_gamma={config.lr_gamma}",
+                "linear": f"anneal_start={config.anneal_start} anneal_end={config.anneal_end or config.epochs} "
+                          f"lr_end={config.lr_end}",
+                "cosine": f"lr_end={config.lr_end}", "constant": ""}[config.schedule]
+    warmup = f" warmup_epochs={config.warmup_epochs} warmup_lr={config.warmup_lr}" if config.warmup_epochs else ""
+    return f"{config.schedule} {settings}".strip() + warmup
 
 
 def collapse_run(path: str | Path, out: str | Path, *, bn_stats: str = "fold", data: str | None = None,

@@ -33,6 +33,8 @@ from torch.utils.data import DataLoader
 from .collapse import collapse
 from .config import FinetuneConfig, flag
 from .data import DIGITS, Data, build_data, eval_loader, recalibration_loader, train_loader
+from .data.transforms import data_config
+from .distributed import announce_failure, failure_elsewhere, local_main_first, restore_rank_buffers
 from .engine import LatePhaseEngine
 from .errors import LatePhaseError, one_line
 from .evaluation import evaluate_model
@@ -56,13 +58,15 @@ from .weights import check_weights
 logger = logging.getLogger(__name__)
 #: Settings a resumed run may differ in without --force (they do not change what is computed).
 RESUME_FREE = ("resume", "force", "quiet", "workers", "log", "log_every", "output", "push_to_hub",
-               "allow_regression")
+               "allow_regression", "dist_timeout")
 #: What the late phase is made of: a resume may change these (with --force) only before T0, where they take effect.
 STRUCTURAL = ("K", "late_phase", "late_phase_options", "include", "exclude", "sigma0", "t0")
 #: Settings that runs saved by earlier versions lack, with the value those versions behaved as.
-LEGACY_SETTINGS = {"data_in_memory": "off"}
+LEGACY_SETTINGS = {"data_in_memory": "off", "val_split": 0.0}
 #: Warn when θ's step grows by this factor at T0, or the first late-phase epoch loses this many points of top-1.
 STEP_GROWTH_WARNING, TOP1_FALL_WARNING = 4.0, 5.0
+#: Warn when each member's BatchNorm sees fewer images than this per process in a distributed run.
+SMALL_BN_BATCH = 16
 __all__ = ["DIGITS", "Job", "RunInterrupted", "finish", "fit", "prepare", "resume", "run", "start"]
 
 
@@ -82,6 +86,7 @@ class Job:
     recalibration: DataLoader | None
     input_size: tuple[int, ...]
     late_phase: LatePhaseConfig
+    test: DataLoader | None = None
 
 
 def prepare(config: FinetuneConfig, runtime: Runtime, checkpoint: RunCheckpoint | None = None) -> Job:
@@ -101,13 +106,19 @@ def prepare(config: FinetuneConfig, runtime: Runtime, checkpoint: RunCheckpoint 
         source = ModelSource(**checkpoint.source)  # the base model, as the run started from it
     if config.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    data = build_data(config, model)
+    with local_main_first(runtime):  # archives extracted and folders scanned once per node, into the cache
+        data = build_data(config, model)
+    if config.select == "best" and data.val_role == "test":
+        raise LatePhaseError("--select best would choose the epoch on the test set (the data has no validation "
+                             "split and --val-split is 0); hold part of the training set out with --val-split 0.1, "
+                             "or use --select last")
     pin = runtime.device.type == "cuda"
     train = train_loader(data.train, config.batch_size, seed=config.seed, workers=config.workers, rank=runtime.rank,
                          world_size=runtime.world_size, pin_memory=pin)
     val = eval_loader(data.val, config.batch_size, workers=config.workers, pin_memory=pin)
+    test = eval_loader(data.test, config.batch_size, workers=config.workers, pin_memory=pin) if data.test else None
     recalibration = recalibration_loader(data.train, config.batch_size, seed=config.seed, workers=config.workers,
-                                         pin_memory=pin) if runtime.is_main else None
+                                         pin_memory=pin)
     _check_model_runs_on_data(model, data)
     report = plan_or_refuse(model, config.K, config.late_phase, include=config.include or None,
                             exclude=config.exclude or None, options=config.kind_options())
@@ -128,9 +139,12 @@ def prepare(config: FinetuneConfig, runtime: Runtime, checkpoint: RunCheckpoint 
         _check_members(model, late_phase, data)
     if checkpoint is None:
         report.warn()
-    input_size = (1, 8, 8) if config.data == DIGITS else getattr(model, "pretrained_cfg", {}).get("input_size",
-                                                                                                  (3, 224, 224))
-    return Job(model.to(runtime.device), source, data, train, val, recalibration, tuple(input_size), late_phase)
+        if data.test is not None and runtime.is_main and not config.quiet:
+            logger.info("validating on %d training images held out (--val-split %g); the %d test images are evaluated "
+                        "once, at the end, on the selected model", len(data.val), config.val_split, len(data.test))
+    input_size = (1, 8, 8) if config.data == DIGITS else data_config(model, config)["input_size"]
+    return Job(model.to(runtime.device), source, data, train, val, recalibration, tuple(input_size), late_phase,
+               test)
 
 
 def _check_model_runs_on_data(model: nn.Module, data: Data) -> None:
@@ -189,29 +203,32 @@ def engine_for(model: nn.Module, job: Job, config: FinetuneConfig, runtime: Runt
 
 
 def start(job: Job, config: FinetuneConfig, runtime: Runtime, run_dir: RunDir) -> TrainState:
-    """A new run: epoch 0 of metrics.jsonl is the starting checkpoint; the model gets one member (K from T0 on)."""
-    history = History()
+    """A new run: epoch 0 of metrics.jsonl is the starting checkpoint, the first candidate for ``--select best``
+    (saved as ``best`` with the run's first checkpoint); the model gets one member (K at T0, even when T0 is 0)."""
+    history = History(best_epoch=0)
+    history.base = evaluate_model(job.model, job.val, device=runtime.device, amp_dtype=runtime.amp_dtype,
+                                  progress=None if config.quiet or not runtime.is_main else "evaluating the start",
+                                  distributed=runtime.distributed)
+    history.epochs.append(_metrics_row(0, history.base))
     if runtime.is_main:
-        history.base = evaluate_model(job.model, job.val, device=runtime.device, amp_dtype=runtime.amp_dtype,
-                                      progress=None if config.quiet else "evaluating the start")
-        history.epochs.append(_metrics_row(0, history.base))
         run_dir.write_metrics(history.epochs)
         log_metrics(config.log, run_dir.path, history.epochs)
-    late = has_late_phase(config) and config.t0 == 0
-    if late:
-        _warn_about_theta_steps(config, runtime)
-    members = job.late_phase if late else dataclasses.replace(job.late_phase, K=1, sigma0=0.0)
-    model = convert_from_config(job.model, members)
-    return TrainState(model, engine_for(model, job, config, runtime, late), late, history=history)
+    model = convert_from_config(job.model, dataclasses.replace(job.late_phase, K=1, sigma0=0.0))
+    state = TrainState(model, engine_for(model, job, config, runtime, False), False, history=history)
+    if config.select == "best" and runtime.is_main:
+        state.unsaved_start = copy.deepcopy(_checkpoint(state, job, config))
+    return state
 
 
 def resume(job: Job, config: FinetuneConfig, runtime: Runtime, checkpoint: RunCheckpoint) -> TrainState:
     """The state `checkpoint` saved; at (T0, batch 0) the switch to K members is still to come."""
     at = (checkpoint.position.epoch, checkpoint.position.batch)
-    late = has_late_phase(config) and (config.t0 == 0 or at > (config.t0, 0))
-    return TrainState.from_checkpoint(checkpoint, job.model, partial(engine_for, job=job, config=config,
-                                                                     runtime=runtime, late=late), late,
-                                      where=f"{config.resume}/checkpoints/last.pt")
+    late = has_late_phase(config) and at > (config.t0, 0)
+    state = TrainState.from_checkpoint(checkpoint, job.model, partial(engine_for, job=job, config=config,
+                                                                      runtime=runtime, late=late), late,
+                                       where=f"{config.resume}/checkpoints/last.pt")
+    restore_rank_buffers(state.model, checkpoint.rank_buffers, runtime)  # after DDP copied rank 0's
+    return state
 
 
 def _metrics_row(epoch: int, metrics: dict[str, float], **extra: Any) -> dict[str, Any]:
@@ -235,12 +252,7 @@ def fit(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime, r
         stop: StopRequest) -> None:
     """Epoch after epoch up to ``--epochs``: the T0 switch, SWA from ``--swa-start``, one epoch of Algorithm 1, the
     averaged model's validation, ``last`` (and ``best``) checkpoints and metrics.jsonl."""
-    def save(name: str = "last") -> None:
-        if runtime.is_main:
-            run_dir.save_checkpoint(state.to_checkpoint(config=config.to_dict(), source=job.source.to_dict(),
-                                                        label_names=job.data.label_names,
-                                                        data_fingerprint=job.data.fingerprint), name)
-
+    save = partial(_save, state, job, config, runtime, run_dir)
     history = state.history
     while state.position.epoch < config.epochs:
         epoch = state.position.epoch
@@ -256,15 +268,13 @@ def fit(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime, r
         sync_member_statistics(state, runtime)
         if state.swa is not None:
             state.swa.update_parameters(state.model)
-        metrics = evaluate_averaged(state, config, runtime, job.val, job.recalibration) if runtime.is_main else None
-        row = _metrics_row(epoch + 1, metrics or {}, **stats, K=state.engine.num_members)
+        metrics = evaluate_averaged(state, config, runtime, job.val, job.recalibration)  # every rank: its shard
+        row = _metrics_row(epoch + 1, metrics, **stats, K=state.engine.num_members)
         history.epochs.append(row)
-        improved = metrics is not None and (
-            history.best_epoch is None or metrics["top1"] > history.row(history.best_epoch)["val_top1"]
-        )
+        improved = history.best_epoch is None or metrics["top1"] > history.row(history.best_epoch)["val_top1"]
         if improved:
             history.best_epoch = epoch + 1
-        if metrics is not None and epoch == config.t0 and has_late_phase(config):
+        if epoch == config.t0 and has_late_phase(config):
             _warn_about_a_fall(history, epoch)
         state.position = Position(epoch=epoch + 1, iteration=state.position.iteration)
         save("last")
@@ -281,6 +291,23 @@ def fit(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime, r
             dist.barrier()
         if stop.at_epoch is not None and state.position.epoch >= stop.at_epoch < config.epochs:
             raise RunInterrupted(f"stopped at the end of epoch {state.position.epoch}", run_dir.path)
+
+
+def _save(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime, run_dir: RunDir,
+          name: str = "last") -> None:
+    """Checkpoint `state` as ``checkpoints/NAME.pt`` (rank 0 writes), the starting checkpoint first as ``best`` if it
+    is still unsaved."""
+    if not runtime.is_main:
+        return
+    if state.unsaved_start is not None:
+        run_dir.save_checkpoint(state.unsaved_start, "best")
+        state.unsaved_start = None
+    run_dir.save_checkpoint(_checkpoint(state, job, config), name)
+
+
+def _checkpoint(state: TrainState, job: Job, config: FinetuneConfig) -> RunCheckpoint:
+    return state.to_checkpoint(config=config.to_dict(), source=job.source.to_dict(), label_names=job.data.label_names,
+                               data_fingerprint=job.data.fingerprint)
 
 
 def _warn_about_theta_steps(config: FinetuneConfig, runtime: Runtime) -> None:
@@ -308,9 +335,11 @@ def _warn_about_a_fall(history: History, epoch: int) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 def finish(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime, run_dir: RunDir,
            command: str | None) -> dict[str, Any]:
-    """Collapse the selected epoch's model (``--select``), write the model directory, the report and the plot.
+    """Collapse the selected epoch's model (``--select``), write the model directory, the report and the plot; when
+    the run validated on images held out of the training set, the exported model is evaluated once on the test set.
 
-    The best epoch may lie before T0: it is exported as what it is, the plain model (K = 1)."""
+    The best epoch may lie before T0: it is exported as what it is, the plain model (K = 1) — at epoch 0, the starting
+    checkpoint unchanged."""
     history = state.history
     chosen = "best" if config.select == "best" and history.best_epoch is not None else "last"
     epoch = history.best_epoch if chosen == "best" else history.epochs[-1]["epoch"]
@@ -324,21 +353,36 @@ def finish(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime
         data=recalibration_batches(runtime, job.recalibration, mode),
         extra={"command": command, "data_fingerprint": job.data.fingerprint, "started": state.started,
                "execution": {"device": str(runtime.device), "world_size": runtime.world_size,
-                             "threads": torch.get_num_threads()}},
+                             "threads": torch.get_num_threads(), "mode": state.engine.mode}},
         label_names=job.data.label_names, logs=run_logs(config, run_dir.path),
+        test=partial(_evaluate_test, job, runtime, config.quiet) if job.test is not None else None,
     )
     K = late_phase_config(model).K
     report = {
         "run_dir": str(run_dir.final_path), "model_dir": str(run_dir.final_path / "model"), "K": K,
-        "select": chosen, "epoch": epoch, "bn_stats": mode, "mode": state.engine.mode,
+        "select": chosen, "epoch": epoch, "validation": job.data.val_role, "bn_stats": mode, "mode": state.engine.mode,
         "start_top1": metrics["base"]["top1"], "final_top1": metrics["final"]["top1"],
         "change": metrics["final"]["top1"] - metrics["base"]["top1"],
     }
-    if K != config.K:
+    if "test" in metrics:
+        report["test_top1"] = metrics["test"]["top1"]
+    if epoch == 0:
+        report["note"] = ("the starting checkpoint scored best on the validation set: fine-tuning did not improve it, "
+                          "and the starting model is exported unchanged")
+        logger.warning("no epoch beat the starting checkpoint on the validation set; the starting model is exported")
+    elif K != config.K:
         report["note"] = f"the best epoch, {epoch}, came before T0 = {config.t0}: the plain model (K = 1) is exported"
     run_dir.write_report(report)
     plot_curves(history.epochs, run_dir.curves_path)
     return report
+
+
+def _evaluate_test(job: Job, runtime: Runtime, quiet: bool, model: nn.Module) -> dict[str, Any]:
+    """The collapsed model's one evaluation on the test set, with the set it was measured on."""
+    metrics = evaluate_model(model, job.test, device=runtime.device, amp_dtype=runtime.amp_dtype,
+                             progress=None if quiet else "evaluating on the test set")
+    return {"test": {k: v for k, v in metrics.items() if k in METRIC_NAMES},
+            "test_dataset": {"split": "test", "num_images": len(job.test.dataset)}}
 
 
 def _saved_model(state: TrainState, checkpoint: RunCheckpoint) -> tuple[nn.Module, nn.Module | None]:
@@ -421,6 +465,7 @@ def run(config: FinetuneConfig, *, stop_after: int | None = None, stop_at_epoch:
             output = output_path(config, runtime)
             replacing = prepare_run(output, config.force) if runtime.is_main else False
         job = prepare(config, runtime, checkpoint)
+        _log_batch(config, runtime, job.model)
         if run_dir is not None and runtime.is_main:  # config.json states the settings the run continues with
             if checkpoint is None:
                 run_dir.restart()
@@ -433,6 +478,14 @@ def run(config: FinetuneConfig, *, stop_after: int | None = None, stop_at_epoch:
                            ",".join(map(str, config.milestones)), config.epochs)
         state = start(job, config, runtime, run_dir) if checkpoint is None else resume(job, config, runtime, checkpoint)
         report = _train(state, job, config, runtime, run_dir, StopRequest(stop_after, stop_at_epoch), command)
+    except RunInterrupted:
+        raise
+    except Exception as exc:  # one rank's failure ends every rank at once, with its one line
+        elsewhere = failure_elsewhere(exc, runtime)
+        if elsewhere is not None:
+            raise elsewhere from exc
+        announce_failure(exc, runtime)
+        raise
     finally:
         if run_dir is not None:
             run_dir.close()
@@ -441,6 +494,22 @@ def run(config: FinetuneConfig, *, stop_after: int | None = None, stop_at_epoch:
 
         report["pushed"] = push(Path(report["model_dir"]), config.push_to_hub, allow_regression=config.allow_regression)
     return report
+
+
+def _log_batch(config: FinetuneConfig, runtime: Runtime, model: nn.Module) -> None:
+    """The start line: the global batch, each process's share, and the batch each member's BatchNorm normalises over
+    in each process (members train one at a time); a warning when that is below SMALL_BN_BATCH in a distributed run."""
+    if not runtime.is_main:
+        return
+    per_process = config.batch_size // runtime.world_size
+    if not config.quiet:
+        logger.info("batch: %d global = %d per process × %d process(es); each member's BatchNorm batch: %d images "
+                    "per process", config.batch_size, per_process, runtime.world_size, per_process)
+    has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if runtime.distributed and has_bn and not config.sync_bn and per_process < SMALL_BN_BATCH:
+        logger.warning("each member's BatchNorm normalises over %d images per process (--batch-size %d over %d "
+                       "processes), below %d: its statistics are noisy; use --sync-bn (CUDA only) or a larger batch",
+                       per_process, config.batch_size, runtime.world_size, SMALL_BN_BATCH)
 
 
 def _train(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime, run_dir: RunDir, stop: StopRequest,

@@ -217,6 +217,21 @@ class ClassificationMeter:
         self._sums.append(torch.cat([torch.stack([value.float() for value in head]), bins]))
         self._entropies.append(predictive_entropy(probs))
 
+    def all_reduce(self) -> None:
+        """Combine the meters of all ranks of the process group (each fed a contiguous shard, in rank order): every
+        rank's meter then holds the sums over all examples and every example's entropy, in the order of one
+        process."""
+        from lpconvert.distributed import all_reduce_sum, gather
+
+        local = torch.stack(self._sums).to("cpu", torch.float64).sum(0) if self._sums else \
+            torch.zeros(_HEAD + 3 * ECE_BINS, dtype=torch.float64)
+        seen = self._num_classes is not None
+        classes, ranks = all_reduce_sum(torch.tensor([self._num_classes or 0, int(seen)], dtype=torch.long)).tolist()
+        total = all_reduce_sum(local)
+        self._num_classes = classes // ranks if ranks else None
+        self._sums = [total] if total[0] > 0 else []
+        self._entropies = gather(self._entropies)
+
     def compute(self) -> dict[str, float]:
         """{"count", "top1", "top5" (percent), "nll", "ece", "entropy" (mean predictive entropy)} over all batches."""
         if not self._sums:

@@ -11,6 +11,7 @@ checkpoint beside this model.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -43,9 +44,18 @@ PAPER_BIBTEX = """@inproceedings{vonoswald2021latephase,
 }"""
 
 
-_METRIC_LABELS = {"top1": "top-1 accuracy", "top5": "top-5 accuracy", "nll": "negative log-likelihood"}
+#: The evaluation table's columns, in order (any other metric follows under its own name).
+_METRIC_LABELS = {"top1": "top-1 accuracy (%)", "top5": "top-5 accuracy (%)", "nll": "NLL", "ece": "ECE"}
+#: Metrics in percent of the images: one image of N resolves 100/N %.
+_PERCENT_METRICS = ("top1", "top5")
+#: Decimals of every other metric (NLL, ECE, AUROC …).
+_OTHER_DECIMALS = 4
 #: The model-index entries: the metric, its Hub metric type and its name on the model page (values in percent).
 _EVAL_METRICS = (("top1", "accuracy", "Top-1 accuracy"), ("top5", "top_5_accuracy", "Top-5 accuracy"))
+#: The evaluations a card reports: the row's label, the ``metrics`` key of its numbers and of the set it was measured
+#: on (the test set takes the validation set's ``type`` and ``name`` unless it has its own).
+_EVALUATIONS = (("base checkpoint", "base", "dataset"), ("this model", "final", "dataset"),
+                ("this model", "test", "test_dataset"))
 _BN_STATS_TEXT = {
     "fold": "BatchNorm: the running statistics are the members' mean statistics, and scale and shift are solved so "
             "that in eval mode every BatchNorm outputs exactly the average of its members' outputs. In train mode it "
@@ -70,10 +80,15 @@ def render_model_card(
     """Markdown model card with YAML front matter; numbers come only from ``metrics`` and ``hparams``.
 
     ``averaging`` says how the checkpoint was made (``K``, ``late_phase``, ``bn_stats``, ``epoch``, ``select``,
-    ``swa_start``, ``training_data``); ``datasets`` are the Hub ids of the training data; ``metrics["dataset"]``
-    (``type``: a Hub dataset id or a name, ``name``, ``split``) names the set ``metrics`` were measured on, which the
-    ``model-index`` needs; ``logs``: the folder holds the run's TensorBoard logs (:data:`MODEL_LOGS`)."""
-    title = f"{source.architecture} with late-phase weights"
+    ``swa_start``, ``training_data``, ``sigma0``); ``datasets`` are the Hub ids of the training data;
+    ``metrics["dataset"]`` (``type``: a Hub dataset id or a name, ``name``, ``split``, ``num_images``) names the set
+    ``metrics["base"]`` and ``["final"]`` were measured on, which the ``model-index`` needs, and
+    ``metrics["test_dataset"]`` the set of ``metrics["test"]`` when given (:func:`evaluations`); every number is
+    rounded to what it resolves (:func:`round_metric`); ``logs``: the folder holds the run's TensorBoard logs
+    (:data:`MODEL_LOGS`)."""
+    plain = bool(averaging) and averaging.get("K") == 1
+    what = "fine-tuned without late-phase weights (K = 1)" if plain else "with late-phase weights"
+    title = f"{source.architecture} {what}"
     results = _eval_results(metrics)
     meta = ModelCardData(
         library_name="timm" if source.library == "timm" else "pytorch",
@@ -98,12 +113,7 @@ def render_model_card(
         "",
         f"# {title}",
         "",
-        f"This is `{source.architecture}` ({source.library}), trained from {base} with **late-phase weights** "
-        "(von Oswald et al., ICLR 2021). Late in training, a small set of weights (here the ones listed under the "
-        "hyper-parameters below, typically BatchNorm and classifier weights) is replaced by K copies, the ensemble "
-        "members, which are trained together with the shared remaining weights, each on its own minibatches. At "
-        "the end the members are averaged (\"collapsed\") into a single set, so this checkpoint has exactly the "
-        "architecture and inference cost of the base model and loads without lpconvert.",
+        _method_paragraph(source, base, averaging),
         "",
         f"Paper: {PAPER_CITATION}",
         "",
@@ -149,27 +159,61 @@ def render_model_card(
     return "\n".join(lines)
 
 
+def _method_paragraph(source: ModelSource, base: str, averaging: Mapping[str, Any] | None) -> str:
+    """What was done, from what ran: plain fine-tuning for K = 1, else the kinds of late-phase weights and K (a
+    generic account when `averaging` does not say)."""
+    this = f"This is `{source.architecture}` ({source.library}), trained from {base}"
+    if averaging and averaging.get("K") == 1:
+        return (f"{this} by plain fine-tuning (K = 1): lpconvert's baseline for **late-phase weights** (von Oswald et "
+                "al., ICLR 2021), trained through the same pipeline without late-phase members. It has exactly the "
+                "architecture and inference cost of the base model and loads without lpconvert.")
+    which = "a small set of weights"
+    if averaging and averaging.get("late_phase") and averaging.get("K"):
+        which = f"its {_kinds_text(averaging['late_phase'])} weights"
+    copies = f"K = {averaging['K']}" if averaging and averaging.get("K") else "K"
+    return (f"{this} with **late-phase weights** (von Oswald et al., ICLR 2021). Late in training, {which} were "
+            f"replaced by {copies} copies, the ensemble members, which were trained together with the shared remaining "
+            "weights, each on its own minibatches. At the end the members were averaged (\"collapsed\") into a single "
+            "set, so this checkpoint has exactly the architecture and inference cost of the base model and loads "
+            "without lpconvert.")
+
+
+def _kinds_text(kinds: str) -> str:
+    """``"batchnorm,classifier"`` as ``"batchnorm and classifier"``."""
+    names = [kind for kind in kinds.split(",") if kind]
+    return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+
+
 def _what_it_is(source: ModelSource, averaging: Mapping[str, Any] | None) -> list[str]:
     lines = [f"- The original `{source.architecture}` architecture ({source.library}): the base model's classes, "
              "state_dict keys and inference cost; nothing of lpconvert is needed at inference."]
     if not averaging:
         return lines
-    kinds = averaging.get("late_phase") or "late-phase"
+    kinds = averaging.get("late_phase")
     when = f" at epoch {averaging['epoch']}" if averaging.get("epoch") is not None else ""
     if averaging.get("select"):
         when += f" ({'the best validation epoch' if averaging['select'] == 'best' else 'the last epoch'})"
     if averaging.get("K") == 1:
         lines.append(f"- Fine-tuned without late-phase members (K = 1: plain fine-tuning), taken{when}.")
     else:
-        lines.append(f"- Its {kinds} weights are the average of K = {averaging.get('K')} late-phase members in weight "
-                     f"space (Eq. 1 of the paper){when}.")
+        which = f"{_kinds_text(kinds)} weights" if kinds else "late-phase weights"
+        sigma0 = f", initialised with σ0 = {averaging['sigma0']:g} (Eq. 2)," if averaging.get("sigma0") else ""
+        lines.append(f"- Its {which} are the average of K = {averaging.get('K')} late-phase members{sigma0} in "
+                     f"weight space (Eq. 1 of the paper){when}.")
     if averaging.get("swa_start") is not None:
         lines.append(f"- The weights were also averaged over the epochs from epoch {averaging['swa_start']} on (SWA).")
-    if averaging.get("bn_stats") in _BN_STATS_TEXT:
+    if late_batchnorm(averaging) and averaging.get("bn_stats") in _BN_STATS_TEXT:
         lines.append(f"- {_BN_STATS_TEXT[averaging['bn_stats']]}")
     if averaging.get("training_data"):
         lines.append(f"- Training data: {averaging['training_data']}.")
     return lines
+
+
+def late_batchnorm(averaging: Mapping[str, Any] | None) -> bool:
+    """Whether the checkpoint's BatchNorm layers were late-phase (K > 1 members averaged), so that the card says how
+    their statistics were made; shared BatchNorm (K = 1, or other kinds only) was trained as usual."""
+    kinds = (averaging or {}).get("late_phase") or ""
+    return ((averaging or {}).get("K") or 1) > 1 and "batchnorm" in kinds.split(",")
 
 
 def _loading_snippet(source: ModelSource, repo_id: str) -> list[str]:
@@ -195,49 +239,96 @@ def _loading_snippet(source: ModelSource, repo_id: str) -> list[str]:
     ]
 
 
+def percent_decimals(num_images: int | None) -> int:
+    """Decimals of a percentage over `num_images` images, to what it resolves (one image is 100/N %): 2 up to 10,000
+    images, one more per factor of ten beyond (ImageNet's 50,000: 3); 2 when the number is not known."""
+    if not num_images or num_images <= 10_000:
+        return 2
+    return 2 + math.ceil(math.log10(num_images / 10_000))
+
+
+def _decimals(name: str, num_images: int | None) -> int:
+    """What metric `name` over `num_images` images resolves: percentages by :func:`percent_decimals`, NLL, ECE and
+    the others to 4 decimals."""
+    return percent_decimals(num_images) if name in _PERCENT_METRICS else _OTHER_DECIMALS
+
+
+def round_metric(name: str, value: float, num_images: int | None) -> float:
+    """`value` of metric `name` rounded to what it resolves (:func:`_decimals`)."""
+    return round(value, _decimals(name, num_images))
+
+
+def _metric_text(name: str, value: float | None, num_images: int | None) -> str:
+    return "n/a" if value is None else f"{value:.{_decimals(name, num_images)}f}"
+
+
+def evaluations(metrics: Mapping[str, Any] | None) -> list[tuple[str, Mapping[str, Any], Mapping[str, float]]]:
+    """The card's evaluations as (label, the set measured on, metric name → number) rows: the base checkpoint and
+    this model on ``metrics["dataset"]``, and this model on ``metrics["test_dataset"]`` when ``metrics["test"]`` is
+    given; the test set takes the validation set's ``type`` and ``name`` (the same data) unless it has its own."""
+    metrics = metrics or {}
+    rows = []
+    for label, part, where in _EVALUATIONS:
+        if metrics.get(part):
+            data = {key: value for key, value in (metrics.get("dataset") or {}).items() if key in ("type", "name")}
+            rows.append((label, {**data, **(metrics.get(where) or {})}, metrics[part]))
+    return rows
+
+
+def describe_dataset(dataset: Mapping[str, Any]) -> str:
+    """``"NAME, SPLIT split, N images"`` of what is known about a set; ``"n/a"`` when nothing is."""
+    parts = [str(dataset["name"])] if dataset.get("name") else []
+    parts += [f"{dataset['split']} split"] if dataset.get("split") else []
+    parts += [f"{dataset['num_images']:,} images"] if dataset.get("num_images") else []
+    return ", ".join(parts) or "n/a"
+
+
 def _eval_results(metrics: Mapping[str, Any] | None) -> list[EvalResult]:
-    """This model's top-1 / top-5 on the set ``metrics["dataset"]`` names, for the ``model-index``."""
-    final, dataset = (metrics or {}).get("final") or {}, (metrics or {}).get("dataset")
-    if not dataset:
-        return []
+    """This model's top-1 / top-5 on each set it was evaluated on (validation, and test when given), for the
+    ``model-index``: only sets with a name and a type, values rounded to what they resolve."""
     return [
         EvalResult(task_type="image-classification", task_name="Image Classification", dataset_type=dataset["type"],
                    dataset_name=dataset["name"], dataset_split=dataset.get("split"), metric_type=metric_type,
-                   metric_name=metric_name, metric_value=round(final[key], 2))
-        for key, metric_type, metric_name in _EVAL_METRICS if final.get(key) is not None
+                   metric_name=metric_name, metric_value=round_metric(key, values[key], dataset.get("num_images")))
+        for label, dataset, values in evaluations(metrics) if label == "this model" and dataset.get("type")
+        and dataset.get("name")
+        for key, metric_type, metric_name in _EVAL_METRICS if values.get(key) is not None
     ]
 
 
 def _metrics_section(metrics: Mapping[str, Any] | None) -> list[str]:
-    if not metrics or not (metrics.get("base") or metrics.get("final")):
+    rows = evaluations(metrics)
+    if not rows:
         return ["No evaluation was recorded for this model."]
-    base = dict(metrics.get("base") or {})
-    final = dict(metrics.get("final") or {})
-    names = [n for n in _METRIC_LABELS if n in base or n in final]
-    names += [n for n in list(base) + list(final) if n not in names and n not in _METRIC_LABELS]
-    names = list(dict.fromkeys(names))
+    names = list(dict.fromkeys([n for n in _METRIC_LABELS if any(n in values for _, _, values in rows)]
+                               + [n for _, _, values in rows for n in values]))
     lines = []
+    base, final = dict(metrics.get("base") or {}), dict(metrics.get("final") or {})
     if base.get("top1") is not None and final.get("top1") is not None:
         dataset = metrics.get("dataset") or {}
-        where = f" on {dataset['name']}" if dataset else ""
-        where += f" ({dataset['split']} split)" if dataset.get("split") else ""
-        lines += [f"Top-1 accuracy{where}: **{final['top1']:.2f} %**, against {base['top1']:.2f} % for the base "
-                  f"checkpoint ({final['top1'] - base['top1']:+.2f} points).", ""]
-    lines += ["| metric | base checkpoint | this model |", "|---|---|---|"]
-    for name in names:
-        label = _METRIC_LABELS.get(name, name)
-        lines.append(f"| {_cell(label)} | {_format_number(base.get(name))} | {_format_number(final.get(name))} |")
+        n = dataset.get("num_images")
+        where = f" on {describe_dataset(dataset)}" if dataset else ""
+        change = final["top1"] - base["top1"]
+        lines += [f"Top-1 accuracy{where}: **{_metric_text('top1', final['top1'], n)} %**, against "
+                  f"{_metric_text('top1', base['top1'], n)} % for the base checkpoint "
+                  f"({change:+.{percent_decimals(n)}f} points).", ""]
+    lines += ["| model | evaluated on | " + " | ".join(_cell(_METRIC_LABELS.get(n, n)) for n in names) + " |",
+              "|---|---|" + "---|" * len(names)]
+    for label, dataset, values in rows:
+        numbers = " | ".join(_metric_text(n, values.get(n), dataset.get("num_images")) for n in names)
+        lines.append(f"| {label} | {_cell(describe_dataset(dataset))} | {numbers} |")
     if metrics.get("protocol"):
         lines += ["", f"Protocol: {metrics['protocol']}"]
     return lines
 
 
-def _format_number(value: Any) -> str:
-    return "n/a" if value is None else str(value)
-
-
 def _format_value(value: Any) -> str:
-    return value if isinstance(value, str) else json.dumps(value, default=str)
+    """A hyper-parameter as the card shows it: text as is, a float to 6 significant digits, none for None."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return "none" if value is None else json.dumps(value, default=str)
 
 
 def _cell(text: Any) -> str:

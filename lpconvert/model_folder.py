@@ -20,6 +20,7 @@ from typing import Any
 import safetensors.torch
 from torch import nn
 
+from lpconvert.collapse import collapse
 from lpconvert.errors import LatePhaseError
 from lpconvert.files import (
     CONFIG_NAME,
@@ -35,6 +36,7 @@ from lpconvert.files import (
     read_json_object,
     sha256_file,
 )
+from lpconvert.late_phase_config import ATTRIBUTE, LatePhaseConfig
 from lpconvert.loading import ModelSource, source_from_timm
 from lpconvert.members import unwrap
 from lpconvert.model_card import render_model_card
@@ -63,17 +65,22 @@ def save_pretrained(
     datasets: Sequence[str] = (),
     logs: str | Path | None = None,
     force: bool = False,
+    late_phase: LatePhaseConfig | None = None,
 ) -> Path:
     """Write a collapsed, original-architecture model to ``out_dir`` so timm/torchvision load it without lpconvert.
 
     ``source`` is what :func:`load_model` returned; for a timm model built in your own code it may be omitted
-    (it is then read from the model's ``pretrained_cfg``).
+    (it is then read from the model's ``pretrained_cfg``). A late-phase model (:func:`lpconvert.convert`, not yet
+    collapsed) is collapsed here (:func:`lpconvert.collapse`, ``bn_stats="fold"``); its ``late_phase_config`` — or
+    `late_phase`, the configuration of the model a collapsed `model` was averaged from — gives K, the kinds and σ0
+    to ``averaging`` and ``hparams`` (:func:`late_phase_record`), so the card and ``lpconvert.json`` state them.
 
     Files: ``model.safetensors`` (the state dict), ``config.json`` (timm's format, or a torchvision rebuild recipe),
     ``README.md`` (model card) and ``lpconvert.json`` (version, ``"collapsed": true``, source, hparams, metrics,
     ``averaging`` — how the members were averaged, see :func:`render_model_card` — and the caller's
-    ``provenance``). ``metrics`` holds ``base`` and ``final`` (name → number) and optionally ``protocol`` and
-    ``dataset`` (``type``, ``name``, ``split``: where they were measured, for the card's ``model-index``);
+    ``provenance``). ``metrics`` holds ``base`` and ``final`` (name → number) and optionally ``protocol``,
+    ``dataset`` (``type``, ``name``, ``split``, ``num_images``: where they were measured, for the card's
+    ``model-index``) and ``test`` with its ``test_dataset`` (``name``, ``split``, ``num_images``);
     ``datasets`` are the Hub ids of the training data (the card's ``datasets``); the TensorBoard event files under
     ``logs`` (a run's ``tensorboard/``) are copied into ``runs/``, which ``lpconvert push`` uploads. Everything is
     written into a temp directory beside ``out_dir`` and renamed into place. An existing non-empty ``out_dir`` is
@@ -87,6 +94,15 @@ def save_pretrained(
     _check_datasets(datasets)
     events = _event_files(Path(logs)) if logs is not None else {}
     model = unwrap(model)
+    if isinstance(getattr(model, ATTRIBUTE, None), LatePhaseConfig):
+        late_phase = late_phase or getattr(model, ATTRIBUTE)
+        model = collapse(model)
+        averaging = {"bn_stats": "fold", **(averaging or {})}
+    if late_phase is not None:
+        record = late_phase_record(late_phase)
+        averaging = {**record, **(averaging or {})}
+        hparams = {"K": record["K"], **({"late-phase weights": record["late_phase"], "sigma0": record["sigma0"]}
+                                        if late_phase.K > 1 else {}), **(hparams or {})}
     check_weights(model, "the model to save", f"nothing was written to {out_dir}; save a model that did not diverge "
                   "(an earlier checkpoint, or train again with a lower --lr)")
     if source is None:
@@ -141,6 +157,14 @@ def save_pretrained(
     return out_dir
 
 
+def late_phase_record(late_phase: LatePhaseConfig) -> dict[str, Any]:
+    """What a saved model records of the late phase it was averaged from: K, its kinds (comma-separated) and σ0 —
+    neither for K = 1, which has no late-phase weights (plain fine-tuning)."""
+    late = late_phase.K > 1
+    return {"K": late_phase.K, "late_phase": ",".join(sorted(late_phase.kinds)) if late else None,
+            "sigma0": late_phase.sigma0 if late else None}
+
+
 def _write_config(model: nn.Module, path: Path, source: ModelSource, label_names: Sequence[str] | None) -> None:
     if source.library == "torchvision":
         config: dict[str, Any] = {
@@ -189,13 +213,18 @@ def _check_datasets(datasets: Sequence[str]) -> None:
 def _check_metrics(metrics: Mapping[str, Any] | None) -> None:
     if metrics is None:
         return
-    dataset = metrics.get("dataset")
-    named = isinstance(dataset, Mapping) and all(isinstance(dataset.get(key), str) and dataset[key]
-                                                 for key in ("type", "name"))
-    if dataset is not None and not named:
-        raise LatePhaseError("metrics['dataset'] must be a mapping with the texts 'type' (a Hub dataset id or a name) "
-                             "and 'name' (and optionally 'split')")
-    for part in ("base", "final"):
+    for where, needed in (("dataset", ("type", "name")), ("test_dataset", ())):
+        dataset = metrics.get(where)
+        if dataset is None:
+            continue
+        named = isinstance(dataset, Mapping) and all(isinstance(dataset.get(key), str) and dataset[key]
+                                                     for key in needed)
+        count = dataset.get("num_images") if isinstance(dataset, Mapping) else None
+        if not named or not (count is None or (type(count) is int and count > 0)):
+            texts = "the texts 'type' (a Hub dataset id or a name) and 'name', and optionally " if needed else ""
+            raise LatePhaseError(f"metrics['{where}'] must be a mapping with {texts}'split' and 'num_images' (a "
+                                 "positive integer)")
+    for part in ("base", "final", "test"):
         values = metrics.get(part)
         if values is None:
             continue

@@ -54,6 +54,12 @@ class OptimizerSettings:
     nesterov: bool
     weight_decay: float
 
+    def describe(self) -> str:
+        """The optimizer and every setting it is built with: ``sgd lr=0.05 momentum=0.9 nesterov=False
+        weight_decay=0.0001`` (Adam and AdamW take no momentum or Nesterov flag)."""
+        used = ("lr", "momentum", "nesterov", "weight_decay") if self.name == "sgd" else ("lr", "weight_decay")
+        return " ".join([self.name, *(f"{name}={getattr(self, name)}" for name in used)])
+
     def factory(self) -> Callable[[Any], torch.optim.Optimizer]:
         if self.name == "sgd":
             return partial(torch.optim.SGD, lr=self.lr, momentum=self.momentum,

@@ -60,6 +60,9 @@ class RunCheckpoint:
     started: str
     label_names: list[str] | None = None
     data_fingerprint: dict[str, Any] | None = None
+    #: A distributed run's checkpoint taken within an epoch: every rank's floating-point buffers (the members' BN
+    #: running statistics stay rank-local until the epoch ends), in rank order.
+    rank_buffers: list[dict[str, torch.Tensor]] | None = None
 
     def save(self, path: Path) -> Path:
         """Atomically, as plain containers and tensors (read back weights-only)."""
@@ -85,7 +88,7 @@ class RunCheckpoint:
             model=state["model"], engine=state["engine"], position=Position(**state["position"]),
             history=History(**state["history"]), swa=swa["model"] if swa and "model" in swa else swa, rng=state["rng"],
             started=state.get("started", ""), label_names=state.get("label_names"),
-            data_fingerprint=state.get("data_fingerprint"),
+            data_fingerprint=state.get("data_fingerprint"), rank_buffers=state.get("rank_buffers"),
         )
 
 
@@ -126,6 +129,10 @@ class TrainState:
     history: History = field(default_factory=History)
     swa: AveragedModel | None = None
     started: str = field(default_factory=_now)
+    rank_buffers: list[dict[str, torch.Tensor]] | None = None
+    #: The starting checkpoint (epoch 0, a candidate for ``--select best``), held until the run's first checkpoint is
+    #: written — then it is saved as ``best`` — so that a run that dies before that leaves no checkpoint behind.
+    unsaved_start: RunCheckpoint | None = None
 
     @staticmethod
     def average_of(model: nn.Module) -> AveragedModel:
@@ -145,6 +152,7 @@ class TrainState:
             history=History(self.history.base, list(self.history.epochs), self.history.best_epoch),
             swa=None if self.swa is None else _on_cpu(self.swa.state_dict()),
             rng=rng_state(), started=self.started, label_names=label_names, data_fingerprint=data_fingerprint,
+            rank_buffers=self.rank_buffers,
         )
 
     @classmethod

@@ -6,6 +6,7 @@ import logging
 import os
 import warnings
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -21,6 +22,7 @@ class Runtime:
     world_size: int = 1
     amp_dtype: torch.dtype | None = None
     channels_last: bool = False
+    local_rank: int = 0
 
     @property
     def is_main(self) -> bool:
@@ -66,7 +68,9 @@ def cpu_threads(threads: int | None, processes_on_node: int = 1) -> int:
 
 
 def init_runtime(config: FinetuneConfig) -> Runtime:
-    """Device, distributed process group (from torchrun's environment), autocast dtype and memory format."""
+    """Device, distributed process group (from torchrun's environment, collectives waiting at most
+    ``--dist-timeout`` minutes), autocast dtype and memory format. ``--batch-size-per-gpu`` is resolved here, where
+    the number of processes is known: `config` then holds the global ``batch_size`` (per process × processes)."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if rank != 0:  # warnings and progress once, from rank 0; errors from every rank
@@ -81,9 +85,12 @@ def init_runtime(config: FinetuneConfig) -> Runtime:
         torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = True
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=timedelta(minutes=config.dist_timeout))
+    if config.batch_size_per_gpu is not None:
+        config.batch_size, config.batch_size_per_gpu = config.batch_size_per_gpu * world_size, None
     amp = {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}.get(config.amp)
     if config.amp == "auto":
         amp = torch.bfloat16 if device.type == "cuda" else None
     channels_last = device.type == "cuda" if config.channels_last is None else config.channels_last
-    return Runtime(device, rank, world_size, amp, channels_last)
+    return Runtime(device, rank, world_size, amp, channels_last, local_rank)

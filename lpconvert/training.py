@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from .collapse import collapse
 from .config import FinetuneConfig
+from .distributed import agree_on_stop, combine_bn_statistics, gather_rank_buffers, recalibration_share
 from .engine import iterate_members
 from .errors import LatePhaseError
 from .evaluation import evaluate_model
@@ -89,6 +90,9 @@ def train_one_epoch(state: TrainState, loader: DataLoader, config: FinetuneConfi
         boundary = (step + 1) % config.log_every == 0 or position.batch >= batches_per_epoch
         checkpoint_due = config.checkpoint_every and position.iteration % config.checkpoint_every == 0
         stopping = stop.reason(position.iteration)
+        if runtime.distributed:  # where the host syncs anyway: a signal to any rank stops every rank there
+            fixed = stop.after_iterations is not None and position.iteration >= stop.after_iterations
+            stopping = agree_on_stop(stopping, runtime) if boundary or checkpoint_due or fixed else None
         if boundary or checkpoint_due or stopping:
             _check_finite(state, finite, Path(run_dir), weights=bool(checkpoint_due or stopping))
             position.loss_sum += loss_sum.item()
@@ -97,9 +101,13 @@ def train_one_epoch(state: TrainState, loader: DataLoader, config: FinetuneConfi
                             lr=f"{engine.optimizers[0].param_groups[0]['lr']:.2e}",
                             img_s=f"{seen / (time.perf_counter() - started):.0f}")
         if checkpoint_due or stopping:
+            state.rank_buffers = gather_rank_buffers(state.model, runtime)
             save()
+            state.rank_buffers = None
         if stopping:
             bar.close()
+            if runtime.distributed:  # no rank exits (and makes torchrun end the others) before the checkpoint is whole
+                dist.barrier()
             raise RunInterrupted(stopping, run_dir)
     bar.close()
     _check_finite(state, finite, Path(run_dir), weights=True)
@@ -115,12 +123,17 @@ def train_one_epoch(state: TrainState, loader: DataLoader, config: FinetuneConfi
 def evaluate_averaged(state: TrainState, config: FinetuneConfig, runtime: Runtime, val: DataLoader,
                       recalibration: Iterable | None) -> dict[str, float]:
     """Collapse a copy of the late-phase model (or of its SWA average) with the run's BN statistics (Eq. 1) and
-    evaluate it on the validation set."""
+    evaluate it on the validation set. In a distributed run every rank calls it: BN statistics are re-estimated on
+    each rank's share of the recalibration batches and combined, the validation set is evaluated in shards, and
+    every rank returns the same metrics."""
     source = state.swa.module if state.swa is not None else state.model
     mode = eval_bn_stats(config, state.swa is not None)
-    averaged = collapse(source, bn_stats=mode, data=recalibration_batches(runtime, recalibration, mode),
-                        num_batches=config.recalibrate_batches)
-    return evaluate_model(averaged, val, device=runtime.device, amp_dtype=runtime.amp_dtype)
+    share, count = recalibration_share(recalibration, config.recalibrate_batches, runtime)
+    averaged = collapse(source, bn_stats=mode, data=recalibration_batches(runtime, share, mode), num_batches=count)
+    if mode == "recalibrate":
+        combine_bn_statistics(averaged, count, runtime)
+    return evaluate_model(averaged, val, device=runtime.device, amp_dtype=runtime.amp_dtype,
+                          distributed=runtime.distributed)
 
 
 def recalibration_batches(runtime: Runtime, loader: Iterable | None, mode: str) -> Iterable | None:

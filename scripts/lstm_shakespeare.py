@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lpconvert
+from lpconvert.stats import paired_difference, summary
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ARMS = ("base", "base + rank-1", "late-phase rank-1")
@@ -431,13 +432,24 @@ def code_version() -> dict:
             "script_sha256": hashlib.sha256(Path(__file__).read_bytes()).hexdigest()}
 
 
-def mean_std(values: list[float], digits: int = 3, signed: bool = False) -> str:
+def show(stats: dict | None, digits: int = 3, signed: bool = False) -> str:
+    """A :func:`lpconvert.stats.summary` or :func:`~lpconvert.stats.paired_difference` as "mean ± std" (the mean alone
+    for one seed, "–" for none)."""
     fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
-    if not values:
+    if stats is None:
         return "–"
-    if len(values) == 1:
-        return fmt.format(values[0])
-    return f"{fmt.format(statistics.fmean(values))} ± {statistics.stdev(values):.{digits}f}"
+    if stats["n"] == 1:
+        return fmt.format(stats["mean"])
+    return f"{fmt.format(stats['mean'])} ± {stats['std']:.{digits}f}"
+
+
+def show_summary(values: list[float]) -> str:
+    """mean ± std over seeds (:func:`lpconvert.stats.summary`)."""
+    return show(summary(values) if values else None)
+
+
+def mean(values) -> float:
+    return summary(list(values))["mean"]
 
 
 def render(report: dict, keep: str) -> str:
@@ -478,30 +490,31 @@ def render(report: dict, keep: str) -> str:
         for (arm, ev), rs in sorted(groups.items(), key=lambda kv: (ARMS.index(kv[0][0]), _eval_order(kv[0][1]))):
             kind = ev.split(" (")[0]
             kind = kind if kind in ("final", "SWA") else "final"  # ensemble / members alone: against base final
-            deltas = [r["test_bpc"] - base[(r["seed"], kind)]["test_bpc"] for r in rs
+            paired = [(base[(r["seed"], kind)]["test_bpc"], r["test_bpc"]) for r in rs
                       if arm != "base" and (r["seed"], kind) in base]
+            delta = paired_difference(*zip(*paired)) if paired else None  # per seed: arm − base
             paper = None if ev.split(" (")[0] not in ("final", "SWA") or (arm == LATE and "-K" in label) else \
                 PAPER[arm][0] if kind == "final" else PAPER[arm][1]
-            lines.append(f"| {arm} | {ev} | {mean_std([r['train_bpc'] for r in rs])} | "
-                         f"{mean_std([r['test_bpc'] for r in rs])} | "
-                         f"{mean_std([r['test_bpc'] - r['train_bpc'] for r in rs])} | "
-                         f"{mean_std(deltas, signed=True) if deltas else '–'} | {paper if paper else '–'} |")
+            lines.append(f"| {arm} | {ev} | {show_summary([r['train_bpc'] for r in rs])} | "
+                         f"{show_summary([r['test_bpc'] for r in rs])} | "
+                         f"{show(paired_difference([r['train_bpc'] for r in rs], [r['test_bpc'] for r in rs]))} | "
+                         f"{show(delta, signed=True)} | {paper if paper else '–'} |")
         late = [r for r in rows if r["arm"] == LATE and r["eval"] == "final"]
         if late:
             lines += ["", f"Late-phase arm: K = {late[0]['K_after_t0']} members after T0 (all seeds: "
                       f"{sorted({r['K_after_t0'] for r in late})}); the trained K = 1 factors u vᵀ at T0: mean "
-                      f"{mean_std([r['uv_at_t0']['mean'] for r in late])}, std "
-                      f"{mean_std([r['uv_at_t0']['std'] for r in late])}, range "
+                      f"{show_summary([r['uv_at_t0']['mean'] for r in late])}, std "
+                      f"{show_summary([r['uv_at_t0']['std'] for r in late])}, range "
                       f"[{min(r['uv_at_t0']['min'] for r in late):.3f}, {max(r['uv_at_t0']['max'] for r in late):.3f}]; "
                       f"spread of the members' u_k v_kᵀ at the end (std over k, mean over entries): "
-                      f"{mean_std([r['member_spread'] for r in late])}."]
+                      f"{show_summary([r['member_spread'] for r in late])}."]
         minutes = {}
         for r in rows:
             if r["eval"] == "final":
                 minutes.setdefault(r["arm"], []).append(r["minutes"])
         lines += ["", "Training minutes per run (mean; the late-phase arm includes the first "
                   f"{cfg['t0_epoch']} epochs it shares with the base + rank-1 run): "
-                  + ", ".join(f"{a} {statistics.fmean(m):.1f}" for a, m in minutes.items()) + "."]
+                  + ", ".join(f"{a} {mean(m):.1f}" for a, m in minutes.items()) + "."]
         curves = report["curves"].get(label, {})
         if curves:
             marks = sorted({p["epoch"] for c in curves.values() for p in c if p["epoch"] % 5 == 0
@@ -517,8 +530,8 @@ def render(report: dict, keep: str) -> str:
                     if arm not in curves:
                         continue
                     pts = [p for p in curves[arm] if p["epoch"] == e]
-                    cells.append(f"{statistics.fmean(p['train_bpc'] for p in pts):.3f} / "
-                                 f"{statistics.fmean(p['test_bpc'] for p in pts):.3f}" if pts else "–")
+                    cells.append(f"{mean(p['train_bpc'] for p in pts):.3f} / "
+                                 f"{mean(p['test_bpc'] for p in pts):.3f}" if pts else "–")
                 lines.append(f"| {e} | " + " | ".join(cells) + " |")
         lines.append("")
     lines += [ANALYSIS_MARKER, keep.rstrip("\n")] if keep.strip() else [ANALYSIS_MARKER]

@@ -392,11 +392,11 @@ def test_model_card_and_provenance(tmp_path, timm_model):
     assert {"late-phase-weights", "image-classification"} <= set(meta["tags"])
     assert meta["base_model"] == "timm/resnet50.a1_in1k" and meta["base_model_relation"] == "finetune"
     assert meta["datasets"] == ["timm/mini-imagenet"]
-    for part in ("base", "final"):
-        for value in METRICS[part].values():
-            assert f" {value} |" in body
+    for part in ("base", "final"):  # rounded to what they resolve: percentages to 2 decimals, NLL to 4
+        for name, value in METRICS[part].items():
+            assert f" {value:.{2 if name in ('top1', 'top5') else 4}f} |" in body
     assert METRICS["protocol"] in body
-    assert ("Top-1 accuracy on timm/mini-imagenet (validation split): **76.87 %**, against 76.13 % for the base "
+    assert ("Top-1 accuracy on timm/mini-imagenet, validation split: **76.87 %**, against 76.13 % for the base "
             "checkpoint (+0.75 points).") in body
     for name in HPARAMS:
         assert f"| {name} |" in body

@@ -35,12 +35,13 @@ def assert_one_line_error(result, *fragments):
 
 @pytest.fixture(scope="module")
 def cifar_run(tmp_path_factory, cifar10_root, cifar_resnet_weights, lpconvert_cache):
-    """`lpconvert finetune cifar_resnet20 --weights …` on a CIFAR-10 training subset (1 epoch, K=2)."""
+    """`lpconvert finetune cifar_resnet20 --weights …` on a CIFAR-10 training subset (1 epoch, K=2, the last epoch
+    exported): 100 of the 1,000 training images held out for validation, 500 test images."""
     out = tmp_path_factory.mktemp("cifar") / "run"
     result = invoke(
         "finetune", "cifar_resnet20", "--weights", cifar_resnet_weights[20], "--data", cifar10_root,
         "--train-subset", 1000, "--val-subset", 500, "--epochs", 1, "--K", 2, "--batch-size", 50, "--lr", 0.01,
-        "--late-phase", "bn,classifier", "--workers", 0, "--quiet", "--output", out,
+        "--late-phase", "bn,classifier", "--select", "last", "--workers", 0, "--quiet", "--output", out,
         env={"LPCONVERT_CACHE": str(lpconvert_cache)},
     )
     assert result.exit_code == 0, result.output
@@ -50,10 +51,11 @@ def cifar_run(tmp_path_factory, cifar10_root, cifar_resnet_weights, lpconvert_ca
 def test_cifar_resnet20_fine_tune_through_the_cli(cifar_run, pretrained_cifar_resnet):
     out, output = cifar_run
     report = json.loads((out / "report.json").read_text())
-    # the shared checkpoint reaches 91.73 % on the full test set; on a 500-image subset about that, before and after
-    assert 87.0 < report["start_top1"] < 96.0
-    assert 85.0 < report["final_top1"] < 97.0
-    assert f"{report['final_top1']:6.2f}" in output and "change" in output
+    # validated on 100 training images the shared checkpoint was trained on (near 100 %); the test set measured once:
+    # the checkpoint reaches 91.73 % on the full test set, about that on a 500-image subset
+    assert report["validation"] == "held-out" and 95.0 <= report["start_top1"] <= 100.0
+    assert 85.0 < report["test_top1"] < 97.0
+    assert f"{report['final_top1']:6.2f}" in output and f"{report['test_top1']:.2f}" in output and "change" in output
     state = safetensors.torch.load_file(str(out / "model" / "model.safetensors"))
     fresh = timm.create_model("cifar_resnet20", num_classes=10)
     fresh.load_state_dict(state, strict=True)
@@ -214,8 +216,8 @@ def test_evaluate_a_run_every_collapse_mode_and_the_ensemble(cifar_run, cifar10_
     rows = {row["variant"]: row for row in json.loads((tmp_path / "e.json").read_text())}
     assert set(rows) == {"averaged (fold)", "averaged (mean)", "averaged (recalibrate)", "ensemble (K=2, not averaged)"}
     report = json.loads((out / "report.json").read_text())
-    # the same 500 validation images as the run: the fold-collapsed model scores what the run recorded
-    assert rows["averaged (fold)"]["top1"] == pytest.approx(report["final_top1"], abs=1e-9)
+    # the same 500 test images as the run's one test evaluation: the fold-collapsed model scores what it recorded
+    assert rows["averaged (fold)"]["top1"] == pytest.approx(report["test_top1"], abs=1e-9)
     for row in rows.values():
         assert 85.0 < row["top1"] < 97.0 and 0.0 < row["ece"] < 0.2 and row["nll"] < 0.6
         assert 0.7 < row["auroc/test"] < 1.0  # CIFAR-100 is told apart from CIFAR-10 by predictive entropy

@@ -29,7 +29,8 @@ def test_compare_branches_at_t0_exactly_and_reports_the_runs_numbers(tmp_path, m
     folder = tmp_path / "cmp"
     assert {p.name for p in (folder / "seed0").iterdir()} == {"trunk", "plain", "late"}
     # the branch is bitwise the run in one go
-    alone = run(FinetuneConfig(**{**BASE, "sigma0": 0.1, "seed": 0, "select": "last", "output": str(tmp_path / "alone")}))
+    alone = run(FinetuneConfig(**{**BASE, "sigma0": 0.1, "seed": 0, "select": "last", "val_split": 0.0,
+                                  "output": str(tmp_path / "alone")}))
     assert alone["K"] == 3
     branched = safetensors.torch.load_file(str(folder / "seed0" / "late" / "model" / "model.safetensors"))
     one_go = safetensors.torch.load_file(str(tmp_path / "alone" / "model" / "model.safetensors"))

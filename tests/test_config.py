@@ -24,7 +24,8 @@ def test_every_setting_documents_itself():
     fields = dataclasses.fields(FinetuneConfig)
     for field in fields:
         assert field.metadata.get("help", "").strip(), f"FinetuneConfig.{field.name} has no help"
-        assert set(field.metadata) <= {"help", "choices", "path", "argument", "aliases", "flag_value"}, field.name
+        assert set(field.metadata) <= {"help", "choices", "path", "argument", "aliases", "flag_value",
+                                      "nargs"}, field.name
         assert field.metadata.get("path") in (None, "file", "dir"), field.name
     assert [f.name for f in fields if f.metadata.get("argument")] == ["model"]  # the MODEL argument, not a flag
     assert CHOICES["select"] == SELECT and CHOICES["member_optimizer"] == CHOICES["optimizer"]

@@ -35,11 +35,13 @@ def test_finetune_writes_a_complete_run(tmp_path):
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1, 2]
     assert rows[0]["val_top1"] < 30  # a random start
-    assert rows[2]["val_top1"] > 60  # two epochs of real training on the digits
+    assert rows[2]["val_top1"] > 45  # two epochs of real training on the digits
     assert rows[1]["train_loss"] > rows[2]["train_loss"] and rows[1]["K"] == 3
     assert report["start_top1"] == rows[0]["val_top1"]
-    best = max(rows[1:], key=lambda r: r["val_top1"])
+    best = max(rows, key=lambda r: r["val_top1"])
     assert report["final_top1"] == best["val_top1"] and report["select"] == "best"
+    # selected on 120 training digits held out; the 597 test digits measured once, on the exported model
+    assert report["validation"] == "held-out" and 45 < report["test_top1"] < 100
     assert (run_dir / "checkpoints" / "last.pt").is_file() and (run_dir / "checkpoints" / "best.pt").is_file()
     assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"
     # the averaged model strict-loads into the original architecture
@@ -64,7 +66,7 @@ def test_interrupted_and_resumed_run_equals_the_uninterrupted_run_bitwise(tmp_pa
     config = dict(epochs=2, sigma0=0.05, nesterov=True, checkpoint_every=2)
     run(_digits_run(tmp_path, "straight", **config))
     with pytest.raises(RunInterrupted):
-        run(_digits_run(tmp_path, "resumed", **config), stop_after=7)  # mid-epoch: 10 iterations per epoch
+        run(_digits_run(tmp_path, "resumed", **config), stop_after=7)  # mid-epoch: 9 iterations per epoch
     partial = _load(tmp_path / "resumed" / "checkpoints" / "last.pt")
     assert partial["position"]["iteration"] == 7 and partial["position"]["epoch"] == 0
     run(_digits_run(tmp_path, "resumed", resume=str(tmp_path / "resumed"), **config))
@@ -179,10 +181,10 @@ def test_gradient_accumulation_control(tmp_path):
     """--K 1 --accumulate 3: the member steps on every minibatch, θ once per 3 (paper Table 10's control)."""
     report = run(_digits_run(tmp_path, "accumulate", K=1, accumulate=3, epochs=1))
     checkpoint = _load(tmp_path / "accumulate" / "checkpoints" / "last.pt")
-    assert report["K"] == 1 and checkpoint["position"]["iteration"] == 10  # 30 minibatches / 3
+    assert report["K"] == 1 and checkpoint["position"]["iteration"] == 9  # 27 minibatches / 3
     run(_digits_run(tmp_path, "plain", K=1, epochs=1))
     plain = _load(tmp_path / "plain" / "checkpoints" / "last.pt")
-    assert plain["position"]["iteration"] == 30  # one θ step per minibatch
+    assert plain["position"]["iteration"] == 27  # one θ step per minibatch (1,080 digits: 120 are held out)
     # the member (BN, classifier) and θ moved differently from plain fine-tuning
     for key in ("features.0.0.weight", "fc.weight"):
         assert not torch.allclose(checkpoint["model"][key], plain["model"][key])
@@ -215,9 +217,9 @@ def test_member_settings_start_at_t0_and_a_forced_resume_applies_changed_setting
 
 
 def test_the_accumulation_control_starts_at_t0(tmp_path):
-    """--K 1 --accumulate 3 --t0 1: plain steps in epoch 1 (30 iterations), accumulation after (10 per epoch)."""
+    """--K 1 --accumulate 3 --t0 1: plain steps in epoch 1 (27 iterations), accumulation after (9 per epoch)."""
     run(_digits_run(tmp_path, "control", K=1, accumulate=3, t0=1, epochs=2))
-    assert _load(tmp_path / "control" / "checkpoints" / "last.pt")["position"]["iteration"] == 30 + 10
+    assert _load(tmp_path / "control" / "checkpoints" / "last.pt")["position"]["iteration"] == 27 + 9
 
 
 @pytest.mark.parametrize("resume", [False, True])
@@ -280,7 +282,8 @@ def test_threads_are_capped_recorded_and_sync_bn_needs_a_gpu(tmp_path, monkeypat
     try:
         run(_digits_run(tmp_path, "one", K=1, epochs=1, threads=1))
         provenance = json.loads((tmp_path / "one" / "model" / "lpconvert.json").read_text())
-        assert provenance["provenance"]["execution"] == {"device": "cpu", "world_size": 1, "threads": 1}
+        assert provenance["provenance"]["execution"] == {"device": "cpu", "world_size": 1, "threads": 1,
+                                                         "mode": "sequential"}
     finally:
         torch.set_num_threads(before)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})

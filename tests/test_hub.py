@@ -271,12 +271,16 @@ def test_finetune_push_to_hub_and_the_push_command(hub, tmp_path, monkeypatch):
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(local(x), remote(x))
-    # the model page's evaluation result is the run's recorded validation top-1 / top-5 of the published epoch
-    final = json.loads((tmp_path / "run" / "model" / "lpconvert.json").read_text())["metrics"]["final"]
+    # the model page's evaluation results are the run's recorded validation top-1 / top-5 of the published epoch and
+    # its test top-1 / top-5, rounded to what they resolve
+    metrics = json.loads((tmp_path / "run" / "model" / "lpconvert.json").read_text())["metrics"]
+    final, test = metrics["final"], metrics["test"]
     results = ModelCard.load("lpw-org/digits-lp").data.eval_results
     assert [(r.dataset_type, r.dataset_split, r.metric_type, r.metric_value) for r in results] == [
         ("sklearn-digits", "validation", "accuracy", round(final["top1"], 2)),
-        ("sklearn-digits", "validation", "top_5_accuracy", round(final["top5"], 2))]
+        ("sklearn-digits", "validation", "top_5_accuracy", round(final["top5"], 2)),
+        ("sklearn-digits", "test", "accuracy", round(test["top1"], 2)),
+        ("sklearn-digits", "test", "top_5_accuracy", round(test["top5"], 2))]
 
     # quiet by default: no third-party INFO chatter (httpx logs every request); --verbose brings it back
     assert "HTTP Request" not in result.output

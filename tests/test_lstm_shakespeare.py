@@ -101,3 +101,21 @@ def test_tiny_experiment_end_to_end(script, shared_dir, tmp_path):
     # --append keeps the finished runs and trains nothing new
     again = _main(script, ["--tiny", "--data", str(data), "--out", str(out), "--append"])
     assert again["rows"] == report["rows"] and len(again["invocations"]) == 2
+
+
+def test_report_statistics_are_lpconvert_stats(script):
+    """mean ± std over seeds and the paired differences of the report come from lpconvert.stats (summary,
+    paired_difference); rendering the committed results JSON reproduces the committed report byte for byte."""
+    from pathlib import Path
+
+    from lpconvert.stats import paired_difference, summary
+
+    assert not hasattr(script, "mean_std")  # no own copy of the statistics
+    assert script.show(summary([2.0, 2.5, 3.0])) == "2.500 ± 0.500"
+    assert script.show(summary([2.25])) == "2.250" and script.show(None) == "–"
+    assert script.show(paired_difference([2.0, 2.2], [2.1, 2.4]), signed=True) == "+0.150 ± 0.071"
+    results = Path(__file__).resolve().parents[1] / "zoo" / "results" / "lstm_shakespeare"
+    report = json.loads(results.with_suffix(".json").read_text())
+    markdown = results.with_suffix(".md").read_text()
+    keep = markdown.split(script.ANALYSIS_MARKER, 1)[1].lstrip("\n")
+    assert script.render(report, keep) == markdown

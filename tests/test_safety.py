@@ -205,7 +205,7 @@ INVALID = {  # case: (setup, arguments of `lpconvert finetune`, fragments of the
     "bad hub repo id": (None, [*DIGITS_CNN, "--push-to-hub", "not a repo"], ["--push-to-hub is not a Hub repository"]),
     "push without a token": (None, [*DIGITS_CNN, "--push-to-hub", "alice/digits-lpw"], ["needs a Hub token"]),
     "more members than minibatches": (None, [*DIGITS_CNN, "--K", "50"],
-                                      ["--K 50 members", "only 30 late-phase minibatches"]),
+                                      ["--K 50 members", "only 27 late-phase minibatches"]),
     "NaN weights": (lambda r: _weights(r, "nan"), [*DIGITS_CNN, "--weights", "nan.safetensors"],
                     ["non-finite", "fc.weight"]),
     "negative BatchNorm variance": (lambda r: _weights(r, "negative-variance"),
@@ -277,7 +277,8 @@ def test_disk_full_is_one_line_and_debug_shows_the_traceback(workdir, monkeypatc
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
     monkeypatch.setattr(lpconvert.run_state.RunCheckpoint, "save", full)
-    assert_one_line(invoke("finetune", "digits_cnn", *DIGITS, "--output", "a"), "No space left on device", "last.pt")
+    # the first checkpoint written is the starting one, epoch 0 (a candidate for --select best)
+    assert_one_line(invoke("finetune", "digits_cnn", *DIGITS, "--output", "a"), "No space left on device", "best.pt")
     with pytest.raises(OSError):
         invoke("--debug", "finetune", "digits_cnn", *DIGITS, "--output", "b")
 
@@ -286,10 +287,11 @@ def test_disk_full_is_one_line_and_debug_shows_the_traceback(workdir, monkeypatc
 # 5–7. members that train, a run that always delivers, provenance that survives resume
 # --------------------------------------------------------------------------------------------------------------------
 def test_every_member_gets_its_share_across_epochs(workdir):
-    """30 minibatches per epoch, K = 4: rounds of 4, 4, …, 2 — the round robin goes on over the epoch boundary."""
+    """27 minibatches per epoch (1,080 digits, 120 held out), K = 4: rounds of 4, 4, …, 3 — the round robin goes on
+    over the epoch boundary."""
     digits_run(workdir / "run", K=4, epochs=2, late_phase=("batchnorm",))
     checkpoint = torch.load(workdir / "run" / "checkpoints" / "last.pt", weights_only=True)
-    assert checkpoint["model"]["features.0.1.num_batches_tracked"].tolist() == [15, 15, 15, 15]
+    assert checkpoint["model"]["features.0.1.num_batches_tracked"].tolist() == [14, 14, 13, 13]
 
 
 @pytest.mark.parametrize("scores, exported_K", [((90.0, 50.0), 1), ((50.0, 90.0), 3)])

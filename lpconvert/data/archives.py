@@ -28,7 +28,7 @@ from lpconvert.errors import LatePhaseError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ARCHIVE_SUFFIXES", "VAL_SPLITS", "TarPath", "resolve_data_dirs"]
+__all__ = ["ARCHIVE_SUFFIXES", "VAL_SPLITS", "TarPath", "evaluation_split", "resolve_data_dirs"]
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 VAL_SPLITS = ("val", "validation", "test")  # the validation split's names, in order of preference
@@ -78,13 +78,32 @@ def resolve_data_dirs(
     return train, val
 
 
+def evaluation_split(data: str | os.PathLike | None, val_dir: str | os.PathLike | None = None, *,
+                     cache_dir: str | os.PathLike | None = None) -> str:
+    """``"validation"`` or ``"test"``: what the evaluation images :func:`resolve_data_dirs` finds are. ``--val-dir``
+    is a validation set by its name; under ``--data`` it is the split's name (``val/`` and ``validation/`` are
+    validation sets, ``test/`` is a test set: CIFAR-10's layout)."""
+    if val_dir is not None or data is None:
+        return "validation"
+    root = _resolve_tree(data, cache_dir, stop_at=_SPLITS)
+    for name in VAL_SPLITS:
+        if any(candidate.exists() for candidate in _split_paths(root, name)):
+            return "test" if name == "test" else "validation"
+    return "validation"
+
+
 def _find_split(root: Path | TarPath, names: Sequence[str],
                 cache_dir: str | os.PathLike | None) -> Path | TarPath | None:
     for name in names:
-        for candidate in [root / name, *(root / f"{name}{suffix}" for suffix in ARCHIVE_SUFFIXES)]:
+        for candidate in _split_paths(root, name):
             if candidate.exists():
                 return _resolve_tree(candidate, cache_dir)
     return None
+
+
+def _split_paths(root: Path | TarPath, name: str) -> list[Path | TarPath]:
+    """Where split `name` may lie under `root`: a folder or an archive of that name."""
+    return [root / name, *(root / f"{name}{suffix}" for suffix in ARCHIVE_SUFFIXES)]
 
 
 def _resolve_tree(

@@ -14,6 +14,7 @@ set that needs no download.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import io
 import logging
@@ -32,12 +33,12 @@ from torch.utils.data import Dataset, TensorDataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import default_loader, has_file_allowed_extension
 
-from lpconvert.data.archives import TarPath, resolve_data_dirs
+from lpconvert.data.archives import TarPath, evaluation_split, resolve_data_dirs
 from lpconvert.data.hfds import HubImages, HubSplit, hub_splits
 from lpconvert.data.labels import class_to_index
 from lpconvert.data.memory import memory_data
 from lpconvert.data.sampler import SeededSamples
-from lpconvert.data.transforms import build_transform
+from lpconvert.data.transforms import build_transform, data_config
 from lpconvert.errors import LatePhaseError, one_line
 
 if TYPE_CHECKING:
@@ -56,6 +57,7 @@ __all__ = [
     "build_datasets",
     "data_fingerprint",
     "digits_datasets",
+    "hold_out",
     "stratified_indices",
 ]
 
@@ -305,43 +307,62 @@ def digits_datasets(seed: int = 0, test_size: int = 597) -> tuple[TensorDataset,
 
 @dataclass
 class Data:
-    """The fine-tuner's data: training samples (seeded augmentation), validation set, their fingerprint."""
+    """The fine-tuner's data: training samples (seeded augmentation), the validation set every epoch is measured on
+    (and ``--select best`` chooses on), the test set evaluated once at the end when validation was held out of the
+    training images, and their fingerprint. `val_role` says what the validation set is: ``"validation"`` (the data's
+    validation split), ``"held-out"`` (``--val-split`` of the training images) or ``"test"`` (the data's test split,
+    nothing held out: measured, never selected on)."""
 
     train: SeededSamples
     val: Dataset
     fingerprint: dict[str, Any]
     label_names: list[str] | None = None
+    test: Dataset | None = None
+    val_role: str = "validation"
 
 
 def build_data(config: FinetuneConfig, model: nn.Module,
                sources: tuple[Source, Source] | None = None, *, labels: bool = True) -> Data:
-    """Training and validation sets of `config` with `model`'s own preprocessing (its timm data config).
+    """Training, validation and test sets of `config` with `model`'s own preprocessing (its timm data config, as
+    ``--input-size`` / ``--img-size`` / ``--crop-pct`` override it: :func:`~lpconvert.data.transforms.data_config`).
 
     The sources are ``config.dataset`` (:func:`~lpconvert.data.hfds.hub_splits`) or ``config.data`` /
     ``train_dir`` / ``val_dir`` (:func:`~lpconvert.data.archives.resolve_data_dirs`), unless `sources` gives the
-    (training, validation) pair itself. Labels follow ``config.class_map`` (default: :func:`class_to_index`'s
-    ``"auto"``). Subsets are drawn with ``config.subset_seed``; the training augmentation is seeded per
-    (``config.seed``, epoch, sample) by :class:`~lpconvert.data.sampler.SeededSamples`. Images are decoded into
-    memory and augmented batch-wise (:func:`~lpconvert.data.memory.memory_data`) as ``config.data_in_memory`` says.
-    ``labels=False`` (BatchNorm recalibration, which reads no labels): the classes are not matched to the model's
-    head, they are numbered in folder order."""
+    (training, validation) pair itself. When the evaluation split is a test set (``test/``, a dataset's ``test``
+    split, the digits' test images), ``config.val_split`` of the training images are held out, stratified with
+    ``config.subset_seed``, as the validation set (:func:`hold_out`), and the test set is returned apart. Labels follow
+    ``config.class_map`` (default: :func:`class_to_index`'s ``"auto"``). Subsets are drawn with
+    ``config.subset_seed``; the training augmentation is seeded per (``config.seed``, epoch, sample) by
+    :class:`~lpconvert.data.sampler.SeededSamples`. Images are decoded into memory and augmented batch-wise
+    (:func:`~lpconvert.data.memory.memory_data`) as ``config.data_in_memory`` says. ``labels=False`` (BatchNorm
+    recalibration, which reads no labels): the classes are not matched to the model's head, they are numbered in
+    folder order."""
     if sources is None and config.data == DIGITS:
-        train, val = digits_datasets()  # one split for every seed: the T0 model never sees a test digit
-        return Data(SeededSamples(train, config.seed), val, {"dataset": DIGITS, "num_files": len(train) + len(val)},
-                    [str(d) for d in range(10)])
-    import timm.data
-
+        train, test = digits_datasets()  # one split for every seed: the T0 model never sees a test digit
+        names = [str(d) for d in range(10)]
+        if config.val_split == 0:
+            return Data(SeededSamples(train, config.seed), test, _digits_fingerprint(train, test, val_role="test"),
+                        names, val_role="test")
+        train, val = hold_out(train, test, config.val_split, config.subset_seed)
+        return Data(SeededSamples(train, config.seed), val, _digits_fingerprint(train, val, test), names, test,
+                    "held-out")
     if sources is None and config.dataset is not None:
         sources = hub_splits(config.dataset)
         if None in sources:
             raise LatePhaseError(f"fine-tuning needs a training and a validation set; {config.dataset} has no "
                                  f"{'train' if sources[0] is None else 'val, validation or test'} split")
-    train_source, val_source = sources or resolve_data_dirs(config.data, config.train_dir, config.val_dir)
+        split = "test" if sources[1].split == "test" else "validation"
+    elif sources is None:
+        sources = resolve_data_dirs(config.data, config.train_dir, config.val_dir)
+        split = evaluation_split(config.data, config.val_dir)
+    else:
+        split = "validation"
+    train_source, val_source = sources
     if train_source is None or val_source is None:
         raise LatePhaseError("fine-tuning needs a training and a validation set; pass --data ROOT or "
                              "--train-dir/--val-dir")
     train, val = build_datasets(
-        train_source, val_source, data_config=timm.data.resolve_data_config(model=model),
+        train_source, val_source, data_config=data_config(model, config),
         num_classes=_num_classes(model) if labels else None,
         class_map=(config.class_map or "auto") if labels else "folder", train_subset=config.train_subset,
         val_subset=config.val_subset, seed=config.subset_seed, train_transform=config.train_transform,
@@ -349,11 +370,51 @@ def build_data(config: FinetuneConfig, model: nn.Module,
     if len(train.class_to_idx) < 2:
         raise LatePhaseError(f"the training set {train_source} has {len(train.class_to_idx)} class; a classifier "
                              "needs at least 2")
-    fingerprint = {"train": data_fingerprint(train), "val": data_fingerprint(val)}
     names = sorted(train.class_to_idx, key=train.class_to_idx.get)
-    in_memory = memory_data(train, val, mode=config.data_in_memory, seed=config.seed, workers=config.workers)
-    samples, val_set = in_memory or (SeededSamples(train, config.seed), val)
-    return Data(samples, val_set, fingerprint, names)
+    test, role = None, split
+    if split == "test" and config.val_split > 0:
+        test, role = val, "held-out"
+        train, val = hold_out(train, test, config.val_split, config.subset_seed)
+    fingerprint = {"train": data_fingerprint(train), "val": data_fingerprint(val)}
+    if test is not None:
+        fingerprint["test"] = data_fingerprint(test)
+    decoded = memory_data(train, val, *([test] if test is not None else []), mode=config.data_in_memory,
+                          seed=config.seed, workers=config.workers)
+    if decoded is None:
+        return Data(SeededSamples(train, config.seed), val, fingerprint, names, test, role)
+    return Data(decoded[0], decoded[1], fingerprint, names, decoded[2] if test is not None else None, role)
+
+
+def hold_out(train: LabelledImages | TensorDataset, evaluation: Dataset, fraction: float,
+             seed: int) -> tuple[LabelledImages | TensorDataset, LabelledImages | TensorDataset]:
+    """(the rest of `train`, ``round(fraction · len(train))`` of its images held out as a validation set): stratified
+    by label, drawn with `seed` (:func:`stratified_indices`); the held-out images get `evaluation`'s transform (no
+    augmentation). Neither set is shared with the other."""
+    targets = [int(t) for t in (train.tensors[1] if isinstance(train, TensorDataset) else train.targets)]
+    size = round(fraction * len(targets))
+    if not 1 <= size < len(targets):
+        raise LatePhaseError(f"--val-split {fraction:g} of {len(targets)} training images holds out {size}; choose a "
+                             "fraction that leaves images on both sides")
+    held = set(stratified_indices(targets, size, seed))
+    rest = [i for i in range(len(targets)) if i not in held]
+    if isinstance(train, TensorDataset):
+        return (TensorDataset(*(t[rest] for t in train.tensors)),
+                TensorDataset(*(t[sorted(held)] for t in train.tensors)))
+    validation = copy.copy(train)
+    validation.transform = evaluation.transform
+    _keep(validation, sorted(held))
+    _keep(train, rest)
+    return train, validation
+
+
+def _digits_fingerprint(train: TensorDataset, val: TensorDataset, test: TensorDataset | None = None, *,
+                        val_role: str = "held-out") -> dict[str, Any]:
+    """The digits' sizes, in all and per split (the model card names each figure's image count)."""
+    parts = {"train": train, "val": val, **({"test": test} if test is not None else {})}
+    splits = {name: {"num_files": len(part)} for name, part in parts.items()}
+    if val_role == "test":
+        splits["val"]["split"] = "test"
+    return {"dataset": DIGITS, "num_files": sum(len(part) for part in parts.values()), **splits}
 
 
 def _num_classes(model: nn.Module) -> int | None:

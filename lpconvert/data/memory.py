@@ -190,9 +190,10 @@ def _decode(decoding: ImageFolder | HubImages, normalize: transforms.Normalize, 
     return MemoryImages(images, torch.as_tensor(decoding.targets, dtype=torch.long), normalize, decoding.samples)
 
 
-def memory_data(train: ImageFolder | HubImages, val: ImageFolder | HubImages, *, mode: str, seed: int,
-                workers: int = 0, budget: int = MEMORY_BUDGET) -> tuple[MemorySamples, MemoryImages] | None:
-    """The training samples and validation set decoded into memory, or None to keep the per-sample path.
+def memory_data(train: ImageFolder | HubImages, *evaluation: ImageFolder | HubImages, mode: str, seed: int,
+                workers: int = 0, budget: int = MEMORY_BUDGET) -> tuple[MemorySamples | MemoryImages, ...] | None:
+    """The training samples and the evaluation sets (validation, test) decoded into memory, or None to keep the
+    per-sample path.
 
     ``mode``: ``"off"`` — None; ``"on"`` — decode (refused when a transform does something the batch path cannot,
     e.g. the ``timm`` RandomResizedCrop); ``"auto"`` — decode when the transforms allow it and the decoded images
@@ -201,17 +202,18 @@ def memory_data(train: ImageFolder | HubImages, val: ImageFolder | HubImages, *,
         raise LatePhaseError(f"unknown in-memory mode {mode!r}; use {', '.join(IN_MEMORY_MODES)}")
     if mode == "off":
         return None
-    splits = _split(train.transform), _split(val.transform)
+    sets = (train, *evaluation)
+    splits = [_split(data.transform) for data in sets]
     if None in splits:
         if mode == "on":
             raise LatePhaseError("--data-in-memory on augments batches with random crop and flip only; pass "
                                  "--train-transform cifar, or --data-in-memory auto to decode per sample")
         return None
-    decoding = [_decoding(data, split) for data, split in zip((train, val), splits)]
+    decoding = [_decoding(data, split) for data, split in zip(sets, splits)]
     size = sum(len(data) * data[0][0].numel() for data in decoding)
     if mode == "auto" and size > budget:
         return None
-    decoded_train, decoded_val = (_decode(data, split.normalize, workers) for data, split in zip(decoding, splits))
-    logger.debug("decoded %d training and %d validation images into memory (%.0f MiB)", len(train), len(val),
-                size / 2**20)
-    return MemorySamples(decoded_train, splits[0].augment, seed), decoded_val
+    decoded = [_decode(data, split.normalize, workers) for data, split in zip(decoding, splits)]
+    logger.debug("decoded %s images into memory (%.0f MiB)", " + ".join(str(len(data)) for data in sets),
+                 size / 2**20)
+    return MemorySamples(decoded[0], splits[0].augment, seed), *decoded[1:]

@@ -3,17 +3,37 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from timm.data import create_transform
+from timm.data import create_transform, resolve_data_config
+from torch import nn
 from torchvision import transforms
 
 from lpconvert.errors import LatePhaseError
 
-__all__ = ["build_transform"]
+if TYPE_CHECKING:
+    from lpconvert.config import FinetuneConfig
+
+__all__ = ["INPUT_KEYS", "build_transform", "data_config"]
+
+#: The data-config entries that ``--input-size`` / ``--img-size`` and ``--crop-pct`` set.
+INPUT_KEYS = ("input_size", "crop_pct")
 
 _SMALL_INPUT = 64  # inputs up to this many pixels a side get the CIFAR training augmentation by default
 _TRANSFORM_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
+
+
+def data_config(model: nn.Module, config: FinetuneConfig) -> dict[str, Any]:
+    """The model's timm data config (``timm.data.resolve_data_config(model=model)``) with the run's ``--input-size C H
+    W`` or ``--img-size N`` (square, the model's channels) and ``--crop-pct F`` in place of the model's own."""
+    cfg = dict(resolve_data_config(model=model))
+    if config.input_size:
+        cfg["input_size"] = tuple(config.input_size)
+    elif config.img_size is not None:
+        cfg["input_size"] = (cfg["input_size"][0], config.img_size, config.img_size)
+    if config.crop_pct is not None:
+        cfg["crop_pct"] = config.crop_pct
+    return cfg
 
 
 def build_transform(data_config: Mapping[str, Any], *, train: bool, train_transform: str = "auto") -> Any:

@@ -1,0 +1,192 @@
+"""One run on several processes (2 gloo processes on the CPU): sharded evaluation and BN recalibration equal one
+process's, a signal to one rank stops every rank at the same iteration and resumes bit-exactly, and a failure on one
+rank ends the others at once with its one line."""
+
+import json
+import os
+import signal
+import time
+from functools import partial
+from types import SimpleNamespace
+
+import pytest
+import safetensors.torch
+import timm
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.utils.data import DataLoader, TensorDataset
+from test_finetune import FAST, _digits_run, _free_port
+
+import lpconvert
+import lpconvert.training
+from lpconvert.config import FinetuneConfig
+from lpconvert.data import build_data, eval_loader, recalibration_loader
+from lpconvert.errors import LatePhaseError
+from lpconvert.evaluation import evaluate_model
+from lpconvert.finetune import RunInterrupted, run
+from lpconvert.runtime import Runtime
+from lpconvert.training import evaluate_averaged
+
+WORLD = 2
+
+
+def _join(rank: int, port: int) -> None:
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+
+
+def _leave() -> None:
+    if dist.is_initialized():  # a failing rank tore its group down already
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# (a) sharded evaluation and recalibration
+# --------------------------------------------------------------------------------------------------------------------
+def _evaluation_setup():
+    """A random digits CNN, its late-phase version (K = 3, σ0 = 0.2), the digits' validation set (odd size: the
+    shards differ), 300 noise images as an OOD set and the recalibration loader."""
+    torch.manual_seed(0)
+    model = timm.create_model("digits_cnn")
+    late = lpconvert.convert(timm.create_model("digits_cnn"), K=3, targets=("batchnorm", "classifier"), sigma0=0.2)
+    config = FinetuneConfig(model="digits_cnn", pretrained=False, bn_stats="recalibrate", recalibrate_batches=7,
+                            **FAST)
+    data = build_data(config, model)
+    val = eval_loader(data.val, 32, workers=0)
+    noise = torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 4 - 2
+    ood = DataLoader(TensorDataset(noise, torch.zeros(300, dtype=torch.long)), batch_size=40)
+    recalibration = recalibration_loader(data.train, 40, seed=0)
+    return model, late, config, val, ood, recalibration
+
+
+def _evaluations(runtime: Runtime) -> dict:
+    model, late, config, val, ood, recalibration = _evaluation_setup()
+    plain = evaluate_model(model, val, ood_loaders={"noise": ood}, distributed=runtime.distributed)
+    averaged = evaluate_averaged(SimpleNamespace(model=late, swa=None), config, runtime, val, recalibration)
+    return {"plain": plain, "averaged": averaged, "val": len(val.dataset)}
+
+
+def _evaluation_worker(rank, port, out):
+    _join(rank, port)
+    dist.init_process_group("gloo")
+    try:
+        result = _evaluations(Runtime(torch.device("cpu"), rank, WORLD))
+        (out / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        _leave()
+
+
+def test_two_processes_evaluate_what_one_process_evaluates(tmp_path):
+    """Top-1, NLL, ECE, entropy and OOD AUROC of a model, and the metrics of a late-phase model collapsed with BN
+    statistics re-estimated on each rank's share of 7 batches, equal one process's to 1e-6."""
+    mp.spawn(_evaluation_worker, args=(_free_port(), tmp_path), nprocs=WORLD, join=True)
+    torch.set_num_threads(1)
+    one = _evaluations(Runtime(torch.device("cpu")))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert ranks[0] == ranks[1]  # every rank returns the whole set's metrics
+    two = ranks[0]
+    assert two["val"] % 32 and two["plain"]["count"] == two["val"] == one["plain"]["count"]
+    assert 0 < one["plain"]["top1"] < 50 and 0.5 < one["plain"]["auroc/noise"] < 1  # a random model, real numbers
+    for variant in ("plain", "averaged"):
+        assert one[variant].keys() == two[variant].keys()
+        for key, value in one[variant].items():
+            assert two[variant][key] == pytest.approx(value, abs=1e-6, rel=1e-6), (variant, key)
+    assert one["averaged"]["nll"] != one["plain"]["nll"]  # the recalibrated late-phase model is another model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# (b) a signal to one rank, (c) a failure on one rank
+# --------------------------------------------------------------------------------------------------------------------
+def _on_iteration(n: int, action):
+    """Make `action` happen inside the training loop at iteration `n` (the learning-rate factor is computed once per
+    iteration); returns the undo."""
+    original, calls = lpconvert.training.lr_factor, []
+
+    def hooked(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == n:
+            action()
+        return original(*args, **kwargs)
+
+    lpconvert.training.lr_factor = hooked
+    return lambda: setattr(lpconvert.training, "lr_factor", original)
+
+
+def _fail(out):
+    (out / "raised").write_text(str(time.time()))
+    raise ValueError("the data of this rank is broken")
+
+
+def _runs_worker(rank, port, jobs, out):
+    """Runs `jobs` one after the other in one process group: (name, config, rank to act on, "sigterm" | "error")."""
+    _join(rank, port)
+    try:
+        for name, config_dict, acting_rank, what in jobs:
+            undo = lambda: None  # noqa: E731
+            if rank == acting_rank:
+                action = (lambda: os.kill(os.getpid(), signal.SIGTERM)) if what == "sigterm" else partial(_fail, out)
+                undo = _on_iteration(4, action)
+            try:
+                run(FinetuneConfig(**config_dict))
+                outcome = {"ended": "finished"}
+            except (RunInterrupted, LatePhaseError, ValueError) as exc:
+                outcome = {"ended": type(exc).__name__, "message": str(exc),
+                           "run_dir": str(getattr(exc, "run_dir", ""))}
+                if isinstance(exc, RunInterrupted) and rank == 0:  # the checkpoint as the interruption left it
+                    saved = torch.load(f"{exc.run_dir}/checkpoints/last.pt", map_location="cpu", weights_only=True)
+                    outcome.update(position=saved["position"], ranks_saved=len(saved["rank_buffers"]))
+            finally:
+                undo()
+            (out / f"{name}-rank{rank}.json").write_text(json.dumps({**outcome, "time": time.time()}))
+    finally:
+        _leave()
+
+
+def _spawn(tmp_path, jobs):
+    """Spawn 2 processes running `jobs` (name, acting rank, what, config overrides); each job's outcome per rank."""
+    out = tmp_path / "outcomes"
+    out.mkdir()
+    configs = [(name, _digits_run(tmp_path, name, epochs=2, sigma0=0.05, K=2, device="cpu", **overrides).to_dict(),
+                acting_rank, what) for name, acting_rank, what, overrides in jobs]
+    mp.spawn(_runs_worker, args=(_free_port(), configs, out), nprocs=WORLD, join=True)
+    return out, {name: [json.loads((out / f"{name}-rank{r}.json").read_text()) for r in range(WORLD)]
+                 for name, *_ in jobs}
+
+
+def test_sigterm_to_one_rank_stops_every_rank_and_resumes_bit_exactly(tmp_path):
+    """SIGTERM to rank 1 at iteration 4: both ranks stop at the next --log-every boundary (iteration 5) with the same
+    interruption naming the run directory, rank 0 wrote one complete checkpoint, and resuming ends with the
+    uninterrupted run's model bit for bit."""
+    resumed = str(tmp_path / "resumed")
+    _, ended = _spawn(tmp_path, [("straight", None, None, {}), ("resumed", 1, "sigterm", {}),
+                                 ("again", None, None, dict(resume=resumed, output=resumed))])
+    assert [r["ended"] for r in ended["straight"]] == ["finished", "finished"]
+    stopped = ended["resumed"]
+    assert [r["ended"] for r in stopped] == ["RunInterrupted", "RunInterrupted"]
+    assert stopped[0]["message"] == stopped[1]["message"] == "SIGTERM"
+    assert stopped[0]["run_dir"] == stopped[1]["run_dir"] == resumed
+    assert stopped[0]["position"]["iteration"] == 5 and stopped[0]["position"]["epoch"] == 0  # mid-epoch (of 10)
+    assert stopped[0]["ranks_saved"] == 2  # both ranks' rank-local BN statistics are in the one checkpoint
+    assert [r["ended"] for r in ended["again"]] == ["finished", "finished"]
+    checkpoint = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+    assert checkpoint["position"]["epoch"] == 2 and checkpoint["model"]["fc.weight"].shape == (2, 10, 64)
+    a = safetensors.torch.load_file(str(tmp_path / "straight" / "model" / "model.safetensors"))
+    b = safetensors.torch.load_file(str(tmp_path / "resumed" / "model" / "model.safetensors"))
+    assert a.keys() == b.keys() and len(a) > 5
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    log = [json.loads(line) for line in (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()]
+    assert [row["epoch"] for row in log] == [0, 1, 2] and log[2]["val_top1"] > 50  # it trained
+
+
+def test_a_failure_on_one_rank_ends_every_rank_at_once_with_its_line(tmp_path):
+    """An exception on rank 1 at iteration 4: rank 1 ends with it, rank 0 within seconds with one line naming rank 1
+    and its message (not after --dist-timeout)."""
+    out, ended = _spawn(tmp_path, [("failing", 1, "error", dict(dist_timeout=5.0))])
+    ended = ended["failing"]
+    assert ended[1]["ended"] == "ValueError" and ended[1]["message"] == "the data of this rank is broken"
+    assert ended[0]["ended"] == "LatePhaseError"
+    assert ended[0]["message"] == "rank 1 failed: the data of this rank is broken; see its output"
+    assert ended[0]["time"] - float((out / "raised").read_text()) < 30

@@ -1,0 +1,108 @@
+"""Selection never touches the test set: a validation set held out of the training images when the data's only
+evaluation split is a test set, the test set measured once on the exported model, and "best" that includes the
+starting checkpoint."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import safetensors.torch
+import timm
+import torch
+from PIL import Image
+
+from lpconvert.compare import Arm, arm_config
+from lpconvert.config import FinetuneConfig
+from lpconvert.data import DIGITS, MemoryImages, build_data
+from lpconvert.errors import LatePhaseError
+from lpconvert.finetune import run
+
+MODEL = "cifar_lenet5_bn"
+CLASSES = ("ant", "bee", "cat", "dog")
+
+
+def _tree(root: Path, evaluation: str) -> Path:
+    """train/: 10 noise PNGs of 32x32 per class; `evaluation`/: 3 per class."""
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 10), (evaluation, 3)):
+        for name in CLASSES:
+            (root / split / name).mkdir(parents=True)
+            for i in range(count):
+                Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / split / name / f"{i}.png")
+    return root
+
+
+def _data(root: Path, **settings):
+    config = FinetuneConfig(model=MODEL, data=str(root), workers=0, **settings)
+    return build_data(config, timm.create_model(MODEL, num_classes=len(CLASSES)))
+
+
+@pytest.mark.parametrize("in_memory", ["off", "on"])
+def test_a_test_split_makes_a_stratified_held_out_validation_set(tmp_path, in_memory):
+    data = _data(_tree(tmp_path, "test"), val_split=0.2, train_transform="cifar", data_in_memory=in_memory)
+    assert data.val_role == "held-out" and len(data.test) == 12
+    assert isinstance(data.val, MemoryImages) == (in_memory == "on")
+    train_files = {path for path, _ in data.train.dataset.samples}
+    val_files = {path for path, _ in data.val.samples}
+    assert len(train_files) == 32 and len(val_files) == 8 and not train_files & val_files  # 20 % of 40, disjoint
+    assert all("/train/" in path for path in val_files)
+    assert Counter(label for _, label in data.val.samples) == {0: 2, 1: 2, 2: 2, 3: 2}  # stratified: 2 per class
+    # validation images are not augmented: the same tensor every time, and the test set's preprocessing
+    first, again = data.val[0][0], data.val[0][0]
+    assert torch.equal(first, again) and first.shape == data.test[0][0].shape == (3, 32, 32)
+    assert set(data.fingerprint) == {"train", "val", "test"} and data.fingerprint["test"]["num_files"] == 12
+    # the same images for every --seed (the hold-out follows --subset-seed), others for another --subset-seed
+    assert {p for p, _ in _data(tmp_path, val_split=0.2, seed=5).val.samples} == val_files
+    assert {p for p, _ in _data(tmp_path, val_split=0.2, subset_seed=1).val.samples} != val_files
+
+
+def test_a_validation_split_is_used_as_it_is(tmp_path):
+    data = _data(_tree(tmp_path / "a", "val"), val_split=0.2)
+    assert data.val_role == "validation" and data.test is None and len(data.val) == 12 and len(data.train) == 40
+    data = _data(_tree(tmp_path / "b", "test"), val_split=0.0, select="last")
+    assert data.val_role == "test" and data.test is None and len(data.val) == 12 and len(data.train) == 40
+
+
+def test_select_best_on_the_test_set_is_refused_before_anything_is_written(tmp_path):
+    root = _tree(tmp_path / "data", "test")
+    output = tmp_path / "run"
+    with pytest.raises(LatePhaseError, match="--select best would choose the epoch on the test set"):
+        run(FinetuneConfig(model=MODEL, pretrained=False, num_classes=4, data=str(root), val_split=0.0, K=1,
+                           epochs=1, batch_size=8, workers=0, quiet=True, output=str(output)))
+    assert not output.exists()
+    with pytest.raises(LatePhaseError, match="--val-split must lie in"):
+        FinetuneConfig(val_split=1.0)
+
+
+def test_compare_holds_nothing_out(tmp_path):
+    base = FinetuneConfig(model=MODEL, data=str(tmp_path), K=10, epochs=3)
+    assert base.val_split == 0.1  # fine-tuning's default
+    config = arm_config(base, Arm("late", {"sigma0": "0.5"}), seed=0, output=tmp_path / "out")
+    assert config.val_split == 0.0 and config.select == "last"
+
+
+FAST = dict(data=DIGITS, batch_size=40, workers=0, quiet=True, schedule="constant", log_every=5)
+
+
+def test_a_run_that_makes_the_model_worse_exports_the_starting_checkpoint(tmp_path):
+    start = run(FinetuneConfig(model="digits_cnn", pretrained=False, K=1, epochs=2, lr=0.05, select="last",
+                               output=str(tmp_path / "start"), **FAST))
+    assert start["validation"] == "held-out" and start["test_top1"] > 60
+    # σ0 = 3 buries the classifier's members in noise: their average is far worse than the start, whatever the lr
+    report = run(FinetuneConfig(model=f"local-dir:{start['model_dir']}", K=2, epochs=1, lr=1e-6, sigma0=3.0,
+                                late_phase=("classifier",), output=str(tmp_path / "worse"), **FAST))
+    rows = [json.loads(line) for line in (tmp_path / "worse" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[1]["val_top1"] < rows[0]["val_top1"] - 10
+    assert report["epoch"] == 0 and report["select"] == "best" and report["K"] == 1
+    assert report["final_top1"] == report["start_top1"] == rows[0]["val_top1"] == start["final_top1"]
+    assert "starting model is exported unchanged" in report["note"]
+    assert report["test_top1"] == start["test_top1"]  # the same model, measured once on the same test digits
+    exported = safetensors.torch.load_file(str(tmp_path / "worse" / "model" / "model.safetensors"))
+    original = safetensors.torch.load_file(str(tmp_path / "start" / "model" / "model.safetensors"))
+    assert exported.keys() == original.keys()
+    for name in original:
+        assert torch.equal(exported[name], original[name]), name
