@@ -106,3 +106,47 @@ def test_a_run_that_makes_the_model_worse_exports_the_starting_checkpoint(tmp_pa
     assert exported.keys() == original.keys()
     for name in original:
         assert torch.equal(exported[name], original[name]), name
+
+
+def test_the_test_split_is_read_once_after_the_last_epoch(tmp_path, monkeypatch):
+    """Every read of a test image is logged beside the training epochs: all of them come after the last epoch, each
+    image exactly once (the exported model's one evaluation)."""
+    from torch.utils.data import Dataset
+
+    from lpconvert import finetune
+
+    events: list[str] = []
+
+    class Recorded(Dataset):
+        def __init__(self, dataset):
+            self.dataset = dataset
+
+        def __len__(self):
+            return len(self.dataset)
+
+        def __getitem__(self, index):
+            events.append(f"test {index}")
+            return self.dataset[index]
+
+    real_build, real_epoch = finetune.build_data, finetune.train_one_epoch
+
+    def build(*args, **kwargs):
+        data = real_build(*args, **kwargs)
+        data.test = Recorded(data.test)
+        return data
+
+    def epoch(*args, **kwargs):
+        events.append("epoch")
+        return real_epoch(*args, **kwargs)
+
+    monkeypatch.setattr(finetune, "build_data", build)
+    monkeypatch.setattr(finetune, "train_one_epoch", epoch)
+    report = run(FinetuneConfig(model="digits_cnn", pretrained=False, K=2, epochs=3, lr=0.05,
+                                late_phase=("batchnorm",), output=str(tmp_path / "run"), **FAST))
+    assert events.count("epoch") == 3
+    reads = events[events.index("epoch"):]
+    last_epoch = len(reads) - 1 - reads[::-1].index("epoch")
+    assert all(event == "epoch" for event in reads[:last_epoch + 1])  # nothing of the test set during training
+    assert sorted(int(e.split()[1]) for e in reads[last_epoch + 1:]) == list(range(597))  # then each image once
+    assert events.index("epoch") == 0  # nor before it (the start is measured on the held-out digits)
+    assert 0 < report["test_top1"] <= 100
