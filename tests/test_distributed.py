@@ -190,3 +190,50 @@ def test_a_failure_on_one_rank_ends_every_rank_at_once_with_its_line(tmp_path):
     assert ended[0]["ended"] == "LatePhaseError"
     assert ended[0]["message"] == "rank 1 failed: the data of this rank is broken; see its output"
     assert ended[0]["time"] - float((out / "raised").read_text()) < 30
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# (d) data prepared once per node, (e) the batch said plainly
+# --------------------------------------------------------------------------------------------------------------------
+def _node_worker(rank, port, out):
+    import logging
+
+    from lpconvert.distributed import local_main_first
+    from lpconvert.finetune import _log_batch
+    from lpconvert.runtime import init_runtime
+
+    _join(rank, port)
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())
+    logging.getLogger("lpconvert").addHandler(handler)
+    logging.getLogger("lpconvert").setLevel(logging.INFO)
+    settings = {**{k: v for k, v in FAST.items() if k != "batch_size"}, "quiet": False}
+    config = FinetuneConfig(model="digits_cnn", batch_size_per_gpu=8, device="cpu", **settings)
+    runtime = init_runtime(config)
+    try:
+        prepared = out / "prepared"
+        with local_main_first(runtime):
+            seen = prepared.exists()  # local rank 0 first: it finds nothing, the other rank finds its work
+            if runtime.local_rank == 0:
+                time.sleep(1.0)
+                prepared.write_text("extracted")
+        _log_batch(config, runtime, timm.create_model("digits_cnn"))
+        (out / f"rank{rank}.json").write_text(json.dumps({"seen": seen, "batch_size": config.batch_size,
+                                                           "lines": lines}))
+    finally:
+        _leave()
+
+
+def test_local_rank_0_prepares_the_data_first_and_the_batch_is_said_plainly(tmp_path):
+    mp.spawn(_node_worker, args=(_free_port(), tmp_path), nprocs=WORLD, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
+    assert [r["seen"] for r in ranks] == [False, True]
+    assert [r["batch_size"] for r in ranks] == [16, 16]  # --batch-size-per-gpu 8 on 2 processes: a global batch of 16
+    start, warning = ranks[0]["lines"]
+    assert start == ("batch: 16 global = 8 per process × 2 process(es); each member's BatchNorm batch: 8 images per "
+                     "process")
+    assert "normalises over 8 images per process" in warning and "--sync-bn" in warning
+    assert ranks[1]["lines"] == []  # rank 0 speaks for the run
+    with pytest.raises(LatePhaseError, match="--batch-size-per-gpu"):
+        FinetuneConfig(batch_size=64, batch_size_per_gpu=8)
