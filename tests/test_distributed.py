@@ -237,3 +237,58 @@ def test_local_rank_0_prepares_the_data_first_and_the_batch_is_said_plainly(tmp_
     assert ranks[1]["lines"] == []  # rank 0 speaks for the run
     with pytest.raises(LatePhaseError, match="--batch-size-per-gpu"):
         FinetuneConfig(batch_size=64, batch_size_per_gpu=8)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# (f) the same through torchrun and the command line: SIGTERM to rank 1's process only
+# --------------------------------------------------------------------------------------------------------------------
+def _rank_pid(marker: str, rank: int) -> int | None:
+    """The process of torchrun's worker `rank` started with LPCONVERT_TEST_MARKER=`marker` (from /proc)."""
+    from pathlib import Path
+
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            variables = set(environ.read_bytes().split(b"\0"))
+        except OSError:
+            continue
+        if f"LPCONVERT_TEST_MARKER={marker}".encode() in variables and f"RANK={rank}".encode() in variables:
+            return int(environ.parent.name)
+    return None
+
+
+def _torchrun(tmp_path, name: str, *args: str) -> tuple[int, list[str]]:
+    """Run `lpconvert finetune` under torchrun on 2 CPU processes; (torchrun's exit code, each rank's output)."""
+    import subprocess
+    import sys
+
+    logs = tmp_path / f"logs-{name}"
+    env = {**os.environ, "LPCONVERT_TEST_MARKER": f"{tmp_path}-{name}", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD), "--master_port",
+               str(_free_port()), "--log-dir", str(logs), "--redirects", "3", "-m", "lpconvert", "finetune",
+               "digits_cnn", "--no-pretrained", "--data", "sklearn-digits", "--K", "2", "--batch-size", "40",
+               "--workers", "0", "--quiet", "--device", "cpu", "--threads", "1", "--schedule", "constant",
+               "--output", str(tmp_path / "run"), *args]
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if name == "stopped":
+        deadline = time.time() + 240
+        while not (tmp_path / "run" / "checkpoints" / "last.pt").exists():  # training, signal handlers in place
+            assert process.poll() is None and time.time() < deadline, "the run ended before its first checkpoint"
+            time.sleep(0.2)
+        os.kill(_rank_pid(f"{tmp_path}-{name}", 1), signal.SIGTERM)
+    _, errors = process.communicate(timeout=300)
+    outputs = [sorted(logs.rglob(f"attempt_0/{rank}/stderr.log"))[0].read_text() for rank in range(WORLD)]
+    return process.returncode, outputs + [errors]
+
+
+def test_torchrun_sigterm_to_one_rank_exits_130_on_every_rank_with_one_line(tmp_path):
+    code, (rank0, rank1, torchrun) = _torchrun(tmp_path, "stopped", "--epochs", "15", "--checkpoint-every", "2",
+                                              "--log-every", "2")
+    line = f"interrupted (SIGTERM); a checkpoint was saved: continue with --resume {tmp_path / 'run'}"
+    assert code != 0 and torchrun.count("exitcode  : 130") == WORLD, torchrun  # both workers ended with 130
+    assert [out.strip().splitlines()[-1] for out in (rank0, rank1)] == [line, line]
+    assert "Traceback" not in rank0 + rank1
+    checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["position"]["epoch"] < 15 and checkpoint["position"]["iteration"] % 2 == 0
+    code, _ = _torchrun(tmp_path, "resumed", "--resume", str(tmp_path / "run"), "--epochs", "15",
+                        "--checkpoint-every", "2", "--log-every", "2")
+    assert code == 0 and (tmp_path / "run" / "model" / "model.safetensors").is_file()
