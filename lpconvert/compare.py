@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from .collapse import ensemble_predict
-from .config import FinetuneConfig, field_types, flag
+from .config import LEGACY_SETTINGS, FinetuneConfig, field_types, flag
 from .data import build_data, eval_loader
 from .errors import LatePhaseError
 from .evaluate import eval_set
 from .evaluation import evaluate_model
 from .files import atomic_write_json, read_json_object
-from .finetune import LEGACY_SETTINGS, RunInterrupted, run
+from .finetune import RunInterrupted, run
 from .late_phase_model import load_late_phase
 from .loading import load_model
 from .ownership import check_not_protected
@@ -230,7 +230,7 @@ def evaluate_arm(run_dir: Path, ood: Sequence[str] = ()) -> dict[str, dict[str, 
     """A finished run evaluated on its validation split: its averaged model (``RUN/model``, the last epoch) and, for
     K > 1, the ensemble of its final members; OOD AUROC per set and their mean when `ood` is given."""
     late, checkpoint = load_late_phase(run_dir, "last")
-    config = FinetuneConfig.from_dict({**checkpoint.config, "resume": None, "force": False})
+    config = FinetuneConfig.from_saved({**checkpoint.config, "resume": None, "force": False})
     averaged, _ = load_model(f"local-dir:{run_dir / 'model'}", pretrained=True)
     device = resolve_device(config.device)
     val = eval_loader(build_data(config, averaged).val, config.batch_size, workers=config.workers)

@@ -284,6 +284,16 @@ class FinetuneConfig:
             raise LatePhaseError(f"unknown setting(s) {', '.join(unknown)}; see `lpconvert finetune --help`")
         return cls(**values)
 
+    @classmethod
+    def from_saved(cls, values: dict[str, Any]) -> FinetuneConfig:
+        """A saved run's settings: a setting the run was saved without has the value the version that saved it
+        behaved as (:data:`LEGACY_SETTINGS`), not today's default."""
+        return cls.from_dict({**LEGACY_SETTINGS, **values})
+
+
+#: Settings that runs saved by earlier versions lack, with the value those versions behaved as.
+LEGACY_SETTINGS = {"data_in_memory": "off", "val_split": 0.0}
+
 
 #: The values allowed for each setting that has a fixed set (its field's ``choices``).
 CHOICES: dict[str, tuple[str, ...]] = {f.name: f.metadata["choices"] for f in dataclasses.fields(FinetuneConfig)

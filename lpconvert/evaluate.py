@@ -80,11 +80,12 @@ def eval_set(model: nn.Module, data: str | Source, *, subset: int | None, batch_
 def _recalibration_set(model: nn.Module, checkpoint: RunCheckpoint, train: Source) -> DataLoader:
     """The batches the run itself recalibrates on (:func:`lpconvert.data.recalibration_loader`): the training split
     `train` built with the run's settings (labels, subset, augmentation, batch size, seed)."""
-    config = FinetuneConfig.from_dict({**checkpoint.config, "resume": None, "force": False, "workers": 0,
+    config = FinetuneConfig.from_saved({**checkpoint.config, "resume": None, "force": False, "workers": 0,
                                        **({"data": DIGITS, "dataset": None} if train == DIGITS else {})})
     sources = None if train == DIGITS else (train, train)
-    return recalibration_loader(build_data(config, model, sources=sources).train, config.batch_size,
-                                seed=config.seed)
+    held_out = "test" in (checkpoint.data_fingerprint or {})  # the run validated on images held out of `train`
+    data = build_data(config, model, sources=sources, evaluation="test" if held_out else "validation")
+    return recalibration_loader(data.train, config.batch_size, seed=config.seed)
 
 
 def _check_options(batch_size: int, workers: int, subset: int | None, flatness_sigmas: Sequence[float],

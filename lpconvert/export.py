@@ -201,7 +201,7 @@ def _collapse_run(path: str | Path, out: str | Path, *, bn_stats: str = "fold", 
     if bn_stats == "recalibrate" and data is None:
         raise LatePhaseError("--bn-stats recalibrate needs --data (the training images to re-estimate them on)")
     model, checkpoint = load_late_phase(path, which)
-    config = FinetuneConfig.from_dict({**checkpoint.config, "resume": None, "force": False})
+    config = FinetuneConfig.from_saved({**checkpoint.config, "resume": None, "force": False})
     if checkpoint.swa is not None:
         from torch.optim.swa_utils import AveragedModel
 

@@ -31,7 +31,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .collapse import collapse
-from .config import FinetuneConfig, flag
+from .config import LEGACY_SETTINGS, FinetuneConfig, flag
 from .data import DIGITS, Data, build_data, eval_loader, recalibration_loader, train_loader
 from .data.transforms import data_config
 from .distributed import announce_failure, failure_elsewhere, local_main_first, restore_rank_buffers
@@ -61,8 +61,6 @@ RESUME_FREE = ("resume", "force", "quiet", "workers", "log", "log_every", "outpu
                "allow_regression", "dist_timeout")
 #: What the late phase is made of: a resume may change these (with --force) only before T0, where they take effect.
 STRUCTURAL = ("K", "late_phase", "late_phase_options", "include", "exclude", "sigma0", "t0")
-#: Settings that runs saved by earlier versions lack, with the value those versions behaved as.
-LEGACY_SETTINGS = {"data_in_memory": "off", "val_split": 0.0}
 #: Warn when θ's step grows by this factor at T0, or the first late-phase epoch loses this many points of top-1.
 STEP_GROWTH_WARNING, TOP1_FALL_WARNING = 4.0, 5.0
 #: Warn when each member's BatchNorm sees fewer images than this per process in a distributed run.

@@ -150,3 +150,16 @@ def test_the_test_split_is_read_once_after_the_last_epoch(tmp_path, monkeypatch)
     assert sorted(int(e.split()[1]) for e in reads[last_epoch + 1:]) == list(range(597))  # then each image once
     assert events.index("epoch") == 0  # nor before it (the start is measured on the held-out digits)
     assert 0 < report["test_top1"] <= 100
+
+
+def test_evaluate_recalibrates_on_the_runs_own_training_images(tmp_path):
+    """A run that held digits out recalibrated on the rest: `lpconvert evaluate --bn-stats recalibrate` re-estimates
+    on the same batches and scores exactly the run's one test figure."""
+    from lpconvert.evaluate import evaluate
+
+    report = run(FinetuneConfig(model="digits_cnn", pretrained=False, K=2, epochs=1, lr=0.05, select="last",
+                                bn_stats="recalibrate", recalibrate_batches=5, late_phase=("batchnorm",),
+                                output=str(tmp_path / "run"), **FAST))
+    rows = evaluate(str(tmp_path / "run"), DIGITS, checkpoint="last", workers=0)
+    assert [row["variant"] for row in rows] == ["averaged (recalibrate)"]
+    assert rows[0]["top1"] == report["test_top1"]

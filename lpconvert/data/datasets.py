@@ -321,17 +321,17 @@ class Data:
     val_role: str = "validation"
 
 
-def build_data(config: FinetuneConfig, model: nn.Module,
-               sources: tuple[Source, Source] | None = None, *, labels: bool = True) -> Data:
+def build_data(config: FinetuneConfig, model: nn.Module, sources: tuple[Source, Source] | None = None, *,
+               labels: bool = True, evaluation: str = "validation") -> Data:
     """Training, validation and test sets of `config` with `model`'s own preprocessing (its timm data config, as
     ``--input-size`` / ``--img-size`` / ``--crop-pct`` override it: :func:`~lpconvert.data.transforms.data_config`).
 
     The sources are ``config.dataset`` (:func:`~lpconvert.data.hfds.hub_splits`) or ``config.data`` /
     ``train_dir`` / ``val_dir`` (:func:`~lpconvert.data.archives.resolve_data_dirs`), unless `sources` gives the
-    (training, validation) pair itself. When the evaluation split is a test set (``test/``, a dataset's ``test``
-    split, the digits' test images), ``config.val_split`` of the training images are held out, stratified with
-    ``config.subset_seed``, as the validation set (:func:`hold_out`), and the test set is returned apart. Labels follow
-    ``config.class_map`` (default: :func:`class_to_index`'s ``"auto"``). Subsets are drawn with
+    (training, validation) pair itself (`evaluation` says what its second is). When the evaluation split is a test
+    set (``test/``, a dataset's ``test`` split, the digits' test images), ``config.val_split`` of the training images
+    are held out, stratified with ``config.subset_seed``, as the validation set (:func:`hold_out`), and the test set
+    is returned apart. Labels follow ``config.class_map`` (default: :func:`class_to_index`'s ``"auto"``). Subsets are drawn with
     ``config.subset_seed``; the training augmentation is seeded per (``config.seed``, epoch, sample) by
     :class:`~lpconvert.data.sampler.SeededSamples`. Images are decoded into memory and augmented batch-wise
     (:func:`~lpconvert.data.memory.memory_data`) as ``config.data_in_memory`` says. ``labels=False`` (BatchNorm
@@ -356,7 +356,7 @@ def build_data(config: FinetuneConfig, model: nn.Module,
         sources = resolve_data_dirs(config.data, config.train_dir, config.val_dir)
         split = evaluation_split(config.data, config.val_dir)
     else:
-        split = "validation"
+        split = evaluation
     train_source, val_source = sources
     if train_source is None or val_source is None:
         raise LatePhaseError("fine-tuning needs a training and a validation set; pass --data ROOT or "
