@@ -512,7 +512,8 @@ def _log_batch(config: FinetuneConfig, runtime: Runtime, model: nn.Module) -> No
 
 def _train(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime, run_dir: RunDir, stop: StopRequest,
            command: str | None) -> dict[str, Any]:
-    """fit + finish with SIGINT/SIGTERM turned into a checkpoint; a replacement takes its folder's place at the end."""
+    """fit + finish with SIGINT/SIGTERM turned into a checkpoint; a replacement takes its folder's place at the end.
+    After a stop in a distributed run the process ignores SIGINT/SIGTERM: it is exiting with the other ranks' code."""
     previous = {}
     if threading.current_thread() is threading.main_thread():
         previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -528,6 +529,10 @@ def _train(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime
             f"out of GPU memory in {state.engine.mode} mode with batch {config.batch_size}; "
             "use a smaller --batch-size, --mode sequential or a smaller --group-size"
         ) from exc
+    except RunInterrupted:
+        if runtime.distributed:  # torchrun signals the other workers as soon as one has exited: they exit as it did
+            previous = dict.fromkeys(previous, signal.SIG_IGN)
+        raise
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
