@@ -199,7 +199,7 @@ def _node_worker(rank, port, out):
     import logging
 
     from lpconvert.distributed import local_main_first
-    from lpconvert.finetune import _log_batch
+    from lpconvert.job import log_batch
     from lpconvert.runtime import init_runtime
 
     _join(rank, port)
@@ -218,7 +218,7 @@ def _node_worker(rank, port, out):
             if runtime.local_rank == 0:
                 time.sleep(1.0)
                 prepared.write_text("extracted")
-        _log_batch(config, runtime, timm.create_model("digits_cnn"))
+        log_batch(config, runtime, timm.create_model("digits_cnn"))
         (out / f"rank{rank}.json").write_text(json.dumps({"seen": seen, "batch_size": config.batch_size,
                                                            "lines": lines}))
     finally:

@@ -113,7 +113,7 @@ def test_the_test_split_is_read_once_after_the_last_epoch(tmp_path, monkeypatch)
     image exactly once (the exported model's one evaluation)."""
     from torch.utils.data import Dataset
 
-    from lpconvert import finetune
+    from lpconvert import finetune, job
 
     events: list[str] = []
 
@@ -128,7 +128,7 @@ def test_the_test_split_is_read_once_after_the_last_epoch(tmp_path, monkeypatch)
             events.append(f"test {index}")
             return self.dataset[index]
 
-    real_build, real_epoch = finetune.build_data, finetune.train_one_epoch
+    real_build, real_epoch = job.build_data, finetune.train_one_epoch
 
     def build(*args, **kwargs):
         data = real_build(*args, **kwargs)
@@ -139,7 +139,7 @@ def test_the_test_split_is_read_once_after_the_last_epoch(tmp_path, monkeypatch)
         events.append("epoch")
         return real_epoch(*args, **kwargs)
 
-    monkeypatch.setattr(finetune, "build_data", build)
+    monkeypatch.setattr(job, "build_data", build)
     monkeypatch.setattr(finetune, "train_one_epoch", epoch)
     report = run(FinetuneConfig(model="digits_cnn", pretrained=False, K=2, epochs=3, lr=0.05,
                                 late_phase=("batchnorm",), output=str(tmp_path / "run"), **FAST))
