@@ -226,17 +226,20 @@ def _trunk(comparison: Comparison, seed: int) -> Path:
     return path
 
 
-def evaluate_arm(run_dir: Path, ood: Sequence[str] = ()) -> dict[str, dict[str, float]]:
-    """A finished run evaluated on its validation split: its averaged model (``RUN/model``, the last epoch) and, for
-    K > 1, the ensemble of its final members; OOD AUROC per set and their mean when `ood` is given."""
+def evaluate_arm(run_dir: Path, ood: Sequence[str] = ()) -> dict[str, Any]:
+    """A finished run evaluated on its evaluation split: its averaged model (``RUN/model``, the last epoch) and, for
+    K > 1, the ensemble of its final members; OOD AUROC per set and their mean when `ood` is given. ``"split"`` says
+    what that split is (``"test"``: the data's test set, or ``"validation"``)."""
     late, checkpoint = load_late_phase(run_dir, "last")
     config = FinetuneConfig.from_saved({**checkpoint.config, "resume": None, "force": False})
     averaged, _ = load_model(f"local-dir:{run_dir / 'model'}", pretrained=True)
     device = resolve_device(config.device)
-    val = eval_loader(build_data(config, averaged).val, config.batch_size, workers=config.workers)
+    data = build_data(config, averaged)
+    val = eval_loader(data.val, config.batch_size, workers=config.workers)
     ood_loaders = {Path(p).name.split(".")[0] or p: eval_set(averaged, p, subset=None, batch_size=config.batch_size,
                                                             workers=config.workers, num_classes=None) for p in ood}
-    results = {"averaged": evaluate_model(averaged, val, device=device, ood_loaders=ood_loaders or None)}
+    results: dict[str, Any] = {"split": data.val_role,
+                               "averaged": evaluate_model(averaged, val, device=device, ood_loaders=ood_loaders or None)}
     if checkpoint.late_phase.K > 1:
         late.to(device)
         results["ensemble"] = evaluate_model(None, val, device=device, ood_loaders=ood_loaders or None,

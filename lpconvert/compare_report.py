@@ -48,7 +48,9 @@ def build_report(comparison: Comparison, evaluations: dict[str, Any]) -> dict[st
                     worse = d["high"] < 0 if higher else d["low"] > 0
                     pairs.append({"a": a.name, "b": b.name, "variant": variant, "metric": metric, **d,
                                   "verdict": "b better" if better else "b worse" if worse else "no difference shown"})
-    return {"seeds": seeds, "base": comparison.base.to_dict(), "evaluated_on": "validation split, last epoch",
+    splits = {evaluations[f"seed{s}/{arm.name}"].get("split") for s in seeds for arm in comparison.arms}
+    split = splits.pop() if len(splits) == 1 and None not in splits else "evaluation"
+    return {"seeds": seeds, "base": comparison.base.to_dict(), "evaluated_on": f"{split} split, last epoch",
             "arms": arms, "pairs": pairs}
 
 
@@ -56,8 +58,8 @@ def to_markdown(report: dict[str, Any]) -> str:
     seeds = report["seeds"]
     lines = [f"# lpconvert compare: {report['base']['model']}", "",
              f"Seeds {', '.join(map(str, seeds))} (paired: same data order and augmentation per seed). Every arm at its "
-             "last epoch on the validation split; nothing selected on it. top-1 in %, NLL in nats, ECE and AUROC as "
-             "fractions.", ""]
+             f"last epoch on the {report['evaluated_on'].split(',')[0]}; nothing selected on it. top-1 in %, NLL in "
+             "nats, ECE and AUROC as fractions.", ""]
     for variant in VARIANTS:
         rows = [(name, arm["per_seed"][variant], arm["summary"][variant]) for name, arm in report["arms"].items()
                 if variant in arm["per_seed"]]

@@ -47,6 +47,9 @@ def test_compare_branches_at_t0_exactly_and_reports_the_runs_numbers(tmp_path, m
     assert (top1["a"], top1["b"]) == ("plain", "late") and top1["mean"] == pytest.approx(expected["mean"])
     assert json.loads((folder / "report.json").read_text()) == json.loads(json.dumps(report))
     assert "| late − plain | averaged | top1 |" in (folder / "report.md").read_text()
+    # the digits' evaluation split is their test set (compare holds nothing out): the report says so
+    assert report["evaluated_on"] == "test split, last epoch" and "last epoch on the test split" in \
+        (folder / "report.md").read_text()
     assert (folder / "report.png").read_bytes()[:4] == b"\x89PNG"
     # rerunning the same command trains nothing again
     monkeypatch.setattr(compare_module, "run", lambda *a, **k: pytest.fail("retrained a finished arm"))
