@@ -9,6 +9,7 @@ interval lies entirely on the better side of zero.
 from __future__ import annotations
 
 import itertools
+import math
 from typing import TYPE_CHECKING, Any
 
 from .files import atomic_write_bytes, atomic_write_json
@@ -20,6 +21,12 @@ if TYPE_CHECKING:
 #: metric → True when higher is better
 METRICS = {"top1": True, "nll": False, "ece": False, "auroc/mean": True}
 VARIANTS = ("averaged", "ensemble")
+
+
+def _defined(numbers: dict[str, float]) -> dict[str, float | None]:
+    """`numbers` with what one seed leaves undefined (a spread, an interval, a p-value: NaN) as None — JSON's null,
+    where NaN is not JSON."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in numbers.items()}
 
 
 def build_report(comparison: Comparison, evaluations: dict[str, Any]) -> dict[str, Any]:
@@ -34,7 +41,8 @@ def build_report(comparison: Comparison, evaluations: dict[str, Any]) -> dict[st
                 continue
             per_seed[variant] = {m: [r[m] for r in rows] for m in METRICS if m in rows[0]}
         arms[arm.name] = {"settings": arm.settings, "per_seed": per_seed,
-                          "summary": {v: {m: summary(x) for m, x in ms.items()} for v, ms in per_seed.items()}}
+                          "summary": {v: {m: _defined(summary(x)) for m, x in ms.items()}
+                                      for v, ms in per_seed.items()}}
     pairs = []
     for a, b in itertools.combinations(comparison.arms, 2):
         for variant in VARIANTS:
@@ -43,11 +51,17 @@ def build_report(comparison: Comparison, evaluations: dict[str, Any]) -> dict[st
                 continue
             for metric, higher in METRICS.items():
                 if metric in va and metric in vb:
-                    d = paired_difference(va[metric], vb[metric])
-                    better = d["low"] > 0 if higher else d["high"] < 0
-                    worse = d["high"] < 0 if higher else d["low"] > 0
+                    d = _defined(paired_difference(va[metric], vb[metric]))
+                    if d["low"] is None:
+                        verdict = "needs 2 or more seeds"
+                    elif d["low"] > 0 if higher else d["high"] < 0:
+                        verdict = "b better"
+                    elif d["high"] < 0 if higher else d["low"] > 0:
+                        verdict = "b worse"
+                    else:
+                        verdict = "no difference shown"
                     pairs.append({"a": a.name, "b": b.name, "variant": variant, "metric": metric, **d,
-                                  "verdict": "b better" if better else "b worse" if worse else "no difference shown"})
+                                  "verdict": verdict})
     splits = {evaluations[f"seed{s}/{arm.name}"].get("split") for s in seeds for arm in comparison.arms}
     split = splits.pop() if len(splits) == 1 and None not in splits else "evaluation"
     return {"seeds": seeds, "base": comparison.base.to_dict(), "evaluated_on": f"{split} split, last epoch",
@@ -57,7 +71,8 @@ def build_report(comparison: Comparison, evaluations: dict[str, Any]) -> dict[st
 def to_markdown(report: dict[str, Any]) -> str:
     seeds = report["seeds"]
     lines = [f"# lpconvert compare: {report['base']['model']}", "",
-             f"Seeds {', '.join(map(str, seeds))} (paired: same data order and augmentation per seed). Every arm at its "
+             f"Seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (paired: same data order and "
+             "augmentation per seed). Every arm at its "
              f"last epoch on the {report['evaluated_on'].split(',')[0]}; nothing selected on it. top-1 in %, NLL in "
              "nats, ECE and AUROC as fractions.", ""]
     for variant in VARIANTS:
@@ -70,14 +85,16 @@ def to_markdown(report: dict[str, Any]) -> str:
                   "| arm | " + " | ".join(f"{m} (mean ± std)" for m in metrics) + " | per-seed top-1 |",
                   "|---|" + "---|" * (len(metrics) + 1)]
         for name, values, stats in rows:
-            cells = [f"{stats[m]['mean']:.4g} ± {stats[m]['std']:.2g}" for m in metrics]
+            cells = [f"{stats[m]['mean']:.4g}" + (f" ± {stats[m]['std']:.2g}" if stats[m]["std"] is not None else "")
+                     for m in metrics]
             lines.append(f"| {name} | " + " | ".join(cells) + " | " + " ".join(f"{v:.2f}" for v in values["top1"]) + " |")
         lines.append("")
     lines += ["## paired differences (b − a)", "", "| b − a | model | metric | mean | 95 % interval | p | verdict |",
               "|---|---|---|---|---|---|---|"]
     for p in report["pairs"]:
-        lines.append(f"| {p['b']} − {p['a']} | {p['variant']} | {p['metric']} | {p['mean']:+.4g} | "
-                     f"[{p['low']:+.4g}, {p['high']:+.4g}] | {p['p']:.3g} | {p['verdict']} |")
+        interval = f"[{p['low']:+.4g}, {p['high']:+.4g}] | {p['p']:.3g}" if p["low"] is not None else "— | —"
+        lines.append(f"| {p['b']} − {p['a']} | {p['variant']} | {p['metric']} | {p['mean']:+.4g} | {interval} | "
+                     f"{p['verdict']} |")
     return "\n".join(lines) + "\n"
 
 

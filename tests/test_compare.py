@@ -102,6 +102,13 @@ def test_compare_on_the_command_line(tmp_path):
     assert result.exit_code == 0, result.output
     assert "| late − plain | averaged | top1 |" in result.output
     assert {p.name for p in (tmp_path / "c" / "seed0").iterdir()} == {"plain", "late"}  # T0 = 0: no trunk
+    # one seed has no spread and no interval: null in strict JSON (never NaN), said so in the Markdown
+    report = json.loads((tmp_path / "c" / "report.json").read_text(),
+                        parse_constant=lambda name: pytest.fail(f"{name} in report.json"))
+    top1 = next(p for p in report["pairs"] if p["metric"] == "top1" and p["variant"] == "averaged")
+    assert (top1["low"], top1["high"], top1["p"], top1["verdict"]) == (None, None, None, "needs 2 or more seeds")
+    assert report["arms"]["plain"]["summary"]["averaged"]["top1"]["std"] is None
+    assert "Seed 0 (paired" in result.output and "| — | — | needs 2 or more seeds |" in result.output
 
 
 def test_each_seed_may_start_from_its_own_checkpoint():
