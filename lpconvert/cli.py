@@ -298,9 +298,10 @@ def compare(model: str | None, model_option: str | None, recipe: str | None, arm
 
     \b
     Trains every arm with every seed: per seed the epochs before --t0 once, each arm branching from them (same data
-    order and augmentation); every arm at its last epoch, evaluated on the validation split (averaged model, and
-    the members' ensemble for late-phase arms); writes OUTPUT/report.json, report.md, report.png with per-seed
-    values, mean ± std and paired differences (95 % interval, p-value). Rerun the same command to continue.
+    order and augmentation); every arm at its last epoch, evaluated on the data's evaluation split (val/, or test/
+    when there is none: nothing is chosen on it) as its averaged model and, for late-phase arms, the members'
+    ensemble; writes OUTPUT/report.json, report.md, report.png with per-seed values, mean ± std and paired
+    differences (95 % interval, p-value). Rerun the same command to continue, or to add seeds.
     """
     from .compare import parse_arm, plan_comparison, run_comparison
     from .compare_report import to_markdown
