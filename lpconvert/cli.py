@@ -291,17 +291,23 @@ def _compare_settings() -> tuple[str, ...]:
 @click.option("--ood", multiple=True, help="Out-of-distribution set (tree or archive), repeatable: AUROC per set + mean.")
 @click.option("--output", required=True, type=click.Path(file_okay=False),
               help="The comparison's folder (new, or this same comparison to continue it).")
+@click.option("--selection-split", type=float, default=0.0, show_default=True,
+              help="Divide the evaluation split once (stratified, --subset-seed) into this fraction to choose on "
+                   "and the rest to report on; then every arm is also reported as the greedy soup of its members "
+                   "and interpolated with the start (α chosen on that fraction). For a checkpoint that has seen "
+                   "every training image, whose held-out training images cannot select.")
 @config_options(*_compare_settings())
 def compare(model: str | None, model_option: str | None, recipe: str | None, arms: tuple[str, ...], seeds: str,
-            ood: tuple[str, ...], output: str, **flags: Any) -> None:
+            ood: tuple[str, ...], output: str, selection_split: float, **flags: Any) -> None:
     """Does late-phase training beat plain fine-tuning on MODEL and its data, by more than the seed noise?
 
     \b
     Trains every arm with every seed: per seed the epochs before --t0 once, each arm branching from them (same data
     order and augmentation); every arm at its last epoch, evaluated on the data's evaluation split (val/, or test/
     when there is none: nothing is chosen on it) as its averaged model and, for late-phase arms, the members'
-    ensemble; writes OUTPUT/report.json, report.md, report.png with per-seed values, mean ± std and paired
-    differences (95 % interval, p-value). Rerun the same command to continue, or to add seeds.
+    ensemble; the starting checkpoint is evaluated the same way. Writes OUTPUT/report.json, report.md, report.png:
+    first the verdict against the start, then per-seed values, mean ± std and paired differences (95 % interval,
+    p-value). Rerun the same command to continue (display flags such as --quiet or -j may change), or to add seeds.
     """
     from .compare import parse_arm, plan_comparison, run_comparison
     from .compare_report import to_markdown
@@ -312,7 +318,7 @@ def compare(model: str | None, model_option: str | None, recipe: str | None, arm
         seed_list = [int(s) for s in _names(seeds)]
     except ValueError:
         raise LatePhaseError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
-    comparison = plan_comparison(base, [parse_arm(a) for a in arms], seed_list, output, ood)
+    comparison = plan_comparison(base, [parse_arm(a) for a in arms], seed_list, output, ood, selection_split)
     click.echo(to_markdown(run_comparison(comparison)))
 
 

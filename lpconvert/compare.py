@@ -23,9 +23,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
+import torch
+from torch.optim.swa_utils import AveragedModel
+
 from .collapse import ensemble_predict
 from .config import LEGACY_SETTINGS, FinetuneConfig, field_types, flag
-from .data import build_data, eval_loader
+from .data import build_data, eval_loader, recalibration_loader
+from .data.selection import selection_split
 from .errors import LatePhaseError
 from .evaluate import eval_set
 from .evaluation import evaluate_model
@@ -48,6 +52,10 @@ LATE_SETTINGS = frozenset({
 #: Settings that belong to the comparison, not to an arm.
 NOT_PER_ARM = frozenset({"seed", "output", "resume", "force", "select", "val_split", "push_to_hub",
                          "allow_regression"})
+#: Settings that change what is shown or how fast, never what is computed: a comparison continues with other values.
+DISPLAY_SETTINGS = ("quiet", "workers", "threads", "log", "log_every", "dist_timeout")
+#: Names the comparison uses for itself in its folder (``seedS/trunk``, ``seedS/start``).
+RESERVED = ("trunk", "start")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
@@ -116,26 +124,35 @@ class Comparison:
     arms: list[Arm]
     seeds: list[int]
     ood: list[str]
+    selection_split: float = 0.0
 
     def settings(self) -> dict[str, Any]:
         return {"base": self.base.to_dict(), "arms": [dataclasses.asdict(a) for a in self.arms], "seeds": self.seeds,
-                "ood": self.ood}
+                "ood": self.ood, "selection_split": self.selection_split}
 
     def run_dir(self, seed: int, arm: str) -> Path:
         return self.folder / f"seed{seed}" / arm
 
 
 def plan_comparison(base: FinetuneConfig, arms: Sequence[Arm], seeds: Sequence[int], output: str | os.PathLike,
-                    ood: Sequence[str] = ()) -> Comparison:
+                    ood: Sequence[str] = (), selection_split: float = 0.0) -> Comparison:
     """Check everything a comparison needs before anything is written: two or more arms with distinct names, each a
     valid configuration for every seed, distinct seeds, existing OOD sets, and a folder that is new or this same
-    comparison (to continue it, with the same or other seeds: seeds already trained are kept)."""
+    comparison (to continue it, with the same or other seeds: seeds already trained are kept; display settings
+    such as ``--quiet`` or ``--workers`` may differ).
+
+    `selection_split` F > 0 divides the evaluation split once (stratified, ``--subset-seed``) into a selection part
+    (F of it) and a report part: greedy soups and the interpolation weight α are chosen on the first, every number
+    is reported on the second."""
     arms, seeds = list(arms), [int(s) for s in seeds]
     if len(arms) < 2:
         raise LatePhaseError("a comparison needs at least two --arm (e.g. --arm plain --arm 'late: K=10')")
     names = [a.name for a in arms]
-    if len(set(names)) != len(names) or "trunk" in names:
-        raise LatePhaseError(f"arm names must be distinct and not 'trunk', got {', '.join(names)}")
+    if len(set(names)) != len(names) or set(names) & set(RESERVED):
+        raise LatePhaseError(f"arm names must be distinct and not {' or '.join(map(repr, RESERVED))}, got "
+                             f"{', '.join(names)}")
+    if not 0 <= selection_split < 1:
+        raise LatePhaseError(f"--selection-split must lie in [0, 1), got {selection_split:g}")
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
         raise LatePhaseError(f"--seeds must be distinct non-negative integers, got {seeds}")
     folder = Path(output)
@@ -145,18 +162,30 @@ def plan_comparison(base: FinetuneConfig, arms: Sequence[Arm], seeds: Sequence[i
     for path in ood:
         if not Path(path).exists():
             raise LatePhaseError(f"--ood {path}: no such folder or archive")
-    comparison = Comparison(folder, base, arms, seeds, [str(p) for p in ood])
+    comparison = Comparison(folder, base, arms, seeds, [str(p) for p in ood], selection_split)
     check_not_protected(folder, "--output")
     if folder.exists() and any(folder.iterdir()):
         if not (folder / MARKER).is_file():
             raise LatePhaseError(f"--output {folder} exists and is not an lpconvert comparison; choose another folder")
-        saved, wanted = read_json_object(folder / SETTINGS), _jsonable(comparison.settings())
-        saved["base"] = {**LEGACY_SETTINGS, **saved.get("base", {})}  # settings earlier versions did not save
-        if {k: v for k, v in saved.items() if k != "seeds"} != {k: v for k, v in wanted.items() if k != "seeds"}:
-            raise LatePhaseError(f"--output {folder} holds a comparison with other settings; rerun it with the same "
-                                 "arms and settings to continue it (other --seeds may be added), or choose another "
-                                 "folder")
+        differing = _differences(read_json_object(folder / SETTINGS), _jsonable(comparison.settings()))
+        if differing:
+            raise LatePhaseError(f"--output {folder} holds a comparison with other settings ({', '.join(differing)}); "
+                                 "rerun it with the same arms and settings to continue it (other --seeds may be "
+                                 "added), or choose another folder")
     return comparison
+
+
+def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
+    """What a saved comparison and the wanted one differ in, by flag: display settings and the seeds aside; a
+    setting that the saved comparison's version did not have counts as that version behaved (its default, or
+    :data:`LEGACY_SETTINGS`)."""
+    defaults = _jsonable({f.name: f.default for f in dataclasses.fields(FinetuneConfig)})
+    saved = {"selection_split": 0.0, **saved, "base": {**defaults, **LEGACY_SETTINGS, **saved.get("base", {})}}
+    differing = [flag(k) for k in wanted["base"] if k not in DISPLAY_SETTINGS
+                 and saved["base"].get(k) != wanted["base"][k]]
+    differing += [f"--{k.replace('_', '-')}" if k != "arms" else "--arm" for k in wanted
+                  if k not in ("base", "seeds") and saved.get(k) != wanted[k]]
+    return differing
 
 
 def _jsonable(value: Any) -> Any:
@@ -167,7 +196,8 @@ def _jsonable(value: Any) -> Any:
 
 
 def run_comparison(comparison: Comparison) -> dict[str, Any]:
-    """Train every (seed, arm) that is not finished, evaluate what is not evaluated, write the report; returns it."""
+    """Train every (seed, arm) that is not finished, evaluate what is not evaluated (the starting checkpoint once per
+    seed, ``seedS/start``), write the report; returns it."""
     from .compare_report import write_report
 
     folder = comparison.folder
@@ -178,12 +208,16 @@ def run_comparison(comparison: Comparison) -> dict[str, Any]:
         atomic_write_json(folder / MARKER, {"kind": "compare"})
         evaluations = read_json_object(folder / EVALUATIONS) if (folder / EVALUATIONS).is_file() else {}
         for seed in comparison.seeds:
+            if f"seed{seed}/start" not in evaluations:
+                config = arm_config(comparison.base, comparison.arms[0], seed=seed, output=folder)
+                evaluations[f"seed{seed}/start"] = evaluate_start(config, comparison.ood, comparison.selection_split)
+                atomic_write_json(folder / EVALUATIONS, evaluations)
             for arm in comparison.arms:
                 key = f"seed{seed}/{arm.name}"
                 if key in evaluations:
                     continue
                 path = _train_arm(comparison, arm, seed)
-                evaluations[key] = evaluate_arm(path, comparison.ood)
+                evaluations[key] = evaluate_arm(path, comparison.ood, comparison.selection_split)
                 atomic_write_json(folder / EVALUATIONS, evaluations)
         return write_report(comparison, evaluations)
     finally:
@@ -226,22 +260,94 @@ def _trunk(comparison: Comparison, seed: int) -> Path:
     return path
 
 
-def evaluate_arm(run_dir: Path, ood: Sequence[str] = ()) -> dict[str, Any]:
-    """A finished run evaluated on its evaluation split: its averaged model (``RUN/model``, the last epoch) and, for
-    K > 1, the ensemble of its final members; OOD AUROC per set and their mean when `ood` is given. ``"split"`` says
-    what that split is (``"test"``: the data's test set, or ``"validation"``)."""
+@dataclass
+class _Evaluation:
+    """A run's (or its start's) evaluation sets: the split it is reported on and, with a selection split, the part
+    that chooses soups and α; OOD loaders; the device."""
+
+    report: Any
+    selection: Any
+    ood: dict[str, Any]
+    device: Any
+    record: dict[str, Any]
+
+    def metrics(self, model: Any, predict_fn: Any = None) -> dict[str, Any]:
+        return evaluate_model(model, self.report, device=self.device, ood_loaders=self.ood or None,
+                              predict_fn=predict_fn)
+
+    def score(self, model: Any) -> float:
+        """Top-1 on the selection part: what soups and α are chosen by."""
+        return evaluate_model(model, self.selection, device=self.device)["top1"]
+
+
+def _evaluation(config: FinetuneConfig, model: Any, data: Any, ood: Sequence[str], fraction: float) -> _Evaluation:
+    val = data.val
+    record: dict[str, Any] = {"split": data.val_role}
+    selection = None
+    if fraction > 0:
+        selection_set, val = selection_split(val, fraction, config.subset_seed)
+        selection = eval_loader(selection_set, config.batch_size, workers=config.workers)
+        record["selection"] = {"fraction": fraction, "selection_images": len(selection_set),
+                               "report_images": len(val), "seed": config.subset_seed}
+    ood_loaders = {Path(p).name.split(".")[0] or p: eval_set(model, p, subset=None, batch_size=config.batch_size,
+                                                            workers=config.workers, num_classes=None) for p in ood}
+    return _Evaluation(eval_loader(val, config.batch_size, workers=config.workers), selection, ood_loaders,
+                       resolve_device(config.device), record)
+
+
+def _start_model(config: FinetuneConfig) -> Any:
+    """The checkpoint every arm of `config`'s seed starts from (its model and --weights; a random initialisation
+    seeded as the run seeds it), in eval mode."""
+    torch.manual_seed(config.seed)
+    model, _ = load_model(config.model, weights=config.weights, num_classes=config.num_classes,
+                          pretrained=config.pretrained)
+    return model.eval()
+
+
+def evaluate_start(config: FinetuneConfig, ood: Sequence[str] = (), selection_fraction: float = 0.0) -> dict[str, Any]:
+    """The starting checkpoint, evaluated as every arm is (on the report part when there is a selection split)."""
+    start = _start_model(config)
+    sets = _evaluation(config, start, build_data(config, start), ood, selection_fraction)
+    return {**sets.record, "averaged": sets.metrics(start)}
+
+
+def evaluate_arm(run_dir: Path, ood: Sequence[str] = (), selection_fraction: float = 0.0) -> dict[str, Any]:
+    """A finished run evaluated on its evaluation split — or, with `selection_fraction` F > 0, on the report part of
+    it, with what is chosen chosen on the selection part (:func:`~lpconvert.data.selection.selection_split`):
+
+    - ``averaged``: the run's averaged model (``RUN/model``, the last epoch; an SWA average when the run used SWA);
+    - ``ensemble`` (K > 1): the mean of the final members' softmax outputs;
+    - ``soup`` (K > 1, F > 0): the greedy soup of the members (:func:`~lpconvert.soup.greedy_soup`; of the SWA
+      average's members, with BatchNorm statistics re-estimated, when the run used SWA);
+    - ``interpolated`` (F > 0): the averaged model interpolated with the starting checkpoint, α chosen on the
+      selection part (:func:`~lpconvert.soup.choose_alpha`; α = 0 is the start).
+
+    OOD AUROC per set and their mean when `ood` is given. ``"split"`` says what the evaluation split is (``"test"``:
+    the data's test set, or ``"validation"``)."""
     late, checkpoint = load_late_phase(run_dir, "last")
     config = FinetuneConfig.from_saved({**checkpoint.config, "resume": None, "force": False})
     averaged, _ = load_model(f"local-dir:{run_dir / 'model'}", pretrained=True)
-    device = resolve_device(config.device)
     data = build_data(config, averaged)
-    val = eval_loader(data.val, config.batch_size, workers=config.workers)
-    ood_loaders = {Path(p).name.split(".")[0] or p: eval_set(averaged, p, subset=None, batch_size=config.batch_size,
-                                                            workers=config.workers, num_classes=None) for p in ood}
-    results: dict[str, Any] = {"split": data.val_role,
-                               "averaged": evaluate_model(averaged, val, device=device, ood_loaders=ood_loaders or None)}
-    if checkpoint.late_phase.K > 1:
-        late.to(device)
-        results["ensemble"] = evaluate_model(None, val, device=device, ood_loaders=ood_loaders or None,
-                                             predict_fn=partial(ensemble_predict, late))
+    sets = _evaluation(config, averaged, data, ood, selection_fraction)
+    results: dict[str, Any] = {**sets.record, "averaged": sets.metrics(averaged)}
+    K = checkpoint.late_phase.K
+    if K > 1:
+        late.to(sets.device)
+        results["ensemble"] = sets.metrics(None, predict_fn=partial(ensemble_predict, late))
+    if sets.selection is None:
+        return results
+    from .soup import choose_alpha, greedy_soup
+
+    if K > 1:
+        members, bn_stats, recalibration = late, config.bn_stats, None
+        if checkpoint.swa is not None:
+            swa = AveragedModel(late, use_buffers=False)
+            swa.load_state_dict(checkpoint.swa)
+            members, bn_stats = swa.module, "recalibrate"
+            recalibration = recalibration_loader(data.train, config.batch_size, seed=config.seed)
+        soup, record = greedy_soup(members, sets.score, bn_stats=bn_stats, data=recalibration,
+                                   num_batches=config.recalibrate_batches)
+        results["soup"], results["soup_record"] = sets.metrics(soup), record
+    interpolated, record = choose_alpha(_start_model(config), averaged, sets.score)
+    results["interpolated"], results["interpolation_record"] = sets.metrics(interpolated), record
     return results

@@ -144,8 +144,16 @@ class FinetuneConfig:
     warmup_lr: float = _setting(1e-5, "Learning rate at the start of the warm-up.")
     smoothing: float = _setting(0.0, "Label smoothing of the training loss (every member's and so θ's).")
     clip_grad: float | None = _setting(None, "Clip the gradient norm of each member's step and of θ's step to this.")
-    swa_start: int | None = _setting(None, "Epoch from which SWA averages the late-phase model (per epoch).")
-    swa_lr: float | None = _setting(None, "Constant learning rate during SWA.")
+    swa_start: int | None = _setting(None, "Epoch from which SWA averages the (late-phase) model; 0 = from the "
+                                           "pretrained checkpoint on. BatchNorm statistics of the average are "
+                                           "re-estimated on training images (--recalibrate-batches).")
+    swa_lr: float | None = _setting(None, "Learning rate of SWA: from --swa-start the schedule is replaced by this "
+                                          "constant rate (after --swa-anneal-epochs).")
+    swa_freq: int | None = _setting(None, "Add the model to the SWA average every N training minibatches (counted "
+                                          "from --swa-start, the same for every K) [default: once, at each epoch's "
+                                          "end].")
+    swa_anneal_epochs: float = _setting(0.0, "Epochs over which the learning rate moves from the schedule's rate at "
+                                             "--swa-start to --swa-lr (cosine, as torch's SWALR) [default: at once].")
     # execution
     mode: str = _setting("auto", "Member execution (identical results).", choices=MODES)
     group_size: int | None = _setting(None, "Members per forward in vectorized mode [default: K].")
@@ -197,7 +205,8 @@ class FinetuneConfig:
             self._require(name, getattr(self, name) is None or getattr(self, name) >= 1, "must be a positive integer")
         for name in ("lr", "member_lr", "gamma_theta", "lr_gamma", "swa_lr", "warmup_lr", "clip_grad"):
             self._require(name, getattr(self, name) is None or getattr(self, name) > 0, "must be a positive number")
-        for name in ("weight_decay", "member_weight_decay", "sigma0", "lr_end", "anneal_start", "warmup_epochs"):
+        for name in ("weight_decay", "member_weight_decay", "sigma0", "lr_end", "anneal_start", "warmup_epochs",
+                     "swa_anneal_epochs"):
             self._require(name, getattr(self, name) is None or getattr(self, name) >= 0, "must be 0 or more")
         self._require("momentum", 0 <= self.momentum < 1, "must lie in [0, 1)")
         self._require("val_split", 0 <= self.val_split < 1, "must lie in [0, 1)")
@@ -230,7 +239,11 @@ class FinetuneConfig:
                       f"must lie in [0, {self.epochs})")
         self._require("swa_start", self.swa_start is None or self.swa_start >= self.t0,
                       f"must not come before --t0 {self.t0} (SWA averages the late-phase model)")
-        self._require("swa_lr", self.swa_lr is None or self.swa_start is not None, "needs --swa-start")
+        for name in ("swa_lr", "swa_freq"):
+            self._require(name, getattr(self, name) is None or self.swa_start is not None, "needs --swa-start")
+        self._require("swa_freq", self.swa_freq is None or self.swa_freq >= 1, "must be a positive integer")
+        self._require("swa_anneal_epochs", self.swa_anneal_epochs == 0 or self.swa_lr is not None,
+                      "anneals into --swa-lr; pass --swa-lr too")
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
             self._require(name, value is None or value in allowed, f"is not one of {', '.join(allowed)}")

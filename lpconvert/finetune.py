@@ -143,7 +143,7 @@ def fit(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime, r
             state.start_swa()
         stats = train_one_epoch(state, job.train, config, runtime, stop=stop, save=save, run_dir=run_dir.path)
         sync_member_statistics(state, runtime)
-        if state.swa is not None:
+        if state.swa is not None and config.swa_freq is None:  # else sampled every --swa-freq minibatches
             state.swa.update_parameters(state.model)
         metrics = evaluate_averaged(state, config, runtime, job.val, job.recalibration)  # every rank: its shard
         row = _metrics_row(epoch + 1, metrics, **stats, K=state.engine.num_members)

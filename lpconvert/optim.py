@@ -138,8 +138,20 @@ def lr_factor(config: FinetuneConfig, epoch: float) -> float:
 
 
 def _schedule_factor(config: FinetuneConfig, epoch: float) -> float:
+    """The schedule's factor; from ``--swa-start`` s on, SWALR's: with a = ``--swa-anneal-epochs`` and f_s the
+    schedule's factor at s, f = f_s + (swa_lr/lr − f_s) · (1 − cos(π·min((epoch − s)/a, 1)))/2 (at once when a = 0)."""
     if config.swa_start is not None and epoch >= config.swa_start and config.swa_lr is not None:
-        return config.swa_lr / config.lr
+        target = config.swa_lr / config.lr
+        if config.swa_anneal_epochs == 0 or epoch >= config.swa_start + config.swa_anneal_epochs:
+            return target
+        before = _base_factor(config, config.swa_start)
+        progress = (epoch - config.swa_start) / config.swa_anneal_epochs
+        return before + (target - before) * (1.0 - math.cos(math.pi * progress)) / 2
+    return _base_factor(config, epoch)
+
+
+def _base_factor(config: FinetuneConfig, epoch: float) -> float:
+    """``--schedule`` as a factor of the base learning rate at fractional `epoch`."""
     end = config.lr_end / config.lr
     if config.schedule == "multistep":
         return config.lr_gamma ** sum(epoch >= m for m in config.milestones)

@@ -33,3 +33,14 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     half = scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
     p = float(scipy_stats.ttest_rel(b, a).pvalue) if std > 0 else (1.0 if mean == 0 else 0.0)
     return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half, "p": p}
+
+
+def seeds_to_resolve(std: float, delta: float, confidence: float = 0.95, most: int = 1000) -> int | None:
+    """The fewest paired seeds n whose interval half-width t_{(1+confidence)/2, n−1} · std/√n is at most `delta`,
+    given the spread `std` of the paired differences seen so far (None for no spread, or beyond `most`)."""
+    if not std > 0 or not delta > 0:
+        return None
+    for n in range(2, most + 1):
+        if scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n) <= delta:
+            return n
+    return None

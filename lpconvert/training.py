@@ -82,6 +82,8 @@ def train_one_epoch(state: TrainState, loader: DataLoader, config: FinetuneConfi
         losses = engine.step(xs, ys)
         loss_sum += losses.sum()
         finite &= torch.isfinite(losses).all()
+        if swa_sample_due(config, position.epoch, batches_per_epoch, position.batch, len(xs)):
+            state.swa.update_parameters(state.model)
         position.batch += len(xs)
         position.iteration += 1
         position.loss_count += len(xs)
@@ -118,6 +120,15 @@ def train_one_epoch(state: TrainState, loader: DataLoader, config: FinetuneConfi
         position.loss_sum = total.item() / runtime.world_size
     return {"train_loss": position.loss_sum / max(position.loss_count, 1),
             "lr": engine.optimizers[0].param_groups[0]["lr"], "images_per_s": seen / max(elapsed, 1e-9)}
+
+
+def swa_sample_due(config: FinetuneConfig, epoch: int, batches_per_epoch: int, batch: int, count: int) -> bool:
+    """``--swa-freq N``: whether the iteration that trained minibatches [batch, batch + count) of `epoch` completes a
+    multiple of N minibatches counted from ``--swa-start`` (so K = 1 and K = 10 arms sample equally often)."""
+    if config.swa_freq is None or config.swa_start is None or epoch < config.swa_start:
+        return False
+    before = (epoch - config.swa_start) * batches_per_epoch + batch
+    return (before + count) // config.swa_freq > before // config.swa_freq
 
 
 def evaluate_averaged(state: TrainState, config: FinetuneConfig, runtime: Runtime, val: DataLoader,
