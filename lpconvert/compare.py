@@ -216,7 +216,7 @@ def run_comparison(comparison: Comparison) -> dict[str, Any]:
                 key = f"seed{seed}/{arm.name}"
                 if key in evaluations:
                     continue
-                path = _train_arm(comparison, arm, seed)
+                path = train_arm(comparison, arm, seed)
                 evaluations[key] = evaluate_arm(path, comparison.ood, comparison.selection_split)
                 atomic_write_json(folder / EVALUATIONS, evaluations)
         return write_report(comparison, evaluations)
@@ -224,8 +224,9 @@ def run_comparison(comparison: Comparison) -> dict[str, Any]:
         lock.release()
 
 
-def _train_arm(comparison: Comparison, arm: Arm, seed: int) -> Path:
-    """The finished run of `arm` for `seed`: trained now, continued, or branched from the seed's trunk at T0."""
+def train_arm(comparison: Comparison, arm: Arm, seed: int) -> Path:
+    """The finished run of `arm` for `seed`: trained now, continued, or branched from the seed's trunk at T0 (what
+    :func:`run_comparison` does before it evaluates; a script may train every arm first)."""
     path = comparison.run_dir(seed, arm.name)
     config = arm_config(comparison.base, arm, seed=seed, output=path)
     if (path / "report.json").is_file():
@@ -336,6 +337,7 @@ def evaluate_arm(run_dir: Path, ood: Sequence[str] = (), selection_fraction: flo
         results["ensemble"] = sets.metrics(None, predict_fn=partial(ensemble_predict, late))
     if sets.selection is None:
         return results
+    results["selection_top1"] = sets.score(averaged)  # what settings may be chosen by (never the report part)
     from .soup import choose_alpha, greedy_soup
 
     if K > 1:
