@@ -15,6 +15,7 @@ continues where it stopped.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import re
 import shutil
@@ -56,6 +57,9 @@ NOT_PER_ARM = frozenset({"seed", "output", "resume", "force", "select", "val_spl
 DISPLAY_SETTINGS = ("quiet", "workers", "threads", "log", "log_every", "dist_timeout")
 #: Names the comparison uses for itself in its folder (``seedS/trunk``, ``seedS/start``).
 RESERVED = ("trunk", "start")
+#: Suffixes of the folders lpconvert builds before it swaps them into place (a branch, a replacement run).
+TEMPORARY = (".branching", ".replacing")
+logger = logging.getLogger(__name__)
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
 
 
@@ -148,9 +152,9 @@ def plan_comparison(base: FinetuneConfig, arms: Sequence[Arm], seeds: Sequence[i
     if len(arms) < 2:
         raise LatePhaseError("a comparison needs at least two --arm (e.g. --arm plain --arm 'late: K=10')")
     names = [a.name for a in arms]
-    if len(set(names)) != len(names) or set(names) & set(RESERVED):
-        raise LatePhaseError(f"arm names must be distinct and not {' or '.join(map(repr, RESERVED))}, got "
-                             f"{', '.join(names)}")
+    if len(set(names)) != len(names) or set(names) & set(RESERVED) or any(n.endswith(TEMPORARY) for n in names):
+        raise LatePhaseError(f"arm names must be distinct, not {' or '.join(map(repr, RESERVED))} and not end in "
+                             f"{' or '.join(TEMPORARY)} (lpconvert's temporary folders), got {', '.join(names)}")
     if not 0 <= selection_split < 1:
         raise LatePhaseError(f"--selection-split must lie in [0, 1), got {selection_split:g}")
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0:
@@ -206,7 +210,7 @@ def run_comparison(comparison: Comparison) -> dict[str, Any]:
     try:
         atomic_write_json(folder / SETTINGS, comparison.settings())
         atomic_write_json(folder / MARKER, {"kind": "compare"})
-        evaluations = read_json_object(folder / EVALUATIONS) if (folder / EVALUATIONS).is_file() else {}
+        evaluations = _saved_evaluations(comparison)
         for seed in comparison.seeds:
             if f"seed{seed}/start" not in evaluations:
                 config = arm_config(comparison.base, comparison.arms[0], seed=seed, output=folder)
@@ -216,7 +220,11 @@ def run_comparison(comparison: Comparison) -> dict[str, Any]:
                 key = f"seed{seed}/{arm.name}"
                 if key in evaluations:
                     continue
-                path = train_arm(comparison, arm, seed)
+                try:
+                    path = train_arm(comparison, arm, seed)
+                except RunInterrupted as stop:
+                    raise RunInterrupted(f"{stop}, seed {seed}, arm {arm.name}", stop.run_dir,
+                                         how="the same `lpconvert compare` command") from stop
                 evaluations[key] = evaluate_arm(path, comparison.ood, comparison.selection_split)
                 atomic_write_json(folder / EVALUATIONS, evaluations)
         return write_report(comparison, evaluations)
@@ -224,11 +232,38 @@ def run_comparison(comparison: Comparison) -> dict[str, Any]:
         lock.release()
 
 
+def _saved_evaluations(comparison: Comparison) -> dict[str, Any]:
+    """The evaluations saved so far that still describe a finished run: an entry that is not an evaluation, or whose
+    run folder is gone, is dropped (and so evaluated, or trained, again); an unreadable file is evaluated anew from
+    the runs (evaluations are derived from them, never the other way round)."""
+    path = comparison.folder / EVALUATIONS
+    if not path.is_file():
+        return {}
+    try:
+        saved = read_json_object(path)
+    except LatePhaseError as err:
+        logger.warning("%s; evaluating the finished runs again", err)
+        return {}
+    kept = {}
+    for key, value in saved.items():
+        seed, _, arm = key.partition("/")
+        run_exists = arm == "start" or (comparison.folder / seed / arm / "report.json").is_file()
+        if isinstance(value, dict) and isinstance(value.get("averaged"), dict) and run_exists:
+            kept[key] = value
+        else:
+            logger.warning("evaluations.json: %s is %s; it is %s again", key,
+                           "not an evaluation" if run_exists else "gone from the folder",
+                           "evaluated" if run_exists else "trained")
+    return kept
+
+
 def train_arm(comparison: Comparison, arm: Arm, seed: int) -> Path:
     """The finished run of `arm` for `seed`: trained now, continued, or branched from the seed's trunk at T0 (what
     :func:`run_comparison` does before it evaluates; a script may train every arm first)."""
     path = comparison.run_dir(seed, arm.name)
     config = arm_config(comparison.base, arm, seed=seed, output=path)
+    if path.exists():
+        _check_saved_settings(path, config, arm.name)
     if (path / "report.json").is_file():
         return path
     if not path.exists() and branches(arm, comparison.base):
@@ -244,20 +279,35 @@ def train_arm(comparison: Comparison, arm: Arm, seed: int) -> Path:
     return path
 
 
+def _check_saved_settings(path: Path, config: FinetuneConfig, arm: str) -> None:
+    """An arm's run folder holds this arm's run: its config.json has the arm's settings (display settings aside)."""
+    if not (path / "config.json").is_file():
+        return
+    saved = FinetuneConfig.from_saved({**read_json_object(path / "config.json"), "resume": None, "force": False})
+    differing = [flag(k) for k, v in _jsonable(config.to_dict()).items()
+                 if k not in DISPLAY_SETTINGS + ("resume", "force") and _jsonable(saved.to_dict())[k] != v]
+    if differing:
+        raise LatePhaseError(f"{path} was trained with other settings than arm {arm} ({', '.join(differing)}); "
+                             "move it away to train the arm again, or rerun the comparison that made it")
+
+
 def _trunk(comparison: Comparison, seed: int) -> Path:
     """``seedS/trunk``: the base configuration trained up to T0 once, its last checkpoint at (T0, batch 0)."""
     path = comparison.run_dir(seed, "trunk")
     config = trunk_config(comparison.base, seed, path)
-    if path.exists():
-        position = RunCheckpoint.load(path / "checkpoints" / "last.pt").position
-        if (position.epoch, position.batch) == (config.t0, 0):
-            return path
+    if path.exists():  # continued — or started again, when it stopped before its first checkpoint
+        last = path / "checkpoints" / "last.pt"
+        if last.is_file():
+            position = RunCheckpoint.load(last).position
+            if (position.epoch, position.batch) == (config.t0, 0):
+                return path
         config = dataclasses.replace(config, resume=str(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     try:
         run(config, stop_at_epoch=config.t0)
-    except RunInterrupted:
-        pass
+    except RunInterrupted as stop:
+        if not stop.planned:  # a signal: the comparison stops too
+            raise
     return path
 
 

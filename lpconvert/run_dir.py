@@ -219,6 +219,27 @@ def create_run(path: Path, config: dict[str, Any], replacing: bool) -> RunDir:
     return RunDir(building, path.resolve() if replacing else None, lock)
 
 
+def trained_epochs(path: Path) -> int:
+    """How many epochs a run directory's metrics.jsonl records beyond the start (0 when it has none)."""
+    try:
+        rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    except (OSError, ValueError):
+        return 0
+    return max((int(r.get("epoch", 0)) for r in rows if isinstance(r, dict)), default=0)
+
+
+def check_continuable(path: Path, force: bool) -> None:
+    """Refuse, changing nothing, to restart a run that trained epochs but lost ``checkpoints/last.pt``: only a run
+    that stopped before its first checkpoint starts again by itself; with `force` any run does."""
+    if force or (path / "checkpoints" / "last.pt").is_file():
+        return
+    epochs = trained_epochs(path)
+    if epochs or (path / "report.json").is_file():
+        raise LatePhaseError(f"--resume {path}: the run trained {epochs} epoch(s) but checkpoints/last.pt is gone, so "
+                             "it cannot continue; add --force to start it over from epoch 0 (replacing its metrics and "
+                             "model), or start a new run with another --output")
+
+
 def open_run(path: Path) -> RunDir:
     """An existing run directory, to resume: recognised, and locked by this process. A run that stopped before its
     first checkpoint (``checkpoints/last.pt``) is resumed by starting it again: see :meth:`RunDir.restart`."""

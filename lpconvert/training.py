@@ -33,11 +33,14 @@ __all__ = ["RunInterrupted", "StopRequest", "evaluate_averaged", "train_one_epoc
 
 
 class RunInterrupted(Exception):
-    """Training stopped early (signal or ``stop_after``); a checkpoint was saved in `run_dir` to resume from."""
+    """Training stopped early (signal, ``stop_after`` or ``stop_at_epoch``); a checkpoint was saved in `run_dir` to
+    resume from. `planned`: the stop the caller asked for (``stop_at_epoch``), not an interruption; `how` says how
+    to continue (``--resume RUN``, or for a comparison: rerun its command)."""
 
-    def __init__(self, reason: str, run_dir: Any) -> None:
+    def __init__(self, reason: str, run_dir: Any, *, planned: bool = False, how: str | None = None) -> None:
         super().__init__(reason)
-        self.run_dir = run_dir
+        self.run_dir, self.planned = run_dir, planned
+        self.how = how or f"--resume {run_dir}"
 
 
 class StopRequest:

@@ -117,3 +117,79 @@ def test_each_seed_may_start_from_its_own_checkpoint():
                for s in (0, 3)]
     assert [c.model for c in configs] == ["local-dir:runs/seed0/plain/model", "local-dir:runs/seed3/plain/model"]
     assert [c.seed for c in configs] == [0, 3] and configs[0].sigma0 == 0.25 and configs[0].select == "last"
+
+
+def test_selection_split_chooses_on_one_part_and_reports_on_the_other_against_the_start(tmp_path):
+    """--selection-split 0.5 of the 597 test digits: soups and α chosen on 298, everything reported on 299, the start
+    evaluated like every arm and leading the report."""
+    base = FinetuneConfig(**{**BASE, "t0": 0, "epochs": 1})
+    arms = [parse_arm("plain"), parse_arm("late: K=3 sigma0=0.3")]
+    folder = tmp_path / "cmp"
+    report = run_comparison(plan_comparison(base, arms, [0, 1], folder, selection_split=0.5))
+    evaluations = json.loads((folder / "evaluations.json").read_text())
+    for seed in (0, 1):
+        late, plain = evaluations[f"seed{seed}/late"], evaluations[f"seed{seed}/plain"]
+        assert late["selection"] == {"fraction": 0.5, "selection_images": 298, "report_images": 299, "seed": 0}
+        assert late["averaged"]["count"] == 299 and evaluations[f"seed{seed}/start"]["averaged"]["count"] == 299
+        # the greedy soup of the 3 members and α: chosen on the selection part, never below what they started from
+        soup = late["soup_record"]
+        assert 1 <= len(soup["members"]) <= 3 and soup["score"] >= max(score for _, score in soup["ranking"])
+        for record in (late["interpolation_record"], plain["interpolation_record"]):
+            scores = dict(record["scores"])
+            assert record["alpha"] in scores and scores[record["alpha"]] == max(scores.values())
+            assert scores[record["alpha"]] >= scores[0.0]  # α = 0 is the start
+        assert "soup" not in plain and "ensemble" not in plain and "interpolated" in plain
+    # every arm against the start, paired per seed
+    start = [evaluations[f"seed{s}/start"]["averaged"]["top1"] for s in (0, 1)]
+    plain = report["arms"]["plain"]["per_seed"]["averaged"]["top1"]
+    versus = report["arms"]["plain"]["versus_start"]["averaged"]["top1"]
+    assert versus["mean"] == pytest.approx(paired_difference(start, plain)["mean"])
+    assert report["start"]["per_seed"]["top1"] == start
+    assert report["arms"]["late"]["choices"]["alpha"] == [evaluations[f"seed{s}/late"]["interpolation_record"]["alpha"]
+                                                          for s in (0, 1)]
+    markdown = (folder / "report.md").read_text()
+    assert markdown.splitlines()[2].startswith("- Your checkpoint (the start): top-1 ")
+    assert "report part (299 images)" in report["evaluated_on"] and "## greedy soup of the members" in markdown
+    assert report["verdict"][-1].startswith("late − plain (averaged): ")
+    # display settings may change when continuing; a real difference is named
+    again = run_comparison(plan_comparison(FinetuneConfig(**{**BASE, "t0": 0, "epochs": 1, "quiet": False,
+                                                             "log_every": 7}), arms, [0, 1], folder,
+                                           selection_split=0.5))
+    assert {k: v for k, v in again.items() if k != "base"} == {k: v for k, v in report.items() if k != "base"}
+    with pytest.raises(LatePhaseError, match=r"other settings \(--lr, --selection-split\)"):
+        plan_comparison(FinetuneConfig(**{**BASE, "t0": 0, "epochs": 1, "lr": 0.01}), arms, [0, 1], folder,
+                        selection_split=0.25)
+
+
+def test_compare_survives_interruption_and_tampering(tmp_path, monkeypatch):
+    base = FinetuneConfig(**BASE)
+    arms = [parse_arm("plain"), parse_arm("late: K=3 sigma0=0.1")]
+    folder = tmp_path / "cmp"
+    # a stop while the shared trunk trains stops the comparison (no arm trains), and says how to continue
+    monkeypatch.setattr(compare_module, "run", lambda config, **kw: run(config, stop_after=2, **kw))
+    with pytest.raises(compare_module.RunInterrupted) as stop:
+        run_comparison(plan_comparison(base, arms, [0], folder))
+    assert stop.value.how == "the same `lpconvert compare` command" and "arm plain" in str(stop.value)
+    assert {p.name for p in (folder / "seed0").iterdir()} == {"trunk"}
+    monkeypatch.undo()
+    # killed before the trunk's first checkpoint: it starts again
+    import shutil
+
+    shutil.rmtree(folder / "seed0" / "trunk" / "checkpoints")
+    report = run_comparison(plan_comparison(base, arms, [0], folder))
+    top1 = report["arms"]["late"]["per_seed"]["averaged"]["top1"]
+    # evaluations are derived from the runs: a corrupted file is evaluated again, to the same numbers
+    (folder / "evaluations.json").write_text("{not json")
+    assert run_comparison(plan_comparison(base, arms, [0], folder))["arms"]["late"]["per_seed"]["averaged"]["top1"] == top1
+    # an arm folder deleted after it finished is trained again, not reported from memory
+    shutil.rmtree(folder / "seed0" / "plain")
+    run_comparison(plan_comparison(base, arms, [0], folder))
+    assert (folder / "seed0" / "plain" / "report.json").is_file()
+    # an arm folder trained with other settings is refused, naming them
+    config = json.loads((folder / "seed0" / "late" / "config.json").read_text())
+    (folder / "seed0" / "late" / "config.json").write_text(json.dumps({**config, "sigma0": 0.3}))
+    (folder / "evaluations.json").unlink()
+    with pytest.raises(LatePhaseError, match=r"trained with other settings than arm late \(--sigma0\)"):
+        run_comparison(plan_comparison(base, arms, [0], folder))
+    with pytest.raises(LatePhaseError, match="lpconvert's temporary folders"):
+        plan_comparison(base, [parse_arm("plain"), parse_arm("late.branching: K=3")], [0], tmp_path / "other")

@@ -90,3 +90,26 @@ def test_warmup_rises_linearly_from_warmup_lr_into_the_schedule():
         FinetuneConfig(epochs=2, warmup_epochs=2)
     with pytest.raises(LatePhaseError, match="--smoothing"):
         FinetuneConfig(smoothing=1.0)
+
+
+def _flags(**given):
+    """build_config's flags as click passes them: every setting, None where not given."""
+    return {**{f.name: None for f in dataclasses.fields(FinetuneConfig)}, **given}
+
+
+def test_a_batch_flag_given_is_given_whatever_its_value(tmp_path):
+    """--batch-size 256 is as given as --batch-size 128: with --batch-size-per-gpu it is refused, not dropped."""
+    with pytest.raises(LatePhaseError, match="--batch-size-per-gpu and --batch-size 256 both set the batch"):
+        FinetuneConfig(batch_size=256, batch_size_per_gpu=32)
+    assert FinetuneConfig(batch_size_per_gpu=32).batch_size is None  # the global batch: per process × processes
+    assert FinetuneConfig().batch_size == 256 and FinetuneConfig(batch_size=256).batch_size == 256
+    # a flag replaces a recipe's value of the same quantity, whichever of the two ways each gives it
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: digits_cnn\nbatch_size: 128\nimg_size: 40\n")
+    per_gpu = build_config(None, str(recipe), _flags(batch_size_per_gpu=32, input_size=(3, 48, 48)))
+    assert (per_gpu.batch_size, per_gpu.batch_size_per_gpu) == (None, 32)
+    assert (per_gpu.img_size, per_gpu.input_size) == (None, (3, 48, 48))
+    recipe.write_text("model: digits_cnn\nbatch_size_per_gpu: 16\n")
+    assert build_config(None, str(recipe), _flags(batch_size=256)).batch_size == 256
+    with pytest.raises(LatePhaseError, match="--batch-size-per-gpu and --batch-size 256 both set the batch"):
+        build_config("digits_cnn", None, _flags(batch_size=256, batch_size_per_gpu=32))

@@ -37,7 +37,7 @@ def _tree(root: Path, evaluation: str) -> Path:
 
 
 def _data(root: Path, **settings):
-    config = FinetuneConfig(model=MODEL, data=str(root), workers=0, **settings)
+    config = FinetuneConfig(**{"model": MODEL, "data": str(root), "workers": 0, **settings})
     return build_data(config, timm.create_model(MODEL, num_classes=len(CLASSES)))
 
 
@@ -163,3 +163,53 @@ def test_evaluate_recalibrates_on_the_runs_own_training_images(tmp_path):
     rows = evaluate(str(tmp_path / "run"), DIGITS, checkpoint="last", workers=0)
     assert [row["variant"] for row in rows] == ["averaged (recalibrate)"]
     assert rows[0]["top1"] == report["test_top1"]
+
+
+def test_a_hold_out_the_start_has_memorised_is_named_before_training(tmp_path, cifar10_root, cifar_resnet_weights,
+                                                                       lpconvert_cache, monkeypatch, caplog):
+    """The shared ResNet-20 was trained on every CIFAR-10 training image: on 40 of them held out it scores 100 %, so
+    they cannot rank epochs — said before the first epoch, not only after the run exported the start."""
+    monkeypatch.setenv("LPCONVERT_CACHE", str(lpconvert_cache))
+    config = FinetuneConfig(model="cifar_resnet20", weights=str(cifar_resnet_weights[20]), data=str(cifar10_root),
+                            train_subset=400, val_subset=100, val_split=0.1, epochs=1, K=2, batch_size=50, lr=0.01,
+                            workers=0, quiet=True, output=str(tmp_path / "run"))
+    with caplog.at_level("INFO", logger="lpconvert"):
+        report = run(config)
+    messages = [r.getMessage() for r in caplog.records]
+    warning = next(i for i, m in enumerate(messages) if "cannot rank epochs" in m)
+    assert "scores 100.00 % on the 40 validation images held out" in messages[warning]
+    assert warning < next(i for i, m in enumerate(messages) if m.startswith("epoch 1/1"))
+    assert report["start_top1"] == 100.0
+    # a run that validates on a real split, or selects nothing, is not warned
+    caplog.clear()
+    with caplog.at_level("INFO", logger="lpconvert"):
+        run(FinetuneConfig(**{**config.to_dict(), "select": "last", "output": str(tmp_path / "last")}))
+    assert not any("cannot rank epochs" in r.getMessage() for r in caplog.records)
+
+
+def test_without_a_validation_set_nothing_is_chosen_and_a_folder_named_test_is_a_test_set(tmp_path):
+    """--val-split 0 --select last on a test-only split writes no best.pt (it could only be chosen on the test set):
+    reopening the run gives what it exported. A --val-dir named test is a test set, like test/ under --data."""
+    config = FinetuneConfig(model="digits_cnn", pretrained=False, data=DIGITS, val_split=0.0, select="last", K=2,
+                            epochs=3, batch_size=40, lr=1.0, workers=0, quiet=True, output=str(tmp_path / "run"))
+    report = run(config)
+    assert not (tmp_path / "run" / "checkpoints" / "best.pt").exists()
+    assert report["select"] == "last" and report["epoch"] == 3 and report["validation"] == "test"
+    from lpconvert.late_phase_model import load_late_phase
+
+    _, checkpoint = load_late_phase(tmp_path / "run")  # the default: what the run exported
+    assert checkpoint.position.epoch == 3 and checkpoint.history.best_epoch is None
+    root = _tree(tmp_path / "data", "test")
+    for val_dir in (root / "test", tmp_path / "test.tar"):
+        if val_dir.suffix == ".tar":
+            import tarfile
+
+            with tarfile.open(val_dir, "w") as tar:
+                tar.add(root / "test", arcname="test")
+        data = _data(root, val_split=0.2, data=None, train_dir=str(root / "train"), val_dir=str(val_dir))
+        assert data.val_role == "held-out" and len(data.test) == 12 and len(data.val) == 8
+    with pytest.raises(LatePhaseError, match="--select best would choose the epoch on the test set"):
+        run(FinetuneConfig(model=MODEL, pretrained=False, num_classes=4, train_dir=str(root / "train"),
+                           val_dir=str(root / "test"), val_split=0.0, K=1, epochs=1, batch_size=8, workers=0,
+                           quiet=True, output=str(tmp_path / "refused")))
+    assert not (tmp_path / "refused").exists()

@@ -80,10 +80,16 @@ def resolve_data_dirs(
 
 def evaluation_split(data: str | os.PathLike | None, val_dir: str | os.PathLike | None = None, *,
                      cache_dir: str | os.PathLike | None = None) -> str:
-    """``"validation"`` or ``"test"``: what the evaluation images :func:`resolve_data_dirs` finds are. ``--val-dir``
-    is a validation set by its name; under ``--data`` it is the split's name (``val/`` and ``validation/`` are
-    validation sets, ``test/`` is a test set: CIFAR-10's layout)."""
-    if val_dir is not None or data is None:
+    """``"validation"`` or ``"test"``: what the evaluation images :func:`resolve_data_dirs` finds are, by the split's
+    name: ``val/`` and ``validation/`` are validation sets, ``test/`` is a test set (CIFAR-10's layout) — under
+    ``--data``, or as ``--val-dir`` itself (a folder or archive named ``test``: selecting on it would select on the
+    test set)."""
+    if val_dir is not None:
+        name = Path(val_dir).name
+        for suffix in ARCHIVE_SUFFIXES:
+            name = name.removesuffix(suffix)
+        return "test" if name.lower() == "test" else "validation"
+    if data is None:
         return "validation"
     root = _resolve_tree(data, cache_dir, stop_at=_SPLITS)
     for name in VAL_SPLITS:
