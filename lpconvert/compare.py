@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -161,8 +162,14 @@ def plan_comparison(base: FinetuneConfig, arms: Sequence[Arm], seeds: Sequence[i
         raise LatePhaseError(f"--seeds must be distinct non-negative integers, got {seeds}")
     folder = Path(output)
     base = dataclasses.replace(base, val_split=0.0)  # nothing is selected: every arm trains on all training images
-    for arm in arms:
-        arm_config(base, arm, seed=seeds[0], output=folder)  # every setting checked as finetune checks it
+    resolved: dict[str, str] = {}
+    for arm in arms:  # every setting checked as finetune checks it; two arms that train the same thing are refused
+        settings = arm_config(base, arm, seed=seeds[0], output=folder).to_dict()
+        twin = resolved.setdefault(repr(sorted(settings.items())), arm.name)
+        if twin != arm.name:
+            raise LatePhaseError(f"arms {twin} and {arm.name} have the same settings and would train the same runs; "
+                                 "give one of them a setting that differs (a bare NAME is the base settings, "
+                                 "except 'plain': K=1)")
     for path in ood:
         if not Path(path).exists():
             raise LatePhaseError(f"--ood {path}: no such folder or archive")
@@ -211,6 +218,8 @@ def run_comparison(comparison: Comparison) -> dict[str, Any]:
         atomic_write_json(folder / SETTINGS, comparison.settings())
         atomic_write_json(folder / MARKER, {"kind": "compare"})
         evaluations = _saved_evaluations(comparison)
+        todo = [(s, a) for s in comparison.seeds for a in comparison.arms if f"seed{s}/{a.name}" not in evaluations]
+        durations: list[float] = []
         for seed in comparison.seeds:
             if f"seed{seed}/start" not in evaluations:
                 config = arm_config(comparison.base, comparison.arms[0], seed=seed, output=folder)
@@ -220,6 +229,8 @@ def run_comparison(comparison: Comparison) -> dict[str, Any]:
                 key = f"seed{seed}/{arm.name}"
                 if key in evaluations:
                     continue
+                _announce(comparison, seed, arm, todo, durations)
+                began = time.monotonic()
                 try:
                     path = train_arm(comparison, arm, seed)
                 except RunInterrupted as stop:
@@ -227,9 +238,20 @@ def run_comparison(comparison: Comparison) -> dict[str, Any]:
                                          how="the same `lpconvert compare` command") from stop
                 evaluations[key] = evaluate_arm(path, comparison.ood, comparison.selection_split)
                 atomic_write_json(folder / EVALUATIONS, evaluations)
+                durations.append(time.monotonic() - began)
         return write_report(comparison, evaluations)
     finally:
         lock.release()
+
+
+def _announce(comparison: Comparison, seed: int, arm: Arm, todo: list[tuple[int, Arm]], durations: list[float]) -> None:
+    """One line before each run: which seed and arm, how many runs are left and, once one has finished in this
+    process, about how long they take."""
+    left = len(todo) - len(durations)
+    eta = f", about {sum(durations) / len(durations) * left / 60:.0f} min left" if durations else ""
+    logger.info("compare: seed %d (%d/%d), arm %s (%d/%d): %d run%s to go%s", seed, comparison.seeds.index(seed) + 1,
+                len(comparison.seeds), arm.name, comparison.arms.index(arm) + 1, len(comparison.arms), left,
+                "s" if left != 1 else "", eta)
 
 
 def _saved_evaluations(comparison: Comparison) -> dict[str, Any]:

@@ -193,3 +193,15 @@ def test_compare_survives_interruption_and_tampering(tmp_path, monkeypatch):
         run_comparison(plan_comparison(base, arms, [0], folder))
     with pytest.raises(LatePhaseError, match="lpconvert's temporary folders"):
         plan_comparison(base, [parse_arm("plain"), parse_arm("late.branching: K=3")], [0], tmp_path / "other")
+
+
+def test_twin_arms_are_refused_and_each_run_is_announced(tmp_path, caplog):
+    base = FinetuneConfig(**{**BASE, "t0": 0, "epochs": 1})
+    with pytest.raises(LatePhaseError, match="arms plain and one have the same settings"):
+        plan_comparison(base, [parse_arm("plain"), parse_arm("one: K=1")], [0], tmp_path / "twins")
+    with caplog.at_level("INFO", logger="lpconvert"):
+        run_comparison(plan_comparison(base, [parse_arm("plain"), parse_arm("late: K=3")], [0, 1], tmp_path / "c"))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("compare: ")]
+    assert lines[0] == "compare: seed 0 (1/2), arm plain (1/2): 4 runs to go"
+    assert lines[3].startswith("compare: seed 1 (2/2), arm late (2/2): 1 run to go, about ") and lines[3].endswith(" min left")
+    assert not (tmp_path / "twins").exists()
