@@ -8,6 +8,7 @@
 """
 
 from . import hub_env  # noqa: F401  (first: a malformed HF_ENDPOINT must not traceback when timm imports the Hub)
+from . import compat  # noqa: F401  (second, before torch: a torch / torchvision pair that does not match is one line)
 from . import models  # noqa: F401  (registers lpconvert's architectures (cifar_resnet20, digits_cnn, …) with timm)
 from .collapse import collapse, ensemble_predict, recalibrate_batch_norm, unload
 from .engine import LatePhaseEngine, iterate_members
@@ -19,6 +20,7 @@ from .layers import KINDS
 from .loading import load_model
 from .members import late_phase_layers, num_members, select_members
 from .model_folder import save_pretrained
+from .soup import choose_alpha, greedy_soup, interpolate
 from .surgery import Plan, convert, convert_from_config, plan
 from .version import lpconvert_version
 
@@ -30,11 +32,14 @@ __all__ = [
     "LatePhaseEngine",
     "LatePhaseError",
     "Plan",
+    "choose_alpha",
     "collapse",
     "convert",
     "convert_from_config",
     "ensemble_predict",
     "enter_late_phase",
+    "greedy_soup",
+    "interpolate",
     "iterate_members",
     "late_phase_config",
     "late_phase_layers",

@@ -8,21 +8,21 @@ comma-separated (``--late-phase bn,classifier``, ``--include 'layer4.*,fc'``); p
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import logging
 import os
 import sys
-import typing
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import click
 
-from .config import SELECT, FinetuneConfig, field_types, flag, read_recipe
+from .cli_settings import (FLAG_SETTINGS, MODEL_OPTION, build_config, config_options, given_settings, model_argument,
+                           names)
+from .config import SELECT, FinetuneConfig
 from .errors import LatePhaseError, os_error_message, user_message
 from .layers import BN_STATS_MODES
+from .run_dir import exported_checkpoint
+from .soup import SOUPS
 
 EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -61,11 +61,14 @@ class _Group(click.Group):
             if _debug(ctx):
                 raise
             if isinstance(exc, RunInterrupted):
-                click.echo(f"interrupted ({exc}); a checkpoint was saved: continue with --resume {exc.run_dir}",
-                           err=True)
+                saved = "a checkpoint was saved" if exc.saved else "no checkpoint yet"
+                click.echo(f"interrupted ({exc}); {saved}: continue with {exc.how}", err=True)
                 ctx.exit(EXIT_INTERRUPTED)
             if isinstance(exc, LatePhaseError):
-                click.echo(f"error: {user_message(exc)}", err=True)
+                from .data.labels import ClassCountError
+
+                message = exc.for_command(ctx.invoked_subcommand) if isinstance(exc, ClassCountError) else None
+                click.echo(f"error: {message or user_message(exc)}", err=True)
                 ctx.exit(EXIT_USAGE)
             if isinstance(exc, OSError):
                 click.echo(f"error: {os_error_message(exc)}", err=True)
@@ -111,74 +114,6 @@ def _configure_logging(verbose: bool) -> None:
         logging.getLogger(name).setLevel(logging.NOTSET if verbose else logging.ERROR)
 
 
-def _names(text: str | None) -> tuple[str, ...]:
-    """A comma-separated list flag."""
-    return tuple(t.strip() for t in (text or "").split(",") if t.strip())
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# the flags of FinetuneConfig's fields
-# --------------------------------------------------------------------------------------------------------------------
-_DEFAULTS = FinetuneConfig()
-_FIELDS = {field.name: field for field in dataclasses.fields(FinetuneConfig)}
-_TYPES = field_types()
-#: Every setting that ``finetune`` takes as a flag: all but its MODEL argument.
-_FLAG_SETTINGS = tuple(name for name, field in _FIELDS.items() if not field.metadata.get("argument"))
-_PATH_TYPES = {"file": click.Path(dir_okay=False), "dir": click.Path(file_okay=False)}
-_F = TypeVar("_F", bound=Callable[..., Any])
-
-
-def config_option(name: str) -> Callable[[_F], _F]:
-    """The flag of setting `name`, all from its FinetuneConfig field: the help (the default shown unless the help
-    says it), the type (choices, a path, an on/off pair for a bool; lists are comma-separated text). Its value is None
-    when not given, so that a recipe's value stands."""
-    field = _FIELDS[name]
-    help_text = field.metadata.get("help")  # none: tests/test_cli.py names the flag
-    if help_text and "[default:" not in help_text:
-        help_text = f"{help_text}  [default: {_show(getattr(_DEFAULTS, name))}]"
-    hint = _TYPES[name]
-    base = tuple if typing.get_origin(hint) is tuple else next(
-        (t for t in typing.get_args(hint) if t is not type(None)), hint)
-    declaration = flag(name)
-    kind: click.ParamType | type | None = None
-    if "choices" in field.metadata:
-        kind = click.Choice(field.metadata["choices"])
-    elif "path" in field.metadata:
-        kind = _PATH_TYPES[field.metadata["path"]]
-    elif base is bool:
-        declaration = f"{declaration}/--no-{declaration[2:]}"
-    elif "nargs" in field.metadata:  # a list of that many separate values
-        kind = typing.get_args(hint)[0]
-    else:
-        kind = base if base in (int, float) else str  # lists: comma-separated text
-    extra = {"is_flag": False, "flag_value": field.metadata["flag_value"]} if "flag_value" in field.metadata else {}
-    if "nargs" in field.metadata:
-        extra["nargs"] = field.metadata["nargs"]
-    return click.option(declaration, *field.metadata.get("aliases", ()), name, type=kind, default=None,
-                        help=help_text, **extra)
-
-
-def config_options(*names: str) -> Callable[[_F], _F]:
-    """:func:`config_option` of each of `names`, listed in that order."""
-    def decorate(function: _F) -> _F:
-        for name in reversed(names):
-            function = config_option(name)(function)
-        return function
-
-    return decorate
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, tuple):
-        return ",".join(map(str, value)) or "none"
-    return "none" if value is None else str(value)
-
-
-def _given(flags: dict[str, Any]) -> dict[str, Any]:
-    """The settings given on the command line: the flags whose value is not None."""
-    return {k: v for k, v in flags.items() if v is not None}
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # inspect
 # --------------------------------------------------------------------------------------------------------------------
@@ -191,7 +126,7 @@ def inspect(model: str, list_layers: bool, **flags: Any) -> None:
     from .loading import load_model
     from .surgery import plan_or_refuse
 
-    config = FinetuneConfig.from_dict({"model": model, **_given(flags)})
+    config = FinetuneConfig.from_dict({"model": model, **given_settings(flags)})
     net, _ = load_model(config.model, weights=config.weights, num_classes=config.num_classes, pretrained=False)
     report = plan_or_refuse(net, config.K, config.late_phase, include=config.include or None,
                             exclude=config.exclude or None, options=config.kind_options())
@@ -204,35 +139,12 @@ def inspect(model: str, list_layers: bool, **flags: Any) -> None:
 # --------------------------------------------------------------------------------------------------------------------
 # finetune
 # --------------------------------------------------------------------------------------------------------------------
-def build_config(model: str | None, recipe: str | None, flags: dict[str, Any]) -> FinetuneConfig:
-    """Defaults ← recipe file (or, for a bare --resume, the run's own settings) ← flags given on the command line."""
-    values: dict[str, Any] = read_recipe(recipe) if recipe else {}
-    saved = Path(flags["resume"]) / "config.json" if flags.get("resume") else None
-    if model is None and recipe is None and saved is not None and saved.is_file():
-        values = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("resume", "force")}
-    if model is not None:
-        values["model"] = model
-    if "model" not in values:
-        raise LatePhaseError("no MODEL given; name one (e.g. resnet152, tv:resnet50, hf-hub:ORG/NAME) or use --recipe")
-    values.update(_given(flags))
-    return FinetuneConfig.from_dict(values)
-
-
-_MODEL_OPTION = click.option("--model", "model_option", metavar="MODEL", help="MODEL given as a flag (timm's spelling).")
-
-
-def _model(argument: str | None, option: str | None) -> str | None:
-    if argument and option and argument != option:
-        raise LatePhaseError(f"two models given, {argument} and --model {option}; name one")
-    return argument or option
-
-
 @main.command()
 @click.argument("model", required=False)
-@_MODEL_OPTION
+@MODEL_OPTION
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Recipe file (YAML/TOML, e.g. zoo/*.yaml); flags override it.")
 @click.option("--baseline", is_flag=True, help="Plain fine-tuning (K=1) through the identical pipeline.")
-@config_options(*_FLAG_SETTINGS)
+@config_options(*FLAG_SETTINGS)
 def finetune(model: str | None, model_option: str | None, recipe: str | None, baseline: bool, **flags: Any) -> None:
     """Fine-tune MODEL with late-phase weights (Algorithm 1) and write the averaged model.
 
@@ -245,30 +157,43 @@ def finetune(model: str | None, model_option: str | None, recipe: str | None, ba
 
     if baseline:
         flags["K"] = 1
-    flags["include"], flags["exclude"] = _names(flags["include"]) or None, _names(flags["exclude"]) or None
-    config = build_config(_model(model, model_option), recipe, flags)
+    flags["include"], flags["exclude"] = names(flags["include"]) or None, names(flags["exclude"]) or None
+    config = build_config(model_argument(model, model_option), recipe, flags)
     report = run(config, command=finetune_command())
     if report:
         click.echo(_report_table(report))
 
 
 def _report_table(report: dict[str, Any]) -> str:
-    """The run's result: validation top-1 at the start and of the exported epoch, then the test set's one measurement
-    when validation was held out of the training images."""
-    what = "plain fine-tuning" if report["K"] == 1 else f"late-phase K={report['K']}"
+    """The run's result, the verdict first: did the checkpoint get better — on the validation set the epoch was chosen
+    on, and on the test set measured once when validation was held out of the training images."""
+    run_K = report.get("run_K", report["K"])
+    what = "plain fine-tuning" if run_K == 1 else f"late-phase K={run_K}"
     on = {"held-out": "validation (held out of train)", "test": "test set (nothing selected on it)"}.get(
         report.get("validation"), "validation")
-    return "\n".join([
-        f"top-1 on the {on}",
-        f"  start checkpoint          {report['start_top1']:6.2f}",
-        f"  {what:<25} {report['final_top1']:6.2f}   (epoch {report['epoch']}, {report['select']}, "
-        f"bn_stats={report['bn_stats']})",
-        f"  change                    {report['change']:+6.2f}",
-        *([f"test top-1 of the exported model (evaluated once): {report['test_top1']:.2f}"]
-          if "test_top1" in report else []),
-        *([f"note: {report['note']}"] if report.get("note") else []),
-        f"averaged model: {report['model_dir']}",
-    ])
+    exported = f"epoch {report['epoch']}, {report['select']}, bn_stats={report['bn_stats']}"
+    if report["epoch"] == 0:
+        exported = "epoch 0: the start, unchanged"
+    elif report["K"] != run_K:
+        exported += ", the plain model before T0"
+    change = report.get("test_top1", report["final_top1"]) - report.get("start_test_top1", report["start_top1"])
+    where = "test set" if "test_top1" in report else on.split(" (")[0]
+    if report["epoch"] == 0:
+        verdict = "your checkpoint did not get better: no epoch beat it on the validation set, it is exported unchanged"
+    else:
+        verdict = (f"{where} top-1 {change:+.2f} points against your checkpoint (one run: no interval over seeds; "
+                   "`lpconvert compare` measures one)")
+    lines = [f"verdict: {verdict}", f"top-1 on the {on}",
+             f"  start checkpoint          {report['start_top1']:6.2f}",
+             f"  {what:<25} {report['final_top1']:6.2f}   ({exported})",
+             f"  change                    {report['change']:+6.2f}"]
+    if "test_top1" in report:
+        lines += ["top-1 on the test set (measured once, nothing chosen on it)",
+                  f"  start checkpoint          {report['start_test_top1']:6.2f}",
+                  f"  exported model            {report['test_top1']:6.2f}",
+                  f"  change                    {report['test_top1'] - report['start_test_top1']:+6.2f}"]
+    lines += [*([f"note: {report['note']}"] if report.get("note") else []), f"averaged model: {report['model_dir']}"]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -277,16 +202,18 @@ def _report_table(report: dict[str, Any]) -> str:
 def _compare_settings() -> tuple[str, ...]:
     from .compare import NOT_PER_ARM
 
-    return tuple(name for name in _FLAG_SETTINGS if name not in NOT_PER_ARM)
+    return tuple(name for name in FLAG_SETTINGS if name not in NOT_PER_ARM)
 
 
 @main.command()
 @click.argument("model", required=False)
-@_MODEL_OPTION
+@MODEL_OPTION
 @click.option("--recipe", type=click.Path(dir_okay=False), help="Base settings from a recipe file; flags override it.")
 @click.option("--arm", "arms", multiple=True, required=True,
-              help="An arm, repeatable (two or more): NAME, or 'NAME: SETTING=VALUE ...' over the base settings, "
-                   "e.g. --arm plain --arm 'late: K=10 sigma0=0.5'. The first arm is the reference.")
+              help="An arm, repeatable (two or more): 'NAME: SETTING=VALUE ...' over the base settings, e.g. "
+                   "--arm 'plain: K=1' --arm 'late: K=10 sigma0=0.5'; a bare NAME is the base settings, except "
+                   "'plain', which means K=1. Two arms with the same settings are refused. The first arm is the "
+                   "reference.")
 @click.option("--seeds", default="0,1,2,3,4", show_default=True, help="Comma-separated seeds; each seed pairs the arms.")
 @click.option("--ood", multiple=True, help="Out-of-distribution set (tree or archive), repeatable: AUROC per set + mean.")
 @click.option("--output", required=True, type=click.Path(file_okay=False),
@@ -312,10 +239,10 @@ def compare(model: str | None, model_option: str | None, recipe: str | None, arm
     from .compare import parse_arm, plan_comparison, run_comparison
     from .compare_report import to_markdown
 
-    flags["include"], flags["exclude"] = _names(flags["include"]) or None, _names(flags["exclude"]) or None
-    base = build_config(_model(model, model_option), recipe, flags)
+    flags["include"], flags["exclude"] = names(flags["include"]) or None, names(flags["exclude"]) or None
+    base = build_config(model_argument(model, model_option), recipe, flags)
     try:
-        seed_list = [int(s) for s in _names(seeds)]
+        seed_list = [int(s) for s in names(seeds)]
     except ValueError:
         raise LatePhaseError(f"--seeds takes comma-separated integers, got {seeds!r}") from None
     comparison = plan_comparison(base, [parse_arm(a) for a in arms], seed_list, output, ood, selection_split)
@@ -331,7 +258,10 @@ def compare(model: str | None, model_option: str | None, recipe: str | None, arm
 @click.option("--seeds", type=click.IntRange(min=1), default=3, show_default=True,
               help="Fine-tuning runs per arm (seeds 0, 1, …).")
 @click.option("--force", is_flag=True, help="Replace an earlier demo folder (only that), once the new demo is done.")
-def demo(output: str, K: int, seeds: int, force: bool) -> None:
+@click.option("--threads", type=click.IntRange(min=0), default=1, show_default=True,
+              help="CPU threads (results are bit-identical for a fixed count); 0: finetune's default, which follows "
+                   "the CPUs and the load.")
+def demo(output: str, K: int, seeds: int, force: bool, threads: int) -> None:
     """The whole pipeline offline on real images (scikit-learn's handwritten digits), in minutes on a CPU.
 
     Trains a small BatchNorm CNN to a 'pretrained' state (T0), then fine-tunes it late-phase and plain side by
@@ -339,7 +269,10 @@ def demo(output: str, K: int, seeds: int, force: bool) -> None:
     """
     from .demo import run_demo
 
-    click.echo(run_demo(Path(output), K=K, seeds=seeds, force=force))
+    click.echo(run_demo(Path(output), K=K, seeds=seeds, force=force, threads=threads or None))
+
+
+from .cli_evaluate import robustness_options  # noqa: E402 - the corruption and calibration flags of evaluate
 
 
 @main.command("evaluate")
@@ -347,42 +280,61 @@ def demo(output: str, K: int, seeds: int, force: bool) -> None:
 @click.option("--data", help="Dataset root (its val/, validation/ or test/ split is used) or one ImageFolder "
                              "tree/archive; or give --dataset.")
 @click.option("--dataset", help="A Hugging Face dataset, hfds/NAME (its validation split), instead of --data.")
-@click.option("--ood", multiple=True, help="Out-of-distribution set (tree or archive), repeatable: AUROC per set + mean.")
+@click.option("--ood", multiple=True, metavar="[NAME=]PATH",
+              help="Out-of-distribution set (tree, root or archive), repeatable: AUROC per set and their mean, with "
+                   "the predictive-entropy score (auroc/NAME) and the maximum softmax probability (auroc_msp/NAME). "
+                   "NAME defaults to the file or folder name, or the folder above a split's name "
+                   "(data/cifar100/test.tar.gz -> cifar100); sets whose names collide get -2, -3.")
 @click.option("--ensemble", is_flag=True, help="Late-phase run: also the non-averaged ensemble (mean of member softmax).")
 @click.option("--bn-stats", type=click.Choice([*BN_STATS_MODES, "all"]),
               help="Late-phase run: collapse mode(s) to evaluate [default: the run's]; recalibrate re-estimates the "
                    "statistics on the train/ split exactly as the run does.")
-@click.option("--checkpoint", type=click.Choice(SELECT), default="best", show_default=True,
-              help="Late-phase run: which checkpoint.")
+@click.option("--checkpoint", type=click.Choice(SELECT),
+              help="Late-phase run: which checkpoint [default: the one the run exported].")
 @click.option("--weights", type=click.Path(dir_okay=False), help="Local weights for a model spec.")
 @click.option("--subset", type=click.IntRange(min=1), help="Evaluate a stratified subset of this many images.")
+@robustness_options
 @click.option("--flatness", default="", help="Comma-separated σz for the flatness score δL(σz) (paper Fig. 3).")
 @click.option("--flatness-draws", type=click.IntRange(min=1), default=10, show_default=True,
               help="Noise draws per σz.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=256, show_default=True,
               help="Images per evaluation batch.")
-@click.option("--workers", type=click.IntRange(min=0), default=4, show_default=True,
-              help="Data-loading worker processes.")
+@click.option("-j", "--workers", type=click.IntRange(min=0),
+              help="Data-loading (and corrupting) worker processes [default: one less than the CPUs this process may "
+                   "use, shared among torchrun's processes, at most 4].")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="CPU threads for the model [default: torch's; under torchrun, each process's share of the CPUs].")
 @click.option("--device", default="auto", show_default=True, help="auto (GPU when there is one), cpu, cuda, cuda:N.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the rows as JSON.")
-@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the rows as CSV.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False), help="Also write the rows as JSON (every key).")
+@click.option("--csv", "csv_path", type=click.Path(dir_okay=False), help="Also write the rows as CSV (every key).")
 def evaluate_command(source: str, data: str | None, dataset: str | None, ood: tuple, ensemble: bool,
-                     bn_stats: str | None, checkpoint: str, weights: str | None,
-                     subset: int | None, flatness: str, flatness_draws: int, batch_size: int, workers: int,
-                     device: str, json_path: str | None, csv_path: str | None) -> None:
-    """Top-1/top-5, NLL, ECE and OOD AUROC of SOURCE: a model spec, an output directory or a late-phase run."""
-    from .files import atomic_write_bytes
+                     bn_stats: str | None, checkpoint: str | None, weights: str | None, subset: int | None, flatness: str,
+                     flatness_draws: int, batch_size: int, workers: int | None, threads: int | None, device: str,
+                     json_path: str | None, csv_path: str | None, **robustness: Any) -> None:
+    """Top-1/top-5, NLL, ECE, Brier and OOD AUROC of SOURCE: a model spec, an output directory or a late-phase run;
+    optionally accuracy under corruptions (mCE) and calibration after temperature scaling on held-out images.
+
+    Runs sharded under torchrun (`torchrun --nproc_per_node N -m lpconvert evaluate ...`): every process evaluates its
+    share of every set, the numbers are one process's, and rank 0 alone prints and writes.
+    """
+    from .cli_evaluate import robustness_arguments
     from .evaluate import evaluate, format_table, to_csv, to_json
+    from .files import atomic_write_bytes
 
     try:
-        sigmas = [float(v) for v in _names(flatness)]
+        sigmas = [float(v) for v in names(flatness)]
     except ValueError:
         raise LatePhaseError(f"--flatness takes comma-separated numbers such as 0.05,0.1, got {flatness!r}") from None
-    rows = evaluate(source, data, dataset=dataset, ood=ood, ensemble=ensemble, bn_stats=bn_stats, checkpoint=checkpoint,
-                    weights=weights, subset=subset,
-                    batch_size=batch_size, workers=workers, device=device, flatness_sigmas=sigmas,
-                    flatness_draws=flatness_draws)
-    click.echo(format_table(rows))
+    rows = evaluate(source, data, dataset=dataset, ood=ood, ensemble=ensemble, bn_stats=bn_stats,
+                    checkpoint=checkpoint or exported_checkpoint(source),
+                    weights=weights, subset=subset, batch_size=batch_size, workers=workers, threads=threads,
+                    device=device, flatness_sigmas=sigmas, flatness_draws=flatness_draws,
+                    **robustness_arguments(robustness))
+    if int(os.environ.get("RANK", "0")) != 0:  # under torchrun every rank has the rows; rank 0 reports them
+        return
+    source_note = f"from {robustness['corruption_dir']}" if robustness["corruption_dir"] else \
+        "generated, ImageNet-C severities"
+    click.echo(format_table(rows, corruption_source=source_note))
     if json_path:
         atomic_write_bytes(json_path, to_json(rows).encode())
     if csv_path:
@@ -391,18 +343,12 @@ def evaluate_command(source: str, data: str | None, dataset: str | None, ood: tu
 
 @main.command()
 def zoo() -> None:
-    """List the recipes of zoo/ with the paper's numbers; run one with `lpconvert finetune --recipe FILE`."""
+    """List the recipes of zoo/ with the paper's numbers and lpconvert's (those of zoo/README.md); run one with
+    `lpconvert finetune --recipe FILE`."""
     from .config import list_recipes
+    from .zoo import describe_recipe
 
-    def numbers(values: Any, empty: str) -> str:
-        if isinstance(values, dict):
-            return " → ".join(f"{k} {v}" for k, v in values.items()) or empty
-        return str(values) if values else empty
-
-    for recipe in list_recipes():
-        click.echo(f"{recipe['name']}\n  {recipe['file']}\n  paper: {numbers(recipe['paper'], 'no paper numbers')}; "
-                   f"measured: {numbers(recipe['measured'], '—')}")
-        click.echo(f"  {recipe['description']}")
+    click.echo("\n".join(describe_recipe(recipe) for recipe in list_recipes()))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -411,19 +357,33 @@ def zoo() -> None:
 @main.command("collapse")
 @click.argument("source", type=click.Path(exists=True))
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
-@click.option("--bn-stats", type=click.Choice(BN_STATS_MODES), default=_DEFAULTS.bn_stats, show_default=True,
+@click.option("--bn-stats", type=click.Choice(BN_STATS_MODES), default=FinetuneConfig.__dataclass_fields__['bn_stats'].default, show_default=True,
               help="BN statistics of the averaged model (recalibrate needs --data).")
-@click.option("--data", help="Data root, training folder or hfds/NAME for --bn-stats recalibrate.")
-@click.option("--checkpoint", type=click.Choice(SELECT), default="best", show_default=True,
-              help="Which checkpoint of a run directory.")
+@click.option("--data", help="Data root, training folder or hfds/NAME for --bn-stats recalibrate (and where --soup "
+                             "greedy / --interpolate auto find the run's validation images) [default: the run's].")
+@click.option("--checkpoint", type=click.Choice(SELECT),
+              help="Which checkpoint of a run directory [default: the one the run exported].")
+@click.option("--soup", type=click.Choice(SOUPS), default="uniform", show_default=True,
+              help="Average all members (uniform, Eq. 1), or the members a greedy soup keeps on the run's validation "
+                   "set.")
+@click.option("--interpolate", metavar="ALPHA|auto",
+              help="Interpolate with the run's starting model: (1 − α) θ_start + α θ_averaged, α in [0, 1], or auto "
+                   "(the best of 0, 0.1, …, 1 on the run's validation set).")
 @click.option("--force", is_flag=True, help="Replace an lpconvert model folder at --out (only that).")
-def collapse_command(source: str, out: str, bn_stats: str, data: str | None, checkpoint: str, force: bool) -> None:
+def collapse_command(source: str, out: str, bn_stats: str, data: str | None, checkpoint: str | None, soup: str,
+                     interpolate: str | None, force: bool) -> None:
     """Average the members of a late-phase run or checkpoint into one model of the original architecture."""
     from .export import collapse_run
     from .finetune import finetune_command
 
-    path = collapse_run(source, out, bn_stats=bn_stats, data=data, which=checkpoint, force=force,
-                        command=finetune_command())
+    path = collapse_run(source, out, bn_stats=bn_stats, data=data, which=checkpoint or exported_checkpoint(source),
+                        force=force,
+                        command=finetune_command(), soup=soup, interpolate=interpolate)
+    if soup != "uniform" or interpolate is not None:
+        from .files import PROVENANCE_NAME, read_json_object
+        from .soup import describe
+
+        click.echo(f"averaging: {describe(read_json_object(path / PROVENANCE_NAME)['averaging'].get('selection'))}")
     click.echo(f"collapsed model written to {path}")
 
 

@@ -25,16 +25,17 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
-import torch
 from torch.optim.swa_utils import AveragedModel
 
+from .calibration import calibrate
 from .collapse import ensemble_predict
 from .config import LEGACY_SETTINGS, FinetuneConfig, field_types, flag
 from .data import build_data, eval_loader, recalibration_loader
 from .data.selection import selection_split
 from .errors import LatePhaseError
-from .evaluate import eval_set
+from .evaluate_sets import eval_set, ood_names
 from .evaluation import evaluate_model
+from .export import run_start
 from .files import atomic_write_json, read_json_object
 from .finetune import RunInterrupted, run
 from .late_phase_model import load_late_phase
@@ -43,6 +44,7 @@ from .ownership import check_not_protected
 from .run_dir import RunLock
 from .run_state import RunCheckpoint
 from .runtime import resolve_device
+from .soup import choose_alpha, greedy_soup
 
 MARKER = ".lpconvert-compare"
 SETTINGS, EVALUATIONS = "compare.json", "evaluations.json"
@@ -53,7 +55,7 @@ LATE_SETTINGS = frozenset({
 })
 #: Settings that belong to the comparison, not to an arm.
 NOT_PER_ARM = frozenset({"seed", "output", "resume", "force", "select", "val_split", "push_to_hub",
-                         "allow_regression"})
+                         "allow_regression", "soup", "interpolate"})  # compare reports soups and α itself
 #: Settings that change what is shown or how fast, never what is computed: a comparison continues with other values.
 DISPLAY_SETTINGS = ("quiet", "workers", "threads", "log", "log_every", "dist_timeout")
 #: Names the comparison uses for itself in its folder (``seedS/trunk``, ``seedS/start``).
@@ -170,9 +172,9 @@ def plan_comparison(base: FinetuneConfig, arms: Sequence[Arm], seeds: Sequence[i
             raise LatePhaseError(f"arms {twin} and {arm.name} have the same settings and would train the same runs; "
                                  "give one of them a setting that differs (a bare NAME is the base settings, "
                                  "except 'plain': K=1)")
-    for path in ood:
+    for name, path in ood_names(ood).items():
         if not Path(path).exists():
-            raise LatePhaseError(f"--ood {path}: no such folder or archive")
+            raise LatePhaseError(f"--ood {name}={path}: no such folder or archive")
     comparison = Comparison(folder, base, arms, seeds, [str(p) for p in ood], selection_split)
     check_not_protected(folder, "--output")
     if folder.exists() and any(folder.iterdir()):
@@ -345,8 +347,17 @@ class _Evaluation:
     record: dict[str, Any]
 
     def metrics(self, model: Any, predict_fn: Any = None) -> dict[str, Any]:
-        return evaluate_model(model, self.report, device=self.device, ood_loaders=self.ood or None,
-                              predict_fn=predict_fn)
+        """The metrics on the report part; with a selection part, also NLL, ECE and Brier after one temperature
+        fitted there (``temperature``, ``nll_ts``, ``ece_ts``, ``brier_ts``: :func:`~lpconvert.calibration.calibrate`)."""
+        reported: list[Any] | None = None if self.selection is None else []
+        result = evaluate_model(model, self.report, device=self.device, ood_loaders=self.ood or None,
+                                predict_fn=predict_fn, outputs=reported)
+        if reported:
+            fit: list[Any] = []
+            evaluate_model(model, self.selection, device=self.device, predict_fn=predict_fn, outputs=fit)
+            scaled = calibrate(*fit[0], *reported[0])
+            result.update({k: scaled[k] for k in ("temperature", "nll_ts", "ece_ts", "brier_ts")})
+        return result
 
     def score(self, model: Any) -> float:
         """Top-1 on the selection part: what soups and α are chosen by."""
@@ -362,24 +373,15 @@ def _evaluation(config: FinetuneConfig, model: Any, data: Any, ood: Sequence[str
         selection = eval_loader(selection_set, config.batch_size, workers=config.workers)
         record["selection"] = {"fraction": fraction, "selection_images": len(selection_set),
                                "report_images": len(val), "seed": config.subset_seed}
-    ood_loaders = {Path(p).name.split(".")[0] or p: eval_set(model, p, subset=None, batch_size=config.batch_size,
-                                                            workers=config.workers, num_classes=None) for p in ood}
+    ood_loaders = {name: eval_set(model, path, subset=None, batch_size=config.batch_size, workers=config.workers,
+                                  num_classes=None) for name, path in ood_names(ood).items()}
     return _Evaluation(eval_loader(val, config.batch_size, workers=config.workers), selection, ood_loaders,
                        resolve_device(config.device), record)
 
 
-def _start_model(config: FinetuneConfig) -> Any:
-    """The checkpoint every arm of `config`'s seed starts from (its model and --weights; a random initialisation
-    seeded as the run seeds it), in eval mode."""
-    torch.manual_seed(config.seed)
-    model, _ = load_model(config.model, weights=config.weights, num_classes=config.num_classes,
-                          pretrained=config.pretrained)
-    return model.eval()
-
-
 def evaluate_start(config: FinetuneConfig, ood: Sequence[str] = (), selection_fraction: float = 0.0) -> dict[str, Any]:
     """The starting checkpoint, evaluated as every arm is (on the report part when there is a selection split)."""
-    start = _start_model(config)
+    start = run_start(config).eval()
     sets = _evaluation(config, start, build_data(config, start), ood, selection_fraction)
     return {**sets.record, "averaged": sets.metrics(start)}
 
@@ -394,6 +396,9 @@ def evaluate_arm(run_dir: Path, ood: Sequence[str] = (), selection_fraction: flo
       average's members, with BatchNorm statistics re-estimated, when the run used SWA);
     - ``interpolated`` (F > 0): the averaged model interpolated with the starting checkpoint, α chosen on the
       selection part (:func:`~lpconvert.soup.choose_alpha`; α = 0 is the start).
+
+    With F > 0 every model's NLL, ECE and Brier score are also given after one temperature fitted on the selection
+    part (calibration compared fairly, Guo et al. 2017).
 
     OOD AUROC per set and their mean when `ood` is given. ``"split"`` says what the evaluation split is (``"test"``:
     the data's test set, or ``"validation"``)."""
@@ -410,8 +415,6 @@ def evaluate_arm(run_dir: Path, ood: Sequence[str] = (), selection_fraction: flo
     if sets.selection is None:
         return results
     results["selection_top1"] = sets.score(averaged)  # what settings may be chosen by (never the report part)
-    from .soup import choose_alpha, greedy_soup
-
     if K > 1:
         members, bn_stats, recalibration = late, config.bn_stats, None
         if checkpoint.swa is not None:
@@ -422,6 +425,6 @@ def evaluate_arm(run_dir: Path, ood: Sequence[str] = (), selection_fraction: flo
         soup, record = greedy_soup(members, sets.score, bn_stats=bn_stats, data=recalibration,
                                    num_batches=config.recalibrate_batches)
         results["soup"], results["soup_record"] = sets.metrics(soup), record
-    interpolated, record = choose_alpha(_start_model(config), averaged, sets.score)
+    interpolated, record = choose_alpha(run_start(config), averaged, sets.score)
     results["interpolated"], results["interpolation_record"] = sets.metrics(interpolated), record
     return results

@@ -21,7 +21,8 @@ if TYPE_CHECKING:
     from .compare import Comparison
 
 #: metric → True when higher is better
-METRICS = {"top1": True, "nll": False, "ece": False, "auroc/mean": True}
+METRICS = {"top1": True, "nll": False, "ece": False, "brier": False, "nll_ts": False, "ece_ts": False,
+           "brier_ts": False, "auroc/mean": True}  # *_ts: after temperature scaling fitted on the selection part
 #: the models a comparison evaluates per arm (``soup`` and ``interpolated`` with a selection split)
 VARIANTS = ("averaged", "ensemble", "soup", "interpolated")
 TITLES = {"averaged": "averaged model (Eq. 1)", "ensemble": "ensemble of the members (not averaged)",
@@ -161,7 +162,8 @@ def to_markdown(report: dict[str, Any]) -> str:
              f"Seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))} (paired: same data order and "
              "augmentation per seed). Every arm at its "
              f"last epoch on the {report['evaluated_on'].split(',')[0]}; nothing selected on it. top-1 in %, NLL in "
-             "nats, ECE and AUROC as fractions; intervals are 95 % over the seeds.", ""]
+             "nats, ECE, Brier and AUROC as fractions (`_ts`: after one temperature fitted on the selection part); "
+             "intervals are 95 % over the seeds.", ""]
     if report["start"] is not None:
         start = report["start"]
         metrics = list(start["per_seed"])

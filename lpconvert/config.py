@@ -24,6 +24,7 @@ from .data import DIGITS, hub_name
 from .data.memory import IN_MEMORY_MODES, MEMORY_BUDGET
 from .errors import LatePhaseError
 from .layers import BN_STATS_MODES, check_kind_options, kinds_help, options_help
+from .soup import SOUPS, parse_alpha
 from .surgery import DEFAULT_TARGETS, resolve_kinds
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -35,8 +36,12 @@ TRAIN_TRANSFORMS = ("auto", "timm", "cifar")
 LOGGERS = ("tensorboard",)
 #: Settings that only the command line may set: a recipe cannot make lpconvert replace anything.
 COMMAND_LINE_ONLY = ("force",)
-#: --batch-size when not given (--batch-size-per-gpu is refused together with any other).
+#: --batch-size when neither it nor --batch-size-per-gpu is given (the two are refused together).
 DEFAULT_BATCH_SIZE = 256
+#: Settings that give one quantity two ways: a command-line flag for one replaces a recipe's (or a saved run's) other.
+SAME_QUANTITY = (("batch_size", "batch_size_per_gpu"), ("img_size", "input_size"))
+#: Settings that are points (or spans) on the epoch axis: a recipe's scale with an --epochs given apart from it.
+SCHEDULE_POINTS = ("milestones", "anneal_start", "anneal_end", "warmup_epochs", "t0", "swa_start", "swa_anneal_epochs")
 
 
 def _setting(default: Any, help: str, *, choices: tuple[str, ...] = (), path: Literal["file", "dir"] | None = None,
@@ -120,8 +125,8 @@ class FinetuneConfig:
     accumulate: int = _setting(1, "With --K 1: θ accumulates over this many minibatches (Table 10 control).")
     # optimisation: U_θ, and U_φ where the member_* fields differ
     epochs: int = _setting(20, "Epochs.")
-    batch_size: int = _setting(DEFAULT_BATCH_SIZE, "Global minibatch size per member step (split evenly among the "
-                                                   "processes).", aliases=("-b",))
+    batch_size: int | None = _setting(None, "Global minibatch size per member step (split evenly among the "
+                                            f"processes) [default: {DEFAULT_BATCH_SIZE}].", aliases=("-b",))
     batch_size_per_gpu: int | None = _setting(None, "Minibatch size per process instead of --batch-size: the global "
                                                     "batch is this times the number of processes.")
     optimizer: str = _setting("sgd", "U_θ.", choices=OPTIMIZERS, aliases=("--opt",))
@@ -165,9 +170,10 @@ class FinetuneConfig:
     sync_bn: bool = _setting(False, "SyncBatchNorm across GPUs under torchrun.")
     dist_timeout: float = _setting(60.0, "Minutes a process waits for the others in a collective under torchrun "
                                          "(long enough for the largest evaluation) before the run fails.")
-    threads: int | None = _setting(None, "CPU threads per process for torch [default: torch's, at most the CPUs this "
-                                         "process may use divided among the processes torchrun starts on the node]. "
-                                         "Results are bit-identical for a fixed thread count.")
+    threads: int | None = _setting(None, "CPU threads per process for torch [default: the CPUs this process may use, "
+                                         "shared among the processes torchrun starts on the node, less those other "
+                                         "processes keep busy when it starts; at most torch's count; a resumed run "
+                                         "keeps its own]. Results are bit-identical for a fixed thread count.")
     # bookkeeping
     seed: int = _setting(0, "Seed of data order, augmentation and σ0 noise.")
     output: str | None = _setting(None, "Run directory [default: a new runs/<date>-<time>-MODEL-K<K>].")
@@ -175,6 +181,12 @@ class FinetuneConfig:
                                      "outputs averaged).", choices=BN_STATS_MODES)
     recalibrate_batches: int = _setting(100, "Training batches used by --bn-stats recalibrate (and SWA).")
     select: str = _setting("best", "Which epoch's model is collapsed and written.", choices=SELECT)
+    soup: str = _setting("uniform", "Which members are averaged: all (uniform, Eq. 1), or those a greedy soup keeps "
+                                    "(ranked by validation top-1, each kept if the average does not score lower).",
+                         choices=SOUPS)
+    interpolate: str | None = _setting(None, "Interpolate the averaged model with the starting checkpoint, θ = "
+                                             "(1 − α) θ_start + α θ_averaged (WiSE-FT): α in [0, 1], or auto (the "
+                                             "best α of 0, 0.1, …, 1 on the validation set) [default: none].")
     checkpoint_every: int = _setting(0, "Also checkpoint every N iterations (0: epoch ends only).")
     log: str | None = _setting(None, "Also log every metrics.jsonl field per epoch to RUN/tensorboard/, published "
                                      "with the model (pip install 'lpconvert[tensorboard]').", choices=LOGGERS)
@@ -191,17 +203,19 @@ class FinetuneConfig:
         """Coerce every field to its declared type (refusing what cannot be), then :meth:`validate`."""
         for name, hint in field_types().items():
             setattr(self, name, _coerce(name, getattr(self, name), hint))
+        if self.batch_size is None and self.batch_size_per_gpu is None:
+            self.batch_size = DEFAULT_BATCH_SIZE
         self.validate()
 
     def validate(self) -> FinetuneConfig:
         """Ranges, finiteness and rules between fields; a one-line :class:`LatePhaseError` naming the flag."""
-        for name in ("K", "epochs", "batch_size", "log_every", "recalibrate_batches", "accumulate"):
+        for name in ("K", "epochs", "log_every", "recalibrate_batches", "accumulate"):
             self._require(name, getattr(self, name) >= 1, "must be a positive integer")
         for name in ("t0", "checkpoint_every", "workers", "seed", "subset_seed"):
             self._require(name, getattr(self, name) >= 0, "must be 0 or more")
         for name in ("seed", "subset_seed"):
             self._require(name, getattr(self, name) < 2**32, "must be below 2^32 (4294967296)")
-        for name in ("train_subset", "val_subset", "num_classes", "group_size", "threads"):
+        for name in ("train_subset", "val_subset", "num_classes", "group_size", "threads", "batch_size"):
             self._require(name, getattr(self, name) is None or getattr(self, name) >= 1, "must be a positive integer")
         for name in ("lr", "member_lr", "gamma_theta", "lr_gamma", "swa_lr", "warmup_lr", "clip_grad"):
             self._require(name, getattr(self, name) is None or getattr(self, name) > 0, "must be a positive number")
@@ -212,7 +226,7 @@ class FinetuneConfig:
         self._require("val_split", 0 <= self.val_split < 1, "must lie in [0, 1)")
         self._require("batch_size_per_gpu", self.batch_size_per_gpu is None or self.batch_size_per_gpu >= 1,
                       "must be a positive integer")
-        self._require("batch_size_per_gpu", self.batch_size_per_gpu is None or self.batch_size == DEFAULT_BATCH_SIZE,
+        self._require("batch_size_per_gpu", self.batch_size_per_gpu is None or self.batch_size is None,
                       f"and --batch-size {self.batch_size} both set the batch; pass one (--batch-size is the global "
                       "batch, --batch-size-per-gpu the batch of each process)")
         self._require("dist_timeout", 0 < self.dist_timeout < float("inf"), "must be a positive number of minutes")
@@ -248,6 +262,7 @@ class FinetuneConfig:
             value = getattr(self, name)
             self._require(name, value is None or value in allowed, f"is not one of {', '.join(allowed)}")
         self._require("device", _is_device(self.device), "must be auto, cpu, cuda or cuda:N")
+        parse_alpha(self.interpolate)  # auto or a number α in [0, 1]
         kinds = resolve_kinds(self.late_phase)
         unused = [kind for kind in self.kind_options() if kind not in kinds]
         self._require("late_phase_options", not unused, f"name kinds that --late-phase converts ({', '.join(kinds)})")
@@ -381,10 +396,41 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
     if hint is str:
         if isinstance(value, str):
             return value
+        if name == "interpolate" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # α as a number (a recipe's `interpolate: 0.5`), read by soup.parse_alpha
         if isinstance(value, os.PathLike):
             return os.fspath(value)
         raise LatePhaseError(f"{flag(name)} must be a text value, got {value!r}")
     return value
+
+
+def scale_schedule(recipe: dict[str, Any], epochs: int, keep: set[str] = frozenset()) -> dict[str, tuple[Any, Any]]:
+    """A recipe's schedule (:data:`SCHEDULE_POINTS`, except those in `keep`) stretched in place to `epochs` from the
+    recipe's own ``epochs``, so ``--recipe R --epochs 3`` runs R's schedule in 3 epochs: T0 and the SWA start rounded
+    to whole epochs (and kept before the end), the other points to 1/1000 of an epoch. Returns {setting: (before,
+    after)} for what changed."""
+    before = recipe.get("epochs")
+    try:
+        factor = epochs / float(before)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return {}
+    changed = {}
+    for name in SCHEDULE_POINTS:
+        value = recipe.get(name)
+        if name in keep or value is None or factor == 1:
+            continue
+        try:
+            if name in ("t0", "swa_start"):
+                scaled: Any = min(round(float(value) * factor), max(epochs - 1, 0))
+            elif isinstance(value, (list, tuple)):
+                scaled = [round(float(v) * factor, 3) for v in value]
+            else:
+                scaled = round(float(value) * factor, 3)
+        except (TypeError, ValueError):
+            continue  # refused with its flag's name when the settings are read
+        if scaled != value:
+            recipe[name], changed[name] = scaled, (value, scaled)
+    return changed
 
 
 def read_recipe(path: str | Path) -> dict[str, Any]:

@@ -143,11 +143,17 @@ def announce_failure(exc: BaseException, runtime: Runtime) -> None:
             pass
 
 
-def failure_elsewhere(exc: BaseException, runtime: Runtime) -> LatePhaseError | None:
+def failure_elsewhere(exc: BaseException, runtime: Runtime, *, waited: str = "--dist-timeout",
+                      phase: str = "a collective") -> LatePhaseError | None:
     """When `exc` ended this rank because another rank failed (it left its message: the collective this rank waited
-    in failed) or a collective broke (another rank died): the one-line error to end this rank with; else None."""
+    in failed), a collective broke (another rank died) or timed out (another rank is stuck: this rank `waited` for
+    it in `phase`): the one-line error to end this rank with; else None."""
     if not runtime.distributed or isinstance(exc, LatePhaseError) or not isinstance(exc, RuntimeError):
         return None
+    if "timed out" in str(exc).lower() or "timeout" in type(exc).__name__.lower():
+        return LatePhaseError(f"rank {runtime.rank} waited {waited} for the other ranks in {phase} and timed out: "
+                              "another rank is stuck or far slower (paused, swapping, a hung GPU); check every "
+                              "rank's output, or raise --dist-timeout for slow steps")
     try:
         store = dist.distributed_c10d._get_default_store()
         message = store.get(FAILURE_KEY).decode() if store.check([FAILURE_KEY]) else None

@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from lpconvert.distributed import active, gather, shard
 from lpconvert.errors import LatePhaseError
-from lpconvert.metrics import ClassificationMeter, ood_auroc, predictive_entropy
+from lpconvert.metrics import ClassificationMeter, max_probability, ood_auroc, predictive_entropy
 
 __all__ = ["evaluate_model", "flatness"]
 
@@ -50,8 +50,11 @@ def evaluate_model(
     predict_fn: Callable[[Tensor], Tensor] | None = None,
     progress: str | None = None,
     distributed: bool = False,
+    outputs: list[tuple[Tensor, Tensor]] | None = None,
 ) -> dict[str, float]:
-    """Evaluate a classifier: :class:`ClassificationMeter` metrics, "auroc/<name>" per OOD set and "auroc/mean".
+    """Evaluate a classifier: :class:`ClassificationMeter` metrics, "auroc/<name>" per OOD set and "auroc/mean" (OOD
+    score: the predictive entropy, as in the late-phase paper), and "auroc_msp/<name>", "auroc_msp/mean" (score: one
+    minus the maximum softmax probability, Hendrycks & Gimpel 2017).
 
     Runs under ``torch.no_grad`` with every module in eval mode (each module's mode is restored afterwards) and, with
     ``amp_dtype``, under ``torch.autocast``. Probabilities are ``softmax(model(x))`` in float32, or ``predict_fn(x)``
@@ -61,7 +64,10 @@ def evaluate_model(
     ``progress`` (a description), a progress bar shows on a terminal. With ``distributed`` (in a process group of
     several ranks, every rank calling), each rank evaluates its contiguous shard of every loader
     (:func:`lpconvert.distributed.shard`: DataLoaders with a ``batch_size``) and every rank returns the metrics of
-    the whole sets, equal to one process's up to the order of float64 sums.
+    the whole sets, equal to one process's up to the order of float64 sums. With ``outputs`` (a list), the
+    log-probabilities (float32 log-softmax of the logits, or the log of ``predict_fn``'s probabilities) and labels of
+    the evaluation set (on the CPU, in the loader's order; all of them on every rank) are appended to it as one
+    (log_probs, labels) pair.
     """
     if model is None and predict_fn is None:
         raise LatePhaseError("pass a model or a predict_fn")
@@ -70,10 +76,16 @@ def evaluate_model(
         model.to(device)
     autocast = (lambda: torch.autocast(device.type, dtype=amp_dtype)) if amp_dtype is not None else nullcontext
 
-    def predict(x: Tensor) -> Tensor:
+    def predict(x: Tensor, log: bool = False) -> tuple[Tensor, Tensor | None]:
+        """(probabilities, and with `log` their logarithm: the log-softmax of the logits, or the log of predict_fn's
+        probabilities with 0 raised to float32's smallest normal)."""
         x = x.to(device, non_blocking=True)
         with autocast():
-            return predict_fn(x).float() if predict_fn is not None else model(x).float().softmax(-1)
+            if predict_fn is not None:
+                probs = predict_fn(x).float()
+                return probs, probs.clamp_min(torch.finfo(torch.float32).tiny).log() if log else None
+            logits = model(x).float()
+            return logits.softmax(-1), logits.log_softmax(-1) if log else None
 
     modes = [(module, module.training) for module in model.modules()] if model is not None else []
     if model is not None:
@@ -81,24 +93,35 @@ def evaluate_model(
     split = distributed and active()
     try:
         with torch.no_grad():
-            meter = ClassificationMeter()
+            meter, kept = ClassificationMeter(), []
             for batch in _progress(shard(loader) if split else loader, progress):
                 x, y = _inputs(batch, need_labels=True)
-                meter.update(predict(x), y.to(device, non_blocking=True))
+                probs, log_probs = predict(x, log=outputs is not None)
+                meter.update(probs, y.to(device, non_blocking=True))
+                if log_probs is not None:
+                    kept.append(torch.cat([log_probs.detach().cpu(), y.cpu().to(log_probs.dtype)[:, None]], 1))
             if split:
                 meter.all_reduce()
+                kept = gather(kept) if outputs is not None else kept
             result: dict[str, float] = meter.compute()
+            if outputs is not None:
+                table = torch.cat(kept)
+                outputs.append((table[:, :-1], table[:, -1].long()))
             if ood_loaders:
-                ood = {}
+                ood, msp = {}, {}
                 for name, ood_loader in ood_loaders.items():
-                    scores = [predictive_entropy(predict(_inputs(batch, need_labels=False)[0]))
-                              for batch in (shard(ood_loader) if split else ood_loader)]
+                    scores = []
+                    for batch in shard(ood_loader) if split else ood_loader:
+                        probs = predict(_inputs(batch, need_labels=False)[0])[0]
+                        scores.append(torch.stack([predictive_entropy(probs), max_probability(probs)], 1))
                     if split:
                         scores = gather(scores)
                     if not scores:
                         raise LatePhaseError(f"OOD loader {name!r} yielded no batches")
-                    ood[name] = torch.cat(scores)
+                    ood[name], msp[name] = torch.cat(scores).unbind(1)
                 result.update({f"auroc/{name}": value for name, value in ood_auroc(meter.entropies(), ood).items()})
+                msp_auroc = ood_auroc(1 - meter.confidences(), {name: 1 - value for name, value in msp.items()})
+                result.update({f"auroc_msp/{name}": value for name, value in msp_auroc.items()})
     finally:
         for module, training in modes:
             module.training = training

@@ -1,34 +1,42 @@
 """From a run's members to a published model directory: collapse (Eq. 1) and save, with the run's numbers.
 
 :func:`export_model` is what the fine-tuner writes to ``RUN/model``; :func:`collapse_run` is ``lpconvert collapse``
-(another checkpoint, another BatchNorm mode, another folder).
+(another checkpoint, another BatchNorm mode, another folder). Both may make the model a greedy soup of the members and
+interpolate it with the run's starting model (:mod:`lpconvert.soup`), choosing on the run's validation set.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
+import torch
 from torch import nn
 
 from .collapse import collapse
 from .config import FinetuneConfig
-from .data import DIGITS, build_data, hub_dataset_id, hub_name, recalibration_loader
+from .data import DIGITS, build_data, eval_loader, hub_dataset_id, hub_name, recalibration_loader
 from .data.archives import ARCHIVE_SUFFIXES, VAL_SPLITS
 from .data.transforms import INPUT_KEYS, data_config
 from .errors import LatePhaseError
 from .late_phase_config import late_phase_config
 from .late_phase_model import load_late_phase
-from .loading import ModelSource
+from .loading import ModelSource, load_model
 from .metrics import METRIC_NAMES
 from .model_folder import save_pretrained
 from .optim import gamma_theta, has_late_phase, optimizer_settings
 from .ownership import check_apart, check_replaceable
 from .run_dir import checkpoint_file, output_lock
-from .run_state import History
+from .run_state import History, RunCheckpoint
+from .soup import Selection, describe, soup_and_interpolate
 from .tensorboard import RUN_LOGS
 from .weights import check_weights
+
+logger = logging.getLogger(__name__)
+#: Warn when the rebuilt starting model's validation top-1 differs from the run's epoch 0 by more than this (points).
+START_MISMATCH = 1.0
 
 
 def eval_bn_stats(config: FinetuneConfig, swa: bool) -> str:
@@ -46,7 +54,8 @@ def export_model(late_model: nn.Module, out_dir: Path, *, config: FinetuneConfig
                  history: History, epoch: int, chosen: str, bn_stats: str, data: Iterable | None,
                  extra: dict[str, Any], label_names: list[str] | None, force: bool = True,
                  logs: Path | None = None,
-                 test: Callable[[nn.Module], dict[str, Any]] | None = None) -> dict[str, Any] | None:
+                 test: Callable[[nn.Module], dict[str, Any]] | None = None,
+                 selection: Selection | None = None) -> dict[str, Any] | None:
     """Collapse `late_model` (Eq. 1) and write it with its card; metrics are the ones recorded for `epoch` when
     `bn_stats` is the mode they were measured with (else none are claimed). Returns those metrics.
 
@@ -55,12 +64,35 @@ def export_model(late_model: nn.Module, out_dir: Path, *, config: FinetuneConfig
     (:func:`run_logs`), published with the model. `test` evaluates the collapsed model once on the test set (when the
     run selected on a held-out validation set); what it returns (``{"test": metrics, "test_dataset": description}``)
     joins the metrics. ``extra["execution"]["mode"]`` (the engine's mode), when given, is recorded as the resolved
-    ``mode`` (:func:`resolved_config`)."""
-    averaged = collapse(late_model, bn_stats=bn_stats, data=data if bn_stats == "recalibrate" else None,
-                        num_batches=config.recalibrate_batches)
+    ``mode`` (:func:`resolved_config`).
+
+    `selection` (``--soup greedy``, ``--interpolate``) makes the model a greedy soup and/or interpolates it with the
+    run's start (:func:`lpconvert.soup.soup_and_interpolate`); its record goes into ``averaging["selection"]`` (the
+    card, ``lpconvert.json``) and ``selection.record``, and the validation metrics are those of the exported model,
+    measured again with ``selection.evaluate`` (none are claimed without it)."""
+    record = None
+    if selection is not None and selection.changes:
+        averaged, record = soup_and_interpolate(late_model, selection, bn_stats=bn_stats,
+                                                data=data if bn_stats == "recalibrate" else None,
+                                                num_batches=config.recalibrate_batches)
+        selection.record = record
+        _check_start(record, history)
+    else:
+        averaged = collapse(late_model, bn_stats=bn_stats, data=data if bn_stats == "recalibrate" else None,
+                            num_batches=config.recalibrate_batches)
     row = history.row(epoch)
     metrics = None
-    if bn_stats == measured_bn_stats(config, epoch) and "val_top1" in row:
+    if record is not None and selection.evaluate is not None:
+        chose = "chosen on this validation set, so its figure here is optimistic" if selection.needs_data else ""
+        metrics = {
+            "base": {k: v for k, v in history.base.items() if k in METRIC_NAMES},
+            "final": {k: v for k, v in selection.evaluate(averaged).items() if k in METRIC_NAMES},
+            "protocol": f"top-1/top-5/NLL/ECE on the same validation set with the same preprocessing; final = "
+                        f"{describe(record)}, bn_stats={bn_stats}, epoch {epoch} ({chosen})"
+                        + (f"; {chose}" if chose else ""),
+            "dataset": _validation_set(config, extra.get("data_fingerprint")),
+        }
+    elif record is None and bn_stats == measured_bn_stats(config, epoch) and "val_top1" in row:
         metrics = {
             "base": {k: v for k, v in history.base.items() if k in METRIC_NAMES},
             "final": {k[4:]: v for k, v in row.items() if k.startswith("val_")},
@@ -74,8 +106,10 @@ def export_model(late_model: nn.Module, out_dir: Path, *, config: FinetuneConfig
         metrics = {**(metrics or {}), **measured}
     spec = late_phase_config(late_model)
     hub_id = hub_dataset_id(config.dataset)
-    averaging = {"bn_stats": bn_stats, "epoch": epoch, "select": chosen, "swa_start": config.swa_start,
+    averaging = {"bn_stats": bn_stats, "epoch": epoch, "select": chosen, "swa_start": config.swa_start, "run_K": config.K,
                  "training_data": describe_training_data(config, extra.get("data_fingerprint"))}
+    if record is not None:
+        averaging["selection"] = record
     if config.input_size or config.img_size is not None or config.crop_pct is not None:
         used = data_config(averaged, config)  # config.json: the input size and crop it was trained and measured with
         own = getattr(averaged, "pretrained_cfg", None) or {}
@@ -88,6 +122,68 @@ def export_model(late_model: nn.Module, out_dir: Path, *, config: FinetuneConfig
                     "finished": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "late_phase": spec.to_dict()},
     )
     return metrics
+
+
+def _check_start(record: dict[str, Any], history: History) -> None:
+    """A warning when the starting model, rebuilt for ``--interpolate auto``, does not score on the validation set
+    what the run measured for its epoch 0 (α = 0 is that model): its weights may have changed since the run."""
+    scores = dict((alpha, score) for alpha, score in (record.get("interpolation") or {}).get("scores", []))
+    recorded = history.base.get("top1")
+    if 0.0 in scores and recorded is not None and abs(scores[0.0] - recorded) > START_MISMATCH:
+        logger.warning("the starting model rebuilt for --interpolate scores %.2f %% top-1 on the validation set, the "
+                       "run measured %.2f %% at epoch 0: its base weights may have changed since the run",
+                       scores[0.0], recorded)
+
+
+def run_start(config: FinetuneConfig, checkpoint: RunCheckpoint | None = None) -> nn.Module:
+    """The run's starting model (epoch 0), the original architecture: `checkpoint` itself when it is the start (a
+    ``best.pt`` saved at epoch 0), else rebuilt exactly as the run built it (:func:`lpconvert.job.prepare`):
+    ``config.model`` with its ``--weights``, ``--num-classes`` and ``--pretrained`` under the run's ``--seed`` (a new
+    head is initialised from it), the global random state left as it was."""
+    if checkpoint is not None and (checkpoint.position.epoch, checkpoint.position.batch) == (0, 0):
+        from .run_state import restore_model
+
+        model, _ = load_model(config.model, num_classes=config.num_classes, pretrained=False)
+        return collapse(restore_model(model, checkpoint, "the starting checkpoint"), bn_stats="mean")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        try:
+            model, _ = load_model(config.model, weights=config.weights, num_classes=config.num_classes,
+                                  pretrained=config.pretrained)
+        except LatePhaseError as err:
+            raise LatePhaseError(f"--interpolate needs the run's starting model, rebuilt from {config.model}: {err}") \
+                from err
+    return model
+
+
+def validation_evaluator(config: FinetuneConfig, model: nn.Module, checkpoint: RunCheckpoint,
+                         data: str | None = None) -> Callable[[nn.Module], dict[str, float]]:
+    """The run's validation set (the images it validated on: its validation split or held-out training images) as
+    a function model → metrics, on the GPU when there is one: what ``lpconvert collapse --soup greedy`` and
+    ``--interpolate auto`` choose on. The data are the run's own, or `data` (the same root elsewhere: its validation
+    images must be the run's, by their fingerprint). A run that validated on its test set (``--val-split 0``) has none:
+    refused in one line."""
+    from .evaluation import evaluate_model
+
+    source = {}
+    if data is not None:
+        source = {"data": None, "dataset": data} if str(data).startswith("hfds/") else {"data": data, "dataset": None}
+        source.update(train_dir=None, val_dir=None)
+    own = FinetuneConfig.from_dict({**config.to_dict(), **source, "workers": 0})
+    built = build_data(own, model)
+    if built.val_role == "test":
+        raise LatePhaseError("--soup greedy and --interpolate auto choose on the run's validation set, and this run "
+                             "has none (it validated on the test set: --val-split 0); use --soup uniform and a number "
+                             "for --interpolate, or train with --val-split 0.1")
+    recorded = (checkpoint.data_fingerprint or {}).get("val") or {}
+    found = built.fingerprint.get("val") or {}
+    if any(key in recorded and key in found and recorded[key] != found[key] for key in ("num_files", "sha256")):
+        raise LatePhaseError(f"the validation images of {data or 'the run data'} are not the ones the run validated on "
+                             f"({found.get('num_files')} images against its {recorded.get('num_files')}, or other "
+                             "files); pass the run's data to --data")
+    loader = eval_loader(built.val, config.batch_size, workers=0)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return lambda m: {k: v for k, v in evaluate_model(m, loader, device=device).items() if k in METRIC_NAMES}
 
 
 def resolved_config(config: FinetuneConfig, source: ModelSource, mode: str | None) -> dict[str, Any]:
@@ -130,6 +226,8 @@ def _validation_set(config: FinetuneConfig, fingerprint: dict[str, Any] | None) 
     name = _data_name(config)
     found = {"type": DIGITS if config.data == DIGITS else name, "name": name,
              "split": split if split in VAL_SPLITS else "validation"}
+    if "test" in (fingerprint or {}):  # validated on images held out of the training split: no split of the data
+        found.update(split="train", held_out=True)
     return {**found, "num_images": val["num_files"]} if val.get("num_files") else found
 
 
@@ -175,26 +273,34 @@ def _schedule(config: FinetuneConfig) -> str:
 
 
 def collapse_run(path: str | Path, out: str | Path, *, bn_stats: str = "fold", data: str | None = None,
-                 which: str = "best", force: bool = False, command: str | None = None) -> Path:
+                 which: str = "best", force: bool = False, command: str | None = None, soup: str = "uniform",
+                 interpolate: float | str | None = None) -> Path:
     """`lpconvert collapse`: average a run's (or checkpoint's) members into the original architecture and save it.
 
     The output folder is locked while it is written (as a run is): a second ``collapse`` to the same ``--out`` is
     refused with the holder's pid, and a finished model is replaced only with `force` (see :func:`_collapse_run`)."""
     path, out = Path(path), Path(out)
+    Selection(soup, interpolate)  # the flags, before anything else
     checkpoint_file(path, which)  # a run (or run checkpoint), before anything else
     check_apart(out, path, "--out")
     check_replaceable(out.expanduser().absolute(), "model", "--out", force)
     with output_lock(out.expanduser().absolute()):
-        return _collapse_run(path, out, bn_stats=bn_stats, data=data, which=which, force=force, command=command)
+        return _collapse_run(path, out, bn_stats=bn_stats, data=data, which=which, force=force, command=command,
+                             soup=soup, interpolate=interpolate)
 
 
 def _collapse_run(path: str | Path, out: str | Path, *, bn_stats: str = "fold", data: str | None = None,
-                  which: str = "best", force: bool = False, command: str | None = None) -> Path:
+                  which: str = "best", force: bool = False, command: str | None = None, soup: str = "uniform",
+                  interpolate: float | str | None = None) -> Path:
     """`lpconvert collapse`: average a run's (or checkpoint's) members into the original architecture and save it.
 
     ``bn_stats="recalibrate"`` re-estimates the statistics on the training split of `data` exactly as the run did
-    (:func:`lpconvert.data.recalibration_loader` with the run's batch size, seed and ``--recalibrate-batches``)."""
+    (:func:`lpconvert.data.recalibration_loader` with the run's batch size, seed and ``--recalibrate-batches``).
+    ``soup="greedy"`` keeps the members a greedy soup chooses, `interpolate` (α in [0, 1], or ``"auto"``) interpolates
+    with the run's starting model (:func:`run_start`); both choose on the run's validation set
+    (:func:`validation_evaluator`: its own data, or `data`), never its test set."""
     path, out = Path(path), Path(out)
+    selection = Selection(soup, interpolate)
     file = checkpoint_file(path, which)  # a run (or run checkpoint), before anything else
     check_apart(out, path, "--out")
     check_replaceable(out.expanduser().absolute(), "model", "--out", force)
@@ -220,11 +326,15 @@ def _collapse_run(path: str | Path, out: str | Path, *, bn_stats: str = "fold", 
                                  f"batch size {config.batch_size}; pass the run's training data to --data, "
                                  "or use --bn-stats fold")
         recalibration = recalibration_loader(samples, config.batch_size, seed=config.seed)
+    if selection.needs_data:
+        selection.evaluate = validation_evaluator(config, model, checkpoint, data)
+    if selection.interpolate is not None:
+        selection.start = lambda: run_start(config, checkpoint)
     history = checkpoint.history
     chosen = "best" if which == "best" and history.best_epoch is not None else "last"
     epoch = history.best_epoch if chosen == "best" else checkpoint.position.epoch
     export_model(model, out, config=config, source=ModelSource(**checkpoint.source), history=history, epoch=epoch,
                  chosen=chosen, bn_stats=bn_stats, data=recalibration,
                  extra={"command": command, "collapsed_from": str(path), "data_fingerprint": checkpoint.data_fingerprint},
-                 label_names=checkpoint.label_names, force=force, logs=run_logs(config, path))
+                 label_names=checkpoint.label_names, force=force, logs=run_logs(config, path), selection=selection)
     return out

@@ -15,9 +15,7 @@ import dataclasses
 import itertools
 import logging
 import os
-import signal
 import sys
-import threading
 import time
 from functools import partial
 from pathlib import Path
@@ -34,7 +32,7 @@ from .distributed import announce_failure, failure_elsewhere, restore_rank_buffe
 from .engine import LatePhaseEngine
 from .errors import LatePhaseError
 from .evaluation import evaluate_model
-from .export import eval_bn_stats, export_model, run_logs
+from .export import eval_bn_stats, export_model, run_logs, run_start
 from .files import atomic_write_json
 from .job import Job, log_batch, prepare
 from .late_phase import enter_late_phase
@@ -42,13 +40,14 @@ from .late_phase_config import late_phase_config
 from .metrics import METRIC_NAMES
 from .optim import build_engine, choose_mode, gamma_theta, has_late_phase, minibatches_per_iteration
 from .plots import plot_curves
-from .run_dir import RunDir, create_run, open_run, prepare_run
+from .run_dir import RunDir, check_continuable, create_run, open_run, prepare_run
 from .run_state import History, Position, RunCheckpoint, TrainState, restore_model
 from .runtime import Runtime, init_runtime
+from .soup import Selection
+from .stopping import RunInterrupted, StopRequest, signals_caught, stop_before_training
 from .surgery import convert_from_config
 from .tensorboard import log_metrics
-from .training import (RunInterrupted, StopRequest, evaluate_averaged, recalibration_batches, sync_member_statistics,
-                       train_one_epoch)
+from .training import evaluate_averaged, recalibration_batches, sync_member_statistics, train_one_epoch
 
 logger = logging.getLogger(__name__)
 #: Settings a resumed run may differ in without --force (they do not change what is computed).
@@ -58,6 +57,8 @@ RESUME_FREE = ("resume", "force", "quiet", "workers", "log", "log_every", "outpu
 STRUCTURAL = ("K", "late_phase", "late_phase_options", "include", "exclude", "sigma0", "t0")
 #: Warn when θ's step grows by this factor at T0, or the first late-phase epoch loses this many points of top-1.
 STEP_GROWTH_WARNING, TOP1_FALL_WARNING = 4.0, 5.0
+#: A start scoring this much top-1 on images held out of its training set has seen them: they cannot rank epochs.
+MEMORISED_TOP1 = 99.5
 __all__ = ["DIGITS", "Job", "RunInterrupted", "finish", "fit", "prepare", "resume", "run", "start"]
 
 
@@ -82,7 +83,7 @@ def engine_for(model: nn.Module, job: Job, config: FinetuneConfig, runtime: Runt
 def start(job: Job, config: FinetuneConfig, runtime: Runtime, run_dir: RunDir) -> TrainState:
     """A new run: epoch 0 of metrics.jsonl is the starting checkpoint, the first candidate for ``--select best``
     (saved as ``best`` with the run's first checkpoint); the model gets one member (K at T0, even when T0 is 0)."""
-    history = History(best_epoch=0)
+    history = History(best_epoch=None if job.data.val_role == "test" else 0)  # nothing is chosen on a test set
     history.base = evaluate_model(job.model, job.val, device=runtime.device, amp_dtype=runtime.amp_dtype,
                                   progress=None if config.quiet or not runtime.is_main else "evaluating the start",
                                   distributed=runtime.distributed)
@@ -90,6 +91,7 @@ def start(job: Job, config: FinetuneConfig, runtime: Runtime, run_dir: RunDir) -
     if runtime.is_main:
         run_dir.write_metrics(history.epochs)
         log_metrics(config.log, run_dir.path, history.epochs)
+        _warn_about_a_memorised_hold_out(history.base, job, config)
     model = convert_from_config(job.model, dataclasses.replace(job.late_phase, K=1, sigma0=0.0))
     state = TrainState(model, engine_for(model, job, config, runtime, False), False, history=history)
     if config.select == "best" and runtime.is_main:
@@ -98,8 +100,17 @@ def start(job: Job, config: FinetuneConfig, runtime: Runtime, run_dir: RunDir) -
 
 
 def resume(job: Job, config: FinetuneConfig, runtime: Runtime, checkpoint: RunCheckpoint) -> TrainState:
-    """The state `checkpoint` saved; at (T0, batch 0) the switch to K members is still to come."""
+    """The state `checkpoint` saved; at (T0, batch 0) the switch to K members is still to come. Without --threads
+    the run continues with the thread count it trained with (bitwise the run in one go)."""
     at = (checkpoint.position.epoch, checkpoint.position.batch)
+    if config.threads is None and checkpoint.threads and runtime.device.type == "cpu":
+        torch.set_num_threads(checkpoint.threads)
+    position = checkpoint.position
+    if runtime.is_main:
+        where = (f"epoch {position.epoch + 1}, iteration {position.iteration}" if position.epoch < config.epochs
+                 else f"the end of training (iteration {position.iteration})")
+        logger.info("resuming %s at %s of %d epochs (%d minibatches of that epoch trained), with %d CPU thread(s)",
+                    config.resume, where, config.epochs, position.batch, torch.get_num_threads())
     late = has_late_phase(config) and at > (config.t0, 0)
     state = TrainState.from_checkpoint(checkpoint, job.model, partial(engine_for, job=job, config=config,
                                                                       runtime=runtime, late=late), late,
@@ -148,7 +159,8 @@ def fit(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime, r
         metrics = evaluate_averaged(state, config, runtime, job.val, job.recalibration)  # every rank: its shard
         row = _metrics_row(epoch + 1, metrics, **stats, K=state.engine.num_members)
         history.epochs.append(row)
-        improved = history.best_epoch is None or metrics["top1"] > history.row(history.best_epoch)["val_top1"]
+        improved = job.data.val_role != "test" and (  # a test set is measured, never chosen on: no best.pt
+            history.best_epoch is None or metrics["top1"] > history.row(history.best_epoch)["val_top1"])
         if improved:
             history.best_epoch = epoch + 1
         if epoch == config.t0 and has_late_phase(config):
@@ -167,7 +179,7 @@ def fit(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime, r
         if runtime.distributed:
             dist.barrier()
         if stop.at_epoch is not None and state.position.epoch >= stop.at_epoch < config.epochs:
-            raise RunInterrupted(f"stopped at the end of epoch {state.position.epoch}", run_dir.path)
+            raise RunInterrupted(f"stopped at the end of epoch {state.position.epoch}", run_dir.path, planned=True)
 
 
 def _save(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime, run_dir: RunDir,
@@ -199,6 +211,17 @@ def _warn_about_theta_steps(config: FinetuneConfig, runtime: Runtime) -> None:
                        per_iteration, growth * config.lr)
 
 
+def _warn_about_a_memorised_hold_out(base: dict[str, Any], job: Job, config: FinetuneConfig) -> None:
+    """One line before training when the start leaves no room to rank epochs on images held out of the training set:
+    a checkpoint trained on them (the usual pretrained case) scores about 100 % there, so ``--select best`` would
+    keep the start after all the epochs."""
+    if job.data.val_role == "held-out" and config.select == "best" and base["top1"] >= MEMORISED_TOP1:
+        logger.warning("the starting checkpoint scores %.2f %% on the %d validation images held out of the training "
+                       "set: it was probably trained on them, so they cannot rank epochs and --select best will "
+                       "likely export the start unchanged; pass a real validation split (--val-dir, or val/ in "
+                       "--data) or --select last", base["top1"], base["count"])
+
+
 def _warn_about_a_fall(history: History, epoch: int) -> None:
     """One line when the first late-phase epoch lost more than TOP1_FALL_WARNING points of validation top-1."""
     before, after = history.row(epoch).get("val_top1"), history.row(epoch + 1).get("val_top1")
@@ -216,7 +239,8 @@ def finish(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime
     the run validated on images held out of the training set, the exported model is evaluated once on the test set.
 
     The best epoch may lie before T0: it is exported as what it is, the plain model (K = 1) — at epoch 0, the starting
-    checkpoint unchanged."""
+    checkpoint unchanged. ``--soup greedy`` / ``--interpolate`` (:func:`_selection`) choose on the validation set;
+    what they chose goes into ``report.json`` (``selection``), the card and ``lpconvert.json``."""
     history = state.history
     chosen = "best" if config.select == "best" and history.best_epoch is not None else "last"
     epoch = history.best_epoch if chosen == "best" else history.epochs[-1]["epoch"]
@@ -224,15 +248,19 @@ def finish(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime
     if chosen == "best":
         model, swa = _saved_model(state, run_dir.load_checkpoint("best"))
     mode = eval_bn_stats(config, swa is not None)
+    selection = _selection(job, config, runtime)
+    batches = recalibration_batches(runtime, job.recalibration, mode)
+    if batches is not None and selection is not None:  # a soup re-estimates statistics for every candidate
+        batches = _Reiterable(partial(recalibration_batches, runtime, job.recalibration, mode))
     metrics = export_model(
         swa.module if swa is not None else model, run_dir.model_dir, config=config, source=job.source,
-        history=history, epoch=epoch, chosen=chosen, bn_stats=mode,
-        data=recalibration_batches(runtime, job.recalibration, mode),
+        history=history, epoch=epoch, chosen=chosen, bn_stats=mode, data=batches,
         extra={"command": command, "data_fingerprint": job.data.fingerprint, "started": state.started,
                "execution": {"device": str(runtime.device), "world_size": runtime.world_size,
                              "threads": torch.get_num_threads(), "mode": state.engine.mode}},
         label_names=job.data.label_names, logs=run_logs(config, run_dir.path),
-        test=partial(_evaluate_test, job, runtime, config.quiet) if job.test is not None else None,
+        test=partial(_evaluate_test, job, runtime, config) if job.test is not None else None,
+        selection=selection,
     )
     K = late_phase_config(model).K
     report = {
@@ -242,7 +270,10 @@ def finish(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime
         "change": metrics["final"]["top1"] - metrics["base"]["top1"],
     }
     if "test" in metrics:
-        report["test_top1"] = metrics["test"]["top1"]
+        report["test_top1"], report["start_test_top1"] = metrics["test"]["top1"], metrics["base_test"]["top1"]
+    report["run_K"] = config.K
+    if selection is not None:
+        report["selection"] = selection.record
     if epoch == 0:
         report["note"] = ("the starting checkpoint scored best on the validation set: fine-tuning did not improve it, "
                           "and the starting model is exported unchanged")
@@ -254,12 +285,41 @@ def finish(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime
     return report
 
 
-def _evaluate_test(job: Job, runtime: Runtime, quiet: bool, model: nn.Module) -> dict[str, Any]:
-    """The collapsed model's one evaluation on the test set, with the set it was measured on."""
-    metrics = evaluate_model(model, job.test, device=runtime.device, amp_dtype=runtime.amp_dtype,
-                             progress=None if quiet else "evaluating on the test set")
-    return {"test": {k: v for k, v in metrics.items() if k in METRIC_NAMES},
-            "test_dataset": {"split": "test", "num_images": len(job.test.dataset)}}
+def _selection(job: Job, config: FinetuneConfig, runtime: Runtime) -> Selection | None:
+    """``--soup`` / ``--interpolate`` at the end of a run: chosen on the run's validation set (``job.val``; never a
+    test set — :func:`~lpconvert.job.prepare` refused that), the start rebuilt as the run built it
+    (:func:`~lpconvert.export.run_start`). None for the uniform average (Eq. 1) alone."""
+    selection = Selection(config.soup, config.interpolate)
+    if not selection.changes:
+        return None
+    if selection.needs_data and job.data.val_role == "test":
+        raise LatePhaseError("--soup greedy and --interpolate auto choose on a validation set; this run has none")
+    selection.evaluate = lambda m: {k: v for k, v in evaluate_model(
+        m, job.val, device=runtime.device, amp_dtype=runtime.amp_dtype,
+        progress=None if config.quiet else "choosing on the validation set").items() if k in METRIC_NAMES}
+    selection.start = partial(run_start, config)
+    return selection
+
+
+class _Reiterable:
+    """Batches that can be passed over again (each pass the same batches, from `make`)."""
+
+    def __init__(self, make: Any) -> None:
+        self.make = make
+
+    def __iter__(self) -> Any:
+        return iter(self.make())
+
+
+def _evaluate_test(job: Job, runtime: Runtime, config: FinetuneConfig, model: nn.Module) -> dict[str, Any]:
+    """The collapsed model's one evaluation on the test set, beside the starting checkpoint's (measured, never chosen
+    on: the verdict's second line), with the set they were measured on."""
+    measured = {}
+    for name, candidate in (("base_test", run_start(config)), ("test", model)):
+        metrics = evaluate_model(candidate, job.test, device=runtime.device, amp_dtype=runtime.amp_dtype,
+                                 progress=None if config.quiet else "evaluating on the test set")
+        measured[name] = {k: v for k, v in metrics.items() if k in METRIC_NAMES}
+    return {**measured, "test_dataset": {"split": "test", "num_images": len(job.test.dataset)}}
 
 
 def _saved_model(state: TrainState, checkpoint: RunCheckpoint) -> tuple[nn.Module, nn.Module | None]:
@@ -330,35 +390,43 @@ def run(config: FinetuneConfig, *, stop_after: int | None = None, stop_at_epoch:
     ``FinetuneConfig(resume=run_dir, …)``."""
     config.validate()
     runtime = init_runtime(config)
-    checkpoint, run_dir, replacing = None, None, False
+    checkpoint, run_dir, replacing, phase = None, None, False, "data preparation"
+    stop = StopRequest(stop_after, stop_at_epoch)
     try:
-        if config.resume:
-            path = Path(config.resume)
-            run_dir = open_run(path) if runtime.is_main else RunDir(path)
-            if run_dir.checkpoint_path("last").is_file():  # else it stopped before its first one: it starts again
-                checkpoint = run_dir.load_checkpoint("last")
-                _resumable(config, checkpoint, path)
-        else:
-            output = output_path(config, runtime)
-            replacing = prepare_run(output, config.force) if runtime.is_main else False
-        job = prepare(config, runtime, checkpoint)
-        log_batch(config, runtime, job.model)
-        if run_dir is not None and runtime.is_main:  # config.json states the settings the run continues with
+        with signals_caught(stop, runtime):
+            if config.resume:
+                path = Path(config.resume)
+                check_continuable(path, config.force)
+                run_dir = open_run(path) if runtime.is_main else RunDir(path)
+                if run_dir.checkpoint_path("last").is_file():  # else it stopped before its first one: it starts again
+                    checkpoint = run_dir.load_checkpoint("last")
+                    _resumable(config, checkpoint, path)
+            else:
+                output = output_path(config, runtime)
+                replacing = prepare_run(output, config.force) if runtime.is_main else False
+            job = prepare(config, runtime, checkpoint)
+            log_batch(config, runtime, job.model)
+            stop_before_training(stop, runtime, None if run_dir is None else run_dir.path)
+            if run_dir is not None and runtime.is_main:  # config.json states the settings the run continues with
+                if checkpoint is None:
+                    run_dir.restart()
+                atomic_write_json(run_dir.config_path, config.to_dict())
+            if run_dir is None:
+                run_dir = create_run(output, config.to_dict(), replacing) if runtime.is_main else RunDir(output)
+            milestones_given = config.milestones != FinetuneConfig.__dataclass_fields__["milestones"].default
+            if config.schedule == "multistep" and milestones_given and any(m >= config.epochs for m in config.milestones):
+                logger.warning("--milestones %s: those at or after --epochs %d never take effect",
+                               ",".join(map(str, config.milestones)), config.epochs)
+            phase = "the start's evaluation" if checkpoint is None else "resuming"
+            state = start(job, config, runtime, run_dir) if checkpoint is None else resume(job, config, runtime, checkpoint)
             if checkpoint is None:
-                run_dir.restart()
-            atomic_write_json(run_dir.config_path, config.to_dict())
-        if run_dir is None:
-            run_dir = create_run(output, config.to_dict(), replacing) if runtime.is_main else RunDir(output)
-        milestones_given = config.milestones != FinetuneConfig.__dataclass_fields__["milestones"].default
-        if config.schedule == "multistep" and milestones_given and any(m >= config.epochs for m in config.milestones):
-            logger.warning("--milestones %s: those at or after --epochs %d never take effect",
-                           ",".join(map(str, config.milestones)), config.epochs)
-        state = start(job, config, runtime, run_dir) if checkpoint is None else resume(job, config, runtime, checkpoint)
-        report = _train(state, job, config, runtime, run_dir, StopRequest(stop_after, stop_at_epoch), command)
+                stop_before_training(stop, runtime, run_dir.path)
+            phase = "training"
+            report = _train(state, job, config, runtime, run_dir, stop, command)
     except RunInterrupted:
         raise
     except Exception as exc:  # one rank's failure ends every rank at once, with its one line
-        elsewhere = failure_elsewhere(exc, runtime)
+        elsewhere = failure_elsewhere(exc, runtime, waited=f"{config.dist_timeout:g} minutes", phase=phase)
         if elsewhere is not None:
             raise elsewhere from exc
         announce_failure(exc, runtime)
@@ -375,11 +443,8 @@ def run(config: FinetuneConfig, *, stop_after: int | None = None, stop_at_epoch:
 
 def _train(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime, run_dir: RunDir, stop: StopRequest,
            command: str | None) -> dict[str, Any]:
-    """fit + finish with SIGINT/SIGTERM turned into a checkpoint; a replacement takes its folder's place at the end.
-    After a stop in a distributed run the process ignores SIGINT/SIGTERM: it is exiting with the other ranks' code."""
-    previous = {}
-    if threading.current_thread() is threading.main_thread():
-        previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    """fit + finish (a stop raises :class:`RunInterrupted` after its checkpoint); a replacement takes its folder's
+    place at the end."""
     try:
         fit(state, job, config, runtime, run_dir, stop)
         if not runtime.is_main:
@@ -392,13 +457,6 @@ def _train(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime
             f"out of GPU memory in {state.engine.mode} mode with batch {config.batch_size}; "
             "use a smaller --batch-size, --mode sequential or a smaller --group-size"
         ) from exc
-    except RunInterrupted:
-        if runtime.distributed:  # torchrun signals the other workers as soon as one has exited: they exit as it did
-            previous = dict.fromkeys(previous, signal.SIG_IGN)
-        raise
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 def finetune_command() -> str:

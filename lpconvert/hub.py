@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,9 @@ from lpconvert.tensorboard import MODEL_LOGS
 from lpconvert.version import lpconvert_version
 from lpconvert.weights import check_tensors, read_state_dict
 
-__all__ = ["push"]
+__all__ = ["push", "strip_local_paths"]
+
+logger = logging.getLogger(__name__)
 
 #: Files that mark a late-phase (uncollapsed) checkpoint or a training checkpoint, never a publishable model.
 UNCOLLAPSED_PATTERNS = ("late_phase*", "*.pt", "*.ckpt")
@@ -40,7 +45,9 @@ def push(
 
     The repository is created if needed, then ONE commit adds ``model.safetensors``, ``config.json``, ``README.md``,
     ``lpconvert.json`` and the TensorBoard logs in ``runs/`` (plus every other non-hidden file when
-    ``include_extra``), so a failure leaves the repository's files unchanged. Refuses uncollapsed checkpoints, a model
+    ``include_extra``), so a failure leaves the repository's files unchanged. The uploaded ``lpconvert.json`` has its
+    absolute local paths replaced by their base names (:func:`strip_local_paths`; one log line names the fields, the
+    local file stays as it is). Refuses uncollapsed checkpoints, a model
     card whose metadata huggingface_hub cannot parse, weights with a NaN/inf value or a negative BatchNorm variance
     and, unless ``allow_regression``, models whose recorded validation
     top-1 is below the base checkpoint's. ``token`` defaults to ``HF_TOKEN`` / the stored login, ``endpoint`` to
@@ -71,10 +78,13 @@ def push(
     except HFValidationError as err:
         raise LatePhaseError(f"invalid repository id '{repo_id}'; use NAMESPACE/NAME, e.g. alice/resnet50-lpw") from err
 
-    operations = [
-        CommitOperationAdd(path_in_repo=name, path_or_fileobj=content)
-        for name, content in _upload_contents(folder, repo_id, include_extra).items()
-    ]
+    contents = _upload_contents(folder, repo_id, include_extra)
+    info, stripped = strip_local_paths(output.info)
+    if stripped:
+        contents[PROVENANCE_NAME] = (json.dumps(info, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+        logger.info("%s on the Hub: local paths replaced by their base names in %s (the local file is unchanged)",
+                    PROVENANCE_NAME, ", ".join(stripped))
+    operations = [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in contents.items()]
     api = HfApi(endpoint=endpoint, token=token, library_name="lpconvert", library_version=lpconvert_version())
     architecture = output.config.get("architecture", "model")
     message = commit_message or f"Upload {architecture} with late-phase weights (lpconvert {lpconvert_version()})"
@@ -89,6 +99,36 @@ def push(
             raise
         raise mapped from err
     return str(info.pr_url) if create_pr and info.pr_url else str(info.commit_url)
+
+
+#: An absolute local path, POSIX (``/…``, ``~/…``, not a URL's ``//``) or Windows (``C:\\…``): a whole string, a
+#: quoted one (spaces allowed), or one that starts a string or follows a space, ``=``, bracket, comma or ``:`` (as in
+#: ``local-dir:/home/…``).
+_ABSOLUTE = r"""(?:~?/(?!/)|[A-Za-z]:\\)"""
+_LOCAL_PATH = re.compile(rf"""^{_ABSOLUTE}[^\n]+$|(?<='){_ABSOLUTE}[^'\n]+(?=')|(?<="){_ABSOLUTE}[^"\n]+(?=")"""
+                         rf"""|(?:^|(?<=[\s=:(\[,])){_ABSOLUTE}[^\s'",;)\]]+""")
+
+
+def _base_name(match: re.Match[str]) -> str:
+    path = match[0].rstrip("/\\")
+    return re.split(r"[/\\]", path)[-1] or path
+
+
+def strip_local_paths(info: Any, where: str = "") -> tuple[Any, list[str]]:
+    """`info` (``lpconvert.json``) with every absolute local path in its strings — ``weights``, ``data``,
+    ``output``, ``collapsed_from``, the ``command`` line, ``local-dir:`` specs … — replaced by its base name, and
+    the names of the fields that had one (sorted, once each): what ``push`` publishes instead of this machine's
+    layout."""
+    if isinstance(info, dict):
+        pairs = [(key, strip_local_paths(value, str(key))) for key, value in info.items()]
+        return {key: value for key, (value, _) in pairs}, sorted({n for _, (_, names) in pairs for n in names})
+    if isinstance(info, list):
+        items = [strip_local_paths(value, where) for value in info]
+        return [value for value, _ in items], sorted({n for _, names in items for n in names})
+    if isinstance(info, str):
+        stripped = _LOCAL_PATH.sub(_base_name, info)
+        return stripped, [where or "(top level)"] if stripped != info else []
+    return info, []
 
 
 def _uncollapsed_message(folder: Path, why: str) -> str:

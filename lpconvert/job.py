@@ -72,6 +72,11 @@ def prepare(config: FinetuneConfig, runtime: Runtime, checkpoint: RunCheckpoint 
         raise LatePhaseError("--select best would choose the epoch on the test set (the data has no validation "
                              "split and --val-split is 0); hold part of the training set out with --val-split 0.1, "
                              "or use --select last")
+    if (config.soup == "greedy" or config.interpolate == "auto") and data.val_role == "test":
+        raise LatePhaseError("--soup greedy and --interpolate auto choose on the validation set, and the data has none "
+                             "(no validation split and --val-split is 0: it would be the test set); hold part of the "
+                             "training set out with --val-split 0.1, or use --soup uniform and a number for "
+                             "--interpolate")
     pin = runtime.device.type == "cuda"
     train = train_loader(data.train, config.batch_size, seed=config.seed, workers=config.workers, rank=runtime.rank,
                          world_size=runtime.world_size, pin_memory=pin)
@@ -146,13 +151,16 @@ def _first_outputs(model: nn.Module, data: Data) -> tuple[torch.Tensor, int]:
 
 def log_batch(config: FinetuneConfig, runtime: Runtime, model: nn.Module) -> None:
     """The start line: the global batch, each process's share, and the batch each member's BatchNorm normalises over
-    in each process (members train one at a time); a warning when that is below SMALL_BN_BATCH in a distributed run."""
+    in each process (members train one at a time), then on a CPU the thread count chosen without ``--threads``; a
+    warning when that batch is below SMALL_BN_BATCH in a distributed run."""
     if not runtime.is_main:
         return
     per_process = config.batch_size // runtime.world_size
     if not config.quiet:
         logger.info("batch: %d global = %d per process × %d process(es); each member's BatchNorm batch: %d images "
                     "per process", config.batch_size, per_process, runtime.world_size, per_process)
+        if runtime.threads is not None and runtime.device.type == "cpu":
+            logger.info(runtime.threads.describe())
     has_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
     if runtime.distributed and has_bn and not config.sync_bn and per_process < SMALL_BN_BATCH:
         logger.warning("each member's BatchNorm normalises over %d images per process (--batch-size %d over %d "

@@ -10,7 +10,7 @@ Conventions (N examples, C classes, ``probs`` of shape (N, C), integer ``labels`
   100 %). Ties in the ranking are broken as :func:`torch.topk` breaks them.
 * Log-probabilities are taken of ``max(p, 1e-12)``, so one example contributes at most −log(1e-12) ≈ 27.6 nats.
 
-AUROC is scikit-learn's ``roc_auc_score``. Top-k, NLL, ECE and entropy stay written here (tested against scikit-learn
+AUROC is scikit-learn's ``roc_auc_score``. Top-k, NLL, Brier, ECE and entropy stay written here (tested against scikit-learn
 and torchmetrics): :class:`ClassificationMeter` keeps their sums on the device, without a host sync per batch.
 """
 
@@ -27,15 +27,18 @@ METRIC_NAMES = ("top1", "top5", "nll", "ece")  # what a run records per epoch an
 PROB_FLOOR = 1e-12
 ECE_BINS = 15
 _SUM_TOLERANCE = 1e-2
-#: Per-batch sums of a ClassificationMeter before its ECE bins: n, top1, top5, nll, labels, rows, non-finite rows.
-_HEAD = 7
+#: Per-batch sums of a ClassificationMeter before its ECE bins: n, top1, top5, nll, labels, rows, non-finite rows,
+#: Brier score.
+_HEAD = 8
 
 __all__ = [
     "METRIC_NAMES",
     "ClassificationMeter",
     "auroc",
+    "brier",
     "ece",
     "nll",
+    "max_probability",
     "ood_auroc",
     "predictive_entropy",
     "topk_accuracy",
@@ -104,6 +107,24 @@ def nll(probs: Tensor, labels: Tensor) -> float:
     probs, labels = _validated(probs, labels)
     p_true = probs.gather(1, labels[:, None]).squeeze(1)
     return -p_true.double().clamp_min(PROB_FLOOR).log().mean().item()
+
+
+def brier(probs: Tensor, labels: Tensor) -> float:
+    """Brier score, mean over examples of the squared distance to the one-hot label (Brier 1950, summed over the C
+    classes as in Ovadia et al. 2019): (1/N) Σ_i Σ_c (p_ic − 1[c = y_i])², in [0, 2]."""
+    probs, labels = _validated(probs, labels)
+    return _brier_terms(probs.double(), labels).mean().item()
+
+
+def _brier_terms(probs: Tensor, labels: Tensor) -> Tensor:
+    """Per example Σ_c (p_c − 1[c = y])² = Σ_c p_c² − 2 p_y + 1."""
+    return probs.square().sum(1) - 2 * probs.gather(1, labels[:, None]).squeeze(1) + 1
+
+
+def max_probability(probs: Tensor) -> Tensor:
+    """Per-example maximum softmax probability (MSP, Hendrycks & Gimpel 2017), shape (N,)."""
+    _check_shapes(probs)
+    return _floating(probs).max(1).values
 
 
 def _bin_index(confidence: Tensor, n_bins: int) -> Tensor:
@@ -177,7 +198,7 @@ def ood_auroc(in_scores: Tensor, ood_scores: Mapping[str, Tensor]) -> dict[str, 
 
 
 class ClassificationMeter:
-    """Streaming top-1/top-5 accuracy, NLL, ECE (15 bins) and predictive entropy over batches of probabilities.
+    """Streaming top-1/top-5 accuracy, NLL, Brier score, ECE (15 bins) and predictive entropy over batches of probabilities.
 
     :meth:`update` does not synchronise with the device: per-batch sums (and the per-example entropies, for AUROC)
     stay where the probabilities are until :meth:`compute`, which also reports invalid labels, non-finite rows (the
@@ -187,6 +208,7 @@ class ClassificationMeter:
     def __init__(self) -> None:
         self._sums: list[Tensor] = []
         self._entropies: list[Tensor] = []
+        self._confidences: list[Tensor] = []
         self._num_classes: int | None = None
 
     def update(self, probs: Tensor, labels: Tensor) -> None:
@@ -212,10 +234,12 @@ class ClassificationMeter:
             bad_labels.sum(),
             _bad_rows(probs).sum(),
             (~torch.isfinite(probs).all(1)).sum(),
+            _brier_terms(probs, labels).sum(),
         ]
         bins = _calibration_sums(top_p[:, 0], hits[:, 0], ECE_BINS, torch.float32).flatten()
         self._sums.append(torch.cat([torch.stack([value.float() for value in head]), bins]))
         self._entropies.append(predictive_entropy(probs))
+        self._confidences.append(top_p[:, 0])
 
     def all_reduce(self) -> None:
         """Combine the meters of all ranks of the process group (each fed a contiguous shard, in rank order): every
@@ -231,13 +255,15 @@ class ClassificationMeter:
         self._num_classes = classes // ranks if ranks else None
         self._sums = [total] if total[0] > 0 else []
         self._entropies = gather(self._entropies)
+        self._confidences = gather(self._confidences)
 
     def compute(self) -> dict[str, float]:
-        """{"count", "top1", "top5" (percent), "nll", "ece", "entropy" (mean predictive entropy)} over all batches."""
+        """{"count", "top1", "top5" (percent), "nll", "brier", "ece", "entropy" (mean predictive entropy)} over all
+        batches."""
         if not self._sums:
             raise LatePhaseError("no examples to evaluate")
         sums = torch.stack(self._sums).to("cpu", torch.float64).sum(0)
-        n, top1, top5, nll_sum, bad_labels, bad_rows, non_finite = sums[:_HEAD].tolist()
+        n, top1, top5, nll_sum, bad_labels, bad_rows, non_finite, brier_sum = sums[:_HEAD].tolist()
         if bad_labels:
             raise LatePhaseError(f"{int(bad_labels)} labels are outside [0, {self._num_classes})")
         if non_finite:
@@ -253,9 +279,16 @@ class ClassificationMeter:
             "top1": 100.0 * top1 / n,
             "top5": 100.0 * top5 / n,
             "nll": nll_sum / n,
+            "brier": brier_sum / n,
             "ece": ((correct_sum - conf_sum).abs().sum() / n).item(),
             "entropy": self.entropies().double().mean().item(),
         }
+
+    def confidences(self) -> Tensor:
+        """Maximum softmax probability of every example seen so far, on the CPU, shape (N,)."""
+        if not self._confidences:
+            return torch.empty(0)
+        return torch.cat(self._confidences).cpu()
 
     def entropies(self) -> Tensor:
         """Predictive entropy of every example seen so far, on the CPU, shape (N,)."""

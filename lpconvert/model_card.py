@@ -55,7 +55,7 @@ _EVAL_METRICS = (("top1", "accuracy", "Top-1 accuracy"), ("top5", "top_5_accurac
 #: The evaluations a card reports: the row's label, the ``metrics`` key of its numbers and of the set it was measured
 #: on (the test set takes the validation set's ``type`` and ``name`` unless it has its own).
 _EVALUATIONS = (("base checkpoint", "base", "dataset"), ("this model", "final", "dataset"),
-                ("this model", "test", "test_dataset"))
+                ("base checkpoint", "base_test", "test_dataset"), ("this model", "test", "test_dataset"))
 _BN_STATS_TEXT = {
     "fold": "BatchNorm: the running statistics are the members' mean statistics, and scale and shift are solved so "
             "that in eval mode every BatchNorm outputs exactly the average of its members' outputs. In train mode it "
@@ -86,9 +86,10 @@ def render_model_card(
     ``metrics["test_dataset"]`` the set of ``metrics["test"]`` when given (:func:`evaluations`); every number is
     rounded to what it resolves (:func:`round_metric`); ``logs``: the folder holds the run's TensorBoard logs
     (:data:`MODEL_LOGS`)."""
-    plain = bool(averaging) and averaging.get("K") == 1
+    unchanged = is_the_start(averaging)
+    plain = bool(averaging) and averaging.get("run_K", averaging.get("K")) == 1
     what = "fine-tuned without late-phase weights (K = 1)" if plain else "with late-phase weights"
-    title = f"{source.architecture} {what}"
+    title = f"{source.architecture}: the starting checkpoint, unchanged" if unchanged else f"{source.architecture} {what}"
     results = _eval_results(metrics)
     meta = ModelCardData(
         library_name="timm" if source.library == "timm" else "pytorch",
@@ -113,7 +114,8 @@ def render_model_card(
         "",
         f"# {title}",
         "",
-        _method_paragraph(source, base, averaging),
+        *_verdict(metrics, averaging),
+        _unchanged_paragraph(source, base, averaging) if unchanged else _method_paragraph(source, base, averaging),
         "",
         f"Paper: {PAPER_CITATION}",
         "",
@@ -130,7 +132,10 @@ def render_model_card(
         "## Hyper-parameters",
         "",
     ]
-    if hparams:
+    if unchanged:
+        lines.append("None apply: no training made it into this checkpoint (the run's settings are in "
+                     f"`{PROVENANCE_NAME}`).")
+    elif hparams:
         lines += ["| name | value |", "|---|---|"]
         lines += [f"| {_cell(k)} | {_cell(_format_value(v))} |" for k, v in hparams.items()]
     else:
@@ -159,14 +164,78 @@ def render_model_card(
     return "\n".join(lines)
 
 
+def is_the_start(averaging: Mapping[str, Any] | None) -> bool:
+    """Whether the saved model is the run's starting checkpoint unchanged: no epoch beat it (epoch 0 exported), or
+    the interpolation with the start chose α = 0."""
+    averaging = averaging or {}
+    interpolation = (averaging.get("selection") or {}).get("interpolation") or {}
+    return averaging.get("epoch") == 0 or interpolation.get("alpha") == 0
+
+
+def _library_text(source: ModelSource) -> str:
+    """Where the architecture comes from: lpconvert's own (registered with timm) or the library's."""
+    if is_lpconvert_architecture(source.architecture):
+        return "an lpconvert architecture, registered with timm when lpconvert is imported"
+    return source.library
+
+
+def _loads(source: ModelSource) -> str:
+    """What loading needs: nothing of lpconvert for a timm / torchvision architecture; lpconvert for its own."""
+    if is_lpconvert_architecture(source.architecture):
+        return (f"loads with timm once lpconvert is installed (it defines `{source.architecture}`: install it from "
+                "lpconvert's source repository, `pip install -e .` in a checkout, until it is on the package index)")
+    return "loads without lpconvert"
+
+
+def _unchanged_paragraph(source: ModelSource, base: str, averaging: Mapping[str, Any]) -> str:
+    """What an unchanged start is: what the run tried, and that nothing of it made it in."""
+    K = averaging.get("run_K", averaging.get("K"))
+    tried = "plain fine-tuning (K = 1)" if K == 1 else f"fine-tuning with K = {K} late-phase members"
+    return (f"This is {base} (`{source.architecture}`, {_library_text(source)}) exactly as it was: lpconvert tried "
+            f"{tried}, and no result beat the starting checkpoint on the validation set, so the start was kept. It "
+            f"{_loads(source)}.")
+
+
+def _verdict(metrics: Mapping[str, Any] | None, averaging: Mapping[str, Any] | None) -> list[str]:
+    """First, in plain words: did the checkpoint get better than the start — on the validation set, and on the test
+    set when both were measured there — with the uncertainty one run can give (none over seeds)."""
+    metrics = metrics or {}
+    parts = []
+    for start, final, where in (("base", "final", "dataset"), ("base_test", "test", "test_dataset")):
+        a, b = (metrics.get(start) or {}).get("top1"), (metrics.get(final) or {}).get("top1")
+        if a is None or b is None:
+            continue
+        dataset = metrics.get(where) or {}
+        n = dataset.get("num_images")
+        noise = f"; one accuracy on {n:,} images is uncertain by about ±{sampling_error(b, n):.2f} points" if n else ""
+        parts.append(f"top-1 on {describe_dataset(dataset)}: {_metric_text('top1', a, n)} % → "
+                     f"{_metric_text('top1', b, n)} % ({b - a:+.{percent_decimals(n)}f} points{noise})")
+    if not parts:
+        return []
+    if is_the_start(averaging):
+        head = "**Did fine-tuning help? No**: this is the starting checkpoint, unchanged"
+    else:
+        head = "**Against the starting checkpoint**"
+    return [f"{head} — " + "; ".join(parts) + ". One run gives no interval over seeds: `lpconvert compare` measures "
+            "the change over paired seeds.", ""]
+
+
+def sampling_error(top1: float, num_images: int) -> float:
+    """The 95 % sampling error (points) of one top-1 accuracy `top1` (%) measured on `num_images` images:
+    1.96 · √(p (1 − p) / N)."""
+    p = min(max(top1 / 100, 0.0), 1.0)
+    return 196 * math.sqrt(p * (1 - p) / num_images)
+
+
 def _method_paragraph(source: ModelSource, base: str, averaging: Mapping[str, Any] | None) -> str:
     """What was done, from what ran: plain fine-tuning for K = 1, else the kinds of late-phase weights and K (a
     generic account when `averaging` does not say)."""
-    this = f"This is `{source.architecture}` ({source.library}), trained from {base}"
+    this = f"This is `{source.architecture}` ({_library_text(source)}), trained from {base}"
     if averaging and averaging.get("K") == 1:
         return (f"{this} by plain fine-tuning (K = 1): lpconvert's baseline for **late-phase weights** (von Oswald et "
                 "al., ICLR 2021), trained through the same pipeline without late-phase members. It has exactly the "
-                "architecture and inference cost of the base model and loads without lpconvert.")
+                f"architecture and inference cost of the base model and {_loads(source)}."
+                + _selection_sentence(averaging))
     which = "a small set of weights"
     if averaging and averaging.get("late_phase") and averaging.get("K"):
         which = f"its {_kinds_text(averaging['late_phase'])} weights"
@@ -174,8 +243,20 @@ def _method_paragraph(source: ModelSource, base: str, averaging: Mapping[str, An
     return (f"{this} with **late-phase weights** (von Oswald et al., ICLR 2021). Late in training, {which} were "
             f"replaced by {copies} copies, the ensemble members, which were trained together with the shared remaining "
             "weights, each on its own minibatches. At the end the members were averaged (\"collapsed\") into a single "
-            "set, so this checkpoint has exactly the architecture and inference cost of the base model and loads "
-            "without lpconvert.")
+            f"set, so this checkpoint has exactly the architecture and inference cost of the base model and "
+            f"{_loads(source)}." + _selection_sentence(averaging))
+
+
+def _selection_sentence(averaging: Mapping[str, Any] | None) -> str:
+    """One more sentence when the model is not the plain average: a greedy soup, an interpolation with the start."""
+    selection = (averaging or {}).get("selection") or {}
+    interpolation = selection.get("interpolation") or {}
+    parts = []
+    if selection.get("soup") == "greedy":
+        parts.append("only the members that a greedy soup kept on the validation set were averaged")
+    if interpolation:
+        parts.append("the result was interpolated in weight space with the run's starting model")
+    return f" Beyond that, {' and '.join(parts)} (see below)." if parts else ""
 
 
 def _kinds_text(kinds: str) -> str:
@@ -185,28 +266,85 @@ def _kinds_text(kinds: str) -> str:
 
 
 def _what_it_is(source: ModelSource, averaging: Mapping[str, Any] | None) -> list[str]:
-    lines = [f"- The original `{source.architecture}` architecture ({source.library}): the base model's classes, "
-             "state_dict keys and inference cost; nothing of lpconvert is needed at inference."]
+    lines = [f"- The original `{source.architecture}` architecture ({_library_text(source)}): the base model's "
+             "classes, state_dict keys and inference cost; no late-phase layer is left in it."]
     if not averaging:
         return lines
     kinds = averaging.get("late_phase")
     when = f" at epoch {averaging['epoch']}" if averaging.get("epoch") is not None else ""
     if averaging.get("select"):
         when += f" ({'the best validation epoch' if averaging['select'] == 'best' else 'the last epoch'})"
+    selection = averaging.get("selection") or {}
+    interpolation = selection.get("interpolation") or {}
+    if averaging.get("epoch") == 0:
+        lines.append("- It is the run's starting checkpoint, unchanged: no epoch of the run beat it on the validation "
+                     "set.")
+        return lines
+    if interpolation.get("alpha") == 0:
+        lines.append(f"- It is the run's starting model, unchanged: the fine-tuned model{when} was interpolated with "
+                     f"it, and α = 0 (the start) {_alpha_choice(interpolation)}.")
+        if averaging.get("training_data"):
+            lines.append(f"- Training data: {averaging['training_data']}.")
+        return lines
     if averaging.get("K") == 1:
         lines.append(f"- Fine-tuned without late-phase members (K = 1: plain fine-tuning), taken{when}.")
     else:
         which = f"{_kinds_text(kinds)} weights" if kinds else "late-phase weights"
         sigma0 = f", initialised with σ0 = {averaging['sigma0']:g} (Eq. 2)," if averaging.get("sigma0") else ""
-        lines.append(f"- Its {which} are the average of K = {averaging.get('K')} late-phase members{sigma0} in "
-                     f"weight space (Eq. 1 of the paper){when}.")
+        if selection.get("soup") == "greedy":
+            lines.append(f"- Its {which} are the average of {len(selection['members'])} of the K = "
+                         f"{averaging.get('K')} late-phase members{sigma0} in weight space (Eq. 1 of the paper){when}; "
+                         f"{_greedy_text(selection)}")
+        else:
+            lines.append(f"- Its {which} are the average of K = {averaging.get('K')} late-phase members{sigma0} in "
+                         f"weight space (Eq. 1 of the paper){when}.")
     if averaging.get("swa_start") is not None:
         lines.append(f"- The weights were also averaged over the epochs from epoch {averaging['swa_start']} on (SWA).")
-    if late_batchnorm(averaging) and averaging.get("bn_stats") in _BN_STATS_TEXT:
+    interpolated = bool(interpolation) and interpolation.get("alpha") != 1
+    if late_batchnorm(averaging) and averaging.get("bn_stats") in _BN_STATS_TEXT and not interpolated:
         lines.append(f"- {_BN_STATS_TEXT[averaging['bn_stats']]}")
+    if interpolation:
+        lines.append(f"- {_interpolation_text(interpolation)}")
     if averaging.get("training_data"):
         lines.append(f"- Training data: {averaging['training_data']}.")
     return lines
+
+
+def _scores_text(rows: Sequence[Sequence[Any]], name: str) -> str:
+    return ", ".join(f"{name} {key:g}: {score:.2f}" for key, score in rows)
+
+
+def _greedy_text(selection: Mapping[str, Any]) -> str:
+    """How a greedy soup chose its members, with its numbers (validation top-1, %)."""
+    members = ", ".join(map(str, selection["members"]))
+    return (f"a greedy soup (Wortsman et al., ICML 2022) chose members {members} (numbered from 0, in the order "
+            "they entered). The members were ranked by their validation top-1 (%) "
+            f"({_scores_text(selection['ranking'], 'member')}) and added best first, each kept only when the average "
+            f"did not score lower; the soup scores {selection['score']:.2f} % validation top-1, the average of all "
+            f"{selection['K']} members {selection['uniform_score']:.2f} % (chosen on the validation set: these figures "
+            "are optimistic).")
+
+
+def _alpha_choice(interpolation: Mapping[str, Any]) -> str:
+    if interpolation.get("chosen") != "auto":
+        return "was given"
+    return (f"scored best in validation top-1 (%) of the α tried ({_scores_text(interpolation['scores'], 'α')}; "
+            "ties go to the smaller α)")
+
+
+def _interpolation_text(interpolation: Mapping[str, Any]) -> str:
+    """The interpolation with the start (WiSE-FT) as it happened, its BatchNorm statistics included."""
+    alpha = interpolation["alpha"]
+    if alpha == 1:
+        return (f"It was interpolated with the run's starting model, and α = 1 {_alpha_choice(interpolation)}: the "
+                "averaged model unchanged.")
+    text = (f"It was then interpolated in weight space with the run's starting model (WiSE-FT, Wortsman et al., CVPR "
+            f"2022): every weight is (1 − α) θ_start + α θ_averaged with α = {alpha:g}, which "
+            f"{_alpha_choice(interpolation)}.")
+    batchnorm = {"interpolated": " BatchNorm running statistics are interpolated likewise.",
+                 "re-estimated": " BatchNorm running statistics were re-estimated with a pass over augmented training "
+                                 "images."}
+    return text + batchnorm.get(interpolation.get("batchnorm"), "")
 
 
 def late_batchnorm(averaging: Mapping[str, Any] | None) -> bool:
@@ -278,20 +416,24 @@ def evaluations(metrics: Mapping[str, Any] | None) -> list[tuple[str, Mapping[st
 def describe_dataset(dataset: Mapping[str, Any]) -> str:
     """``"NAME, SPLIT split, N images"`` of what is known about a set; ``"n/a"`` when nothing is."""
     parts = [str(dataset["name"])] if dataset.get("name") else []
-    parts += [f"{dataset['split']} split"] if dataset.get("split") else []
+    if dataset.get("held_out"):
+        parts += ["training images held out (never trained on)"]
+    elif dataset.get("split"):
+        parts += [f"{dataset['split']} split"]
     parts += [f"{dataset['num_images']:,} images"] if dataset.get("num_images") else []
     return ", ".join(parts) or "n/a"
 
 
 def _eval_results(metrics: Mapping[str, Any] | None) -> list[EvalResult]:
-    """This model's top-1 / top-5 on each set it was evaluated on (validation, and test when given), for the
-    ``model-index``: only sets with a name and a type, values rounded to what they resolve."""
+    """This model's top-1 / top-5 on each split of the data it was evaluated on (validation, and test when given), for
+    the ``model-index``: only sets with a name and a type, never images held out of the training split (they are not
+    a split of the dataset), values rounded to what they resolve."""
     return [
         EvalResult(task_type="image-classification", task_name="Image Classification", dataset_type=dataset["type"],
                    dataset_name=dataset["name"], dataset_split=dataset.get("split"), metric_type=metric_type,
                    metric_name=metric_name, metric_value=round_metric(key, values[key], dataset.get("num_images")))
         for label, dataset, values in evaluations(metrics) if label == "this model" and dataset.get("type")
-        and dataset.get("name")
+        and dataset.get("name") and not dataset.get("held_out")
         for key, metric_type, metric_name in _EVAL_METRICS if values.get(key) is not None
     ]
 
@@ -302,17 +444,7 @@ def _metrics_section(metrics: Mapping[str, Any] | None) -> list[str]:
         return ["No evaluation was recorded for this model."]
     names = list(dict.fromkeys([n for n in _METRIC_LABELS if any(n in values for _, _, values in rows)]
                                + [n for _, _, values in rows for n in values]))
-    lines = []
-    base, final = dict(metrics.get("base") or {}), dict(metrics.get("final") or {})
-    if base.get("top1") is not None and final.get("top1") is not None:
-        dataset = metrics.get("dataset") or {}
-        n = dataset.get("num_images")
-        where = f" on {describe_dataset(dataset)}" if dataset else ""
-        change = final["top1"] - base["top1"]
-        lines += [f"Top-1 accuracy{where}: **{_metric_text('top1', final['top1'], n)} %**, against "
-                  f"{_metric_text('top1', base['top1'], n)} % for the base checkpoint "
-                  f"({change:+.{percent_decimals(n)}f} points).", ""]
-    lines += ["| model | evaluated on | " + " | ".join(_cell(_METRIC_LABELS.get(n, n)) for n in names) + " |",
+    lines = ["| model | evaluated on | " + " | ".join(_cell(_METRIC_LABELS.get(n, n)) for n in names) + " |",
               "|---|---|" + "---|" * len(names)]
     for label, dataset, values in rows:
         numbers = " | ".join(_metric_text(n, values.get(n), dataset.get("num_images")) for n in names)

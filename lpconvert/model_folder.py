@@ -224,7 +224,7 @@ def _check_metrics(metrics: Mapping[str, Any] | None) -> None:
             texts = "the texts 'type' (a Hub dataset id or a name) and 'name', and optionally " if needed else ""
             raise LatePhaseError(f"metrics['{where}'] must be a mapping with {texts}'split' and 'num_images' (a "
                                  "positive integer)")
-    for part in ("base", "final", "test"):
+    for part in ("base", "final", "base_test", "test"):
         values = metrics.get(part)
         if values is None:
             continue

@@ -304,6 +304,16 @@ def checkpoint_file(path: Path, which: str = "best") -> Path:
     return path
 
 
+def exported_checkpoint(path: str | Path) -> str:
+    """Which checkpoint of a run directory its model folder was exported from: ``best`` or ``last`` as its
+    report.json says (a run without a validation set has no ``best``), else ``best`` (a file: itself)."""
+    try:
+        chosen = json.loads((Path(path).expanduser() / "report.json").read_text()).get("select")
+    except (OSError, ValueError, AttributeError):
+        chosen = None
+    return chosen if chosen in ("best", "last") else "best"
+
+
 def is_run(path: str | Path) -> bool:
     """A run directory or a run checkpoint file."""
     path = Path(path).expanduser()

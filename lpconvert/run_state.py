@@ -63,6 +63,9 @@ class RunCheckpoint:
     #: A distributed run's checkpoint taken within an epoch: every rank's floating-point buffers (the members' BN
     #: running statistics stay rank-local until the epoch ends), in rank order.
     rank_buffers: list[dict[str, torch.Tensor]] | None = None
+    #: The CPU threads the run trained with: a resume without --threads uses them again (the last digits of a float
+    #: sum depend on the thread count, and a resumed run is bitwise the run in one go).
+    threads: int | None = None
 
     def save(self, path: Path) -> Path:
         """Atomically, as plain containers and tensors (read back weights-only)."""
@@ -89,6 +92,7 @@ class RunCheckpoint:
             history=History(**state["history"]), swa=swa["model"] if swa and "model" in swa else swa, rng=state["rng"],
             started=state.get("started", ""), label_names=state.get("label_names"),
             data_fingerprint=state.get("data_fingerprint"), rank_buffers=state.get("rank_buffers"),
+            threads=state.get("threads"),
         )
 
 
@@ -152,7 +156,7 @@ class TrainState:
             history=History(self.history.base, list(self.history.epochs), self.history.best_epoch),
             swa=None if self.swa is None else _on_cpu(self.swa.state_dict()),
             rng=rng_state(), started=self.started, label_names=label_names, data_fingerprint=data_fingerprint,
-            rank_buffers=self.rank_buffers,
+            rank_buffers=self.rank_buffers, threads=torch.get_num_threads(),
         )
 
     @classmethod

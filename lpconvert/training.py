@@ -7,7 +7,6 @@ continued across epochs), the schedule's learning rates set per iteration, no ho
 
 from __future__ import annotations
 
-import signal
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -27,40 +26,10 @@ from .optim import lr_factor, minibatches_per_iteration, set_learning_rates
 from .run_dir import RunDir
 from .run_state import TrainState
 from .runtime import Runtime
+from .stopping import RunInterrupted, StopRequest
 from .weights import broken_tensor, model_tensors
 
-__all__ = ["RunInterrupted", "StopRequest", "evaluate_averaged", "train_one_epoch"]
-
-
-class RunInterrupted(Exception):
-    """Training stopped early (signal, ``stop_after`` or ``stop_at_epoch``); a checkpoint was saved in `run_dir` to
-    resume from. `planned`: the stop the caller asked for (``stop_at_epoch``), not an interruption; `how` says how
-    to continue (``--resume RUN``, or for a comparison: rerun its command)."""
-
-    def __init__(self, reason: str, run_dir: Any, *, planned: bool = False, how: str | None = None) -> None:
-        super().__init__(reason)
-        self.run_dir, self.planned = run_dir, planned
-        self.how = how or f"--resume {run_dir}"
-
-
-class StopRequest:
-    """A SIGINT/SIGTERM handler, a fixed number of iterations or the end of an epoch: the loop saves a checkpoint at
-    the next iteration boundary (for `at_epoch`, once that epoch is complete) and stops."""
-
-    def __init__(self, after_iterations: int | None = None, at_epoch: int | None = None) -> None:
-        self.signal: str | None = None
-        self.after_iterations = after_iterations
-        self.at_epoch = at_epoch
-
-    def __call__(self, signum, frame) -> None:
-        self.signal = signal.Signals(signum).name
-
-    def reason(self, iteration: int) -> str | None:
-        if self.signal:
-            return self.signal
-        if self.after_iterations is not None and iteration >= self.after_iterations:
-            return f"stopped after {iteration} iterations"
-        return None
+__all__ = ["evaluate_averaged", "swa_sample_due", "train_one_epoch"]
 
 
 def train_one_epoch(state: TrainState, loader: DataLoader, config: FinetuneConfig, runtime: Runtime, *,
@@ -96,6 +65,7 @@ def train_one_epoch(state: TrainState, loader: DataLoader, config: FinetuneConfi
         checkpoint_due = config.checkpoint_every and position.iteration % config.checkpoint_every == 0
         stopping = stop.reason(position.iteration)
         if runtime.distributed:  # where the host syncs anyway: a signal to any rank stops every rank there
+            stop.announce(runtime)
             fixed = stop.after_iterations is not None and position.iteration >= stop.after_iterations
             stopping = agree_on_stop(stopping, runtime) if boundary or checkpoint_due or fixed else None
         if boundary or checkpoint_due or stopping:

@@ -139,6 +139,10 @@ def test_selection_split_chooses_on_one_part_and_reports_on_the_other_against_th
             assert record["alpha"] in scores and scores[record["alpha"]] == max(scores.values())
             assert scores[record["alpha"]] >= scores[0.0]  # α = 0 is the start
         assert "soup" not in plain and "ensemble" not in plain and "interpolated" in plain
+        # calibration compared fairly: one temperature fitted on the selection part, reported on the other
+        for variant in ("averaged", "ensemble", "soup"):
+            metrics = late[variant]
+            assert metrics["temperature"] > 0 and {"nll_ts", "ece_ts", "brier_ts", "brier"} <= set(metrics)
     # every arm against the start, paired per seed
     start = [evaluations[f"seed{s}/start"]["averaged"]["top1"] for s in (0, 1)]
     plain = report["arms"]["plain"]["per_seed"]["averaged"]["top1"]
@@ -151,6 +155,7 @@ def test_selection_split_chooses_on_one_part_and_reports_on_the_other_against_th
     assert markdown.splitlines()[2].startswith("- Your checkpoint (the start): top-1 ")
     assert "report part (299 images)" in report["evaluated_on"] and "## greedy soup of the members" in markdown
     assert report["verdict"][-1].startswith("late − plain (averaged): ")
+    assert any(p["metric"] == "nll_ts" and p["variant"] == "averaged" for p in report["pairs"])
     # display settings may change when continuing; a real difference is named
     again = run_comparison(plan_comparison(FinetuneConfig(**{**BASE, "t0": 0, "epochs": 1, "quiet": False,
                                                              "log_every": 7}), arms, [0, 1], folder,

@@ -74,10 +74,14 @@ def test_lpconvert_zoo_lists_paper_and_measured_numbers_alike():
     result = CliRunner().invoke(main, ["zoo"])
     assert result.exit_code == 0, result.output
     lines = result.output.splitlines()
-    scratch = lines[lines.index("cifar10_10k_scratch_resnet20") + 2]
-    assert scratch.strip() == "paper: base 88.98 → late-phase BN 89.58; measured: base 80.25 → late-phase BN 80.09"
-    resnet152 = lines[lines.index("imagenet_resnet152") + 2]
-    assert resnet152.strip() == "paper: base 78.31 → fine-tuned 78.37 → late-phase 78.77; measured: —"
+    scratch = lines[lines.index("cifar10_10k_scratch_resnet20") + 2:][:2]
+    assert [line.strip() for line in scratch] == [
+        "paper: base 88.98 → late-phase BN 89.58",
+        "measured: base (plain training) 80.25 ± 0.69 → late-phase BN 80.09 ± 0.61 → gain over plain "
+        "−0.16 [−0.49, +0.17] (paired: −0.21/−0.26/−0.01)"]
+    resnet152 = lines[lines.index("imagenet_resnet152") + 2:][:2]
+    assert [line.strip() for line in resnet152] == ["paper: base 78.31 → fine-tuned 78.37 → late-phase 78.77",
+                                                    "measured: not run yet"]
 
 
 def test_warmup_rises_linearly_from_warmup_lr_into_the_schedule():
@@ -113,3 +117,18 @@ def test_a_batch_flag_given_is_given_whatever_its_value(tmp_path):
     assert build_config(None, str(recipe), _flags(batch_size=256)).batch_size == 256
     with pytest.raises(LatePhaseError, match="--batch-size-per-gpu and --batch-size 256 both set the batch"):
         build_config("digits_cnn", None, _flags(batch_size=256, batch_size_per_gpu=32))
+
+
+def test_a_recipe_shortened_with_epochs_stretches_its_schedule(tmp_path, caplog):
+    recipe = "zoo/cifar10_pretrained_resnet20.yaml"
+    with caplog.at_level("INFO", logger="lpconvert"):
+        config = build_config(None, recipe, _flags(epochs=3))
+    assert (config.epochs, config.anneal_start, config.anneal_end, config.lr_end) == (3, 0.0, 1.5, 0.001)
+    assert "--epochs 3 stretches the recipe's 20-epoch schedule: --anneal-end 10 → 1.5" in caplog.text
+    # a point given on the command line is the user's, not stretched; T0 and SWA start stay whole epochs before the end
+    assert build_config(None, recipe, _flags(epochs=3, anneal_end=2.0)).anneal_end == 2.0
+    points = tmp_path / "points.yaml"
+    points.write_text("model: digits_cnn\nepochs: 200\nt0: 50\nswa_start: 160\nmilestones: [100, 150]\n")
+    config = build_config(None, str(points), _flags(epochs=4))
+    assert (config.t0, config.swa_start, config.milestones) == (1, 3, (2, 3))
+    assert build_config(None, str(points), _flags()).t0 == 50  # without --epochs the recipe runs as written

@@ -230,7 +230,8 @@ def test_local_rank_0_prepares_the_data_first_and_the_batch_is_said_plainly(tmp_
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(WORLD)]
     assert [r["seen"] for r in ranks] == [False, True]
     assert [r["batch_size"] for r in ranks] == [16, 16]  # --batch-size-per-gpu 8 on 2 processes: a global batch of 16
-    start, warning = ranks[0]["lines"]
+    start, threads, warning = ranks[0]["lines"]
+    assert threads.startswith("CPU threads: ") and "--threads N" in threads  # how many it chose without --threads
     assert start == ("batch: 16 global = 8 per process × 2 process(es); each member's BatchNorm batch: 8 images per "
                      "process")
     assert "normalises over 8 images per process" in warning and "--sync-bn" in warning

@@ -276,7 +276,7 @@ def test_a_late_phase_that_may_wreck_the_run_is_warned_about(tmp_path, monkeypat
 def test_threads_are_capped_recorded_and_sync_bn_needs_a_gpu(tmp_path, monkeypatch):
     """--threads sets torch's thread count for the run and lands in lpconvert.json; without it a process never runs
     more threads than its share of the CPUs; --sync-bn on a CPU is refused before anything is written."""
-    from lpconvert.runtime import cpu_threads
+    from lpconvert.runtime import cpu_threads, default_threads
 
     before = torch.get_num_threads()
     try:
@@ -287,11 +287,14 @@ def test_threads_are_capped_recorded_and_sync_bn_needs_a_gpu(tmp_path, monkeypat
     finally:
         torch.set_num_threads(before)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
+    monkeypatch.setattr("lpconvert.runtime.busy_cpus", lambda: 0.0)  # a quiet machine (the load: test_startup.py)
     torch.set_num_threads(8)
+    default_threads.cache_clear()
     try:
         assert (cpu_threads(None, 1), cpu_threads(None, 2), cpu_threads(None, 8), cpu_threads(3, 8)) == (4, 2, 1, 3)
     finally:
         torch.set_num_threads(before)
+        default_threads.cache_clear()
     with pytest.raises(lpconvert.LatePhaseError, match="--sync-bn .* no CPU implementation"):
         run(_digits_run(tmp_path, "sync", sync_bn=True, device="cpu"))
     assert not (tmp_path / "sync").exists()

@@ -242,6 +242,40 @@ def test_extra_files_only_on_request(hub, tmp_path, model):
     assert set(hub.files("alice/extra")) == EXPECTED_FILES | {".gitattributes", "training_log.csv"}
 
 
+def test_local_paths_are_not_published(hub, tmp_path, model, caplog):
+    """The uploaded lpconvert.json names files by their base names; the local one keeps this machine's paths."""
+    folder = saved(tmp_path, model)
+    info = json.loads((folder / "lpconvert.json").read_text())
+    home = tmp_path / "home" / "alice"
+    info.update(command=f"lpconvert finetune resnet50 --data {home}/imagenet --output '{home}/my runs/r50' --quiet",
+                collapsed_from=str(home / "runs" / "r50"), note="top-1/top-5, see https://example.org/a/b")
+    info.setdefault("source", {})["spec"] = f"local-dir:{home}/t0/model"
+    info.setdefault("provenance", {})["config"] = {"weights": str(home / "w.pth"), "data": ["relative/dir"], "K": 4}
+    (folder / "lpconvert.json").write_text(json.dumps(info, indent=2))
+    local = (folder / "lpconvert.json").read_bytes()
+    with caplog.at_level("INFO", logger="lpconvert"):
+        push(folder, "alice/model", token=TEST_TOKEN)
+
+    published = hub.files("alice/model")["lpconvert.json"].decode()
+    assert str(tmp_path) not in published and "alice/" not in published.replace("alice/model", "")
+    remote = json.loads(published)
+    assert remote["command"] == "lpconvert finetune resnet50 --data imagenet --output 'r50' --quiet"
+    assert remote["collapsed_from"] == "r50" and remote["source"]["spec"] == "local-dir:model"
+    assert remote["provenance"]["config"] == {"weights": "w.pth", "data": ["relative/dir"], "K": 4}
+    assert remote["note"] == info["note"] and remote["files"] == info["files"]  # the rest unchanged
+    assert (folder / "lpconvert.json").read_bytes() == local
+    lines = [r.getMessage() for r in caplog.records if "local paths" in r.getMessage()]
+    assert len(lines) == 1 and "collapsed_from, command, spec, weights" in lines[0]
+
+
+def test_nothing_to_strip_publishes_the_file_as_it_is(hub, tmp_path, model, caplog):
+    folder = saved(tmp_path, model)
+    with caplog.at_level("INFO", logger="lpconvert"):
+        push(folder, "alice/model", token=TEST_TOKEN)
+    assert hub.files("alice/model")["lpconvert.json"] == (folder / "lpconvert.json").read_bytes()
+    assert not [r for r in caplog.records if "local paths" in r.getMessage()]
+
+
 def test_modified_weights_are_refused(hub, tmp_path, model):
     folder = saved(tmp_path, model)
     data = bytearray((folder / "model.safetensors").read_bytes())
@@ -271,14 +305,13 @@ def test_finetune_push_to_hub_and_the_push_command(hub, tmp_path, monkeypatch):
     x = torch.randn(3, 1, 8, 8)
     with torch.no_grad():
         assert torch.equal(local(x), remote(x))
-    # the model page's evaluation results are the run's recorded validation top-1 / top-5 of the published epoch and
-    # its test top-1 / top-5, rounded to what they resolve
+    # the model page's evaluation results are the published model's test top-1 / top-5, rounded to what they resolve:
+    # the run validated on training digits held out, which are no split of the dataset (the card names them)
     metrics = json.loads((tmp_path / "run" / "model" / "lpconvert.json").read_text())["metrics"]
-    final, test = metrics["final"], metrics["test"]
+    test = metrics["test"]
+    assert metrics["dataset"]["held_out"] is True
     results = ModelCard.load("lpw-org/digits-lp").data.eval_results
     assert [(r.dataset_type, r.dataset_split, r.metric_type, r.metric_value) for r in results] == [
-        ("sklearn-digits", "validation", "accuracy", round(final["top1"], 2)),
-        ("sklearn-digits", "validation", "top_5_accuracy", round(final["top5"], 2)),
         ("sklearn-digits", "test", "accuracy", round(test["top1"], 2)),
         ("sklearn-digits", "test", "top_5_accuracy", round(test["top5"], 2))]
 

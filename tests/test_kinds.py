@@ -3,7 +3,8 @@
 Algorithm 1 against the plain reference (tests/algorithm1.py).
 
 The sweep is parametrized over the registry, so a kind added later is tested without editing this file: it runs on
-every tiny model below in which `plan` finds its targets, and fails if there is none. Also here: which kind gets a
+every tiny model below, and on the kind's own `example()`, in which `plan` finds its targets, and fails if there is
+none. Also here: which kind gets a
 module two kinds claim (precedence), a kind that stacks only some of a module's tensors (a bias-only kind), and a kind
 that declares an option.
 """
@@ -115,9 +116,14 @@ TINY_MODELS = (TinyModel("norm_cnn", NormNet, _images), TinyModel("batchnorm_cnn
 
 
 def _models_with(kind: str) -> list[TinyModel]:
-    found = [tiny for tiny in TINY_MODELS if lpconvert.plan(tiny.build(), K, kind).targets]
+    """The tiny models the kind finds targets in: this file's, and the kind's own ``example()``."""
+    models = TINY_MODELS
+    if KINDS[kind].example() is not None:
+        models += (TinyModel(f"{kind}.example()", KINDS[kind].example, _images),)
+    found = [tiny for tiny in models if lpconvert.plan(tiny.build(), K, kind).targets]
     if not found:
-        pytest.fail(f"no tiny model in tests/test_kinds.py has a target of kind {kind!r}: add one to TINY_MODELS")
+        pytest.fail(f"no tiny model has a target of kind {kind!r}: give {KINDS[kind].__name__} a static example() "
+                    "returning a tiny image model with one, input (N, 3, 5, 5), output (N, 5)")
     return found
 
 
@@ -292,6 +298,14 @@ def _linear_kind(name: str, precedence: int) -> type[StackedLayer]:
     """A kind that claims every Linear layer."""
     return type(name, (StackedLayer,), {"kind": name, "precedence": precedence, "description": "every Linear",
                                         "module_types": (nn.Linear,)})
+
+
+def test_a_kind_is_swept_on_its_own_example_and_one_without_targets_is_named(registry):
+    assert [tiny.name for tiny in _models_with("prelu")] == ["prelu.example()"]  # in no model of this file
+    register_kind(type("test_nowhere", (StackedLayer,), {"kind": "test_nowhere", "description": "no module",
+                                                         "module_types": (nn.PReLU,), "precedence": -9}))
+    with pytest.raises(pytest.fail.Exception, match=r"give test_nowhere a static example\(\)"):
+        _models_with("test_nowhere")
 
 
 @pytest.mark.parametrize("first", ["high", "low"])

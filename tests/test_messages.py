@@ -69,6 +69,18 @@ def test_evaluate_takes_sklearn_digits_like_finetune(tmp_path, digits_run):
     assert "averaged (recalibrate)" in result.output and "100 images" in result.output
 
 
+def test_a_class_count_mismatch_names_each_commands_own_fix(tmp_path):
+    """evaluate has no --num-classes: it says what the model and the data have and what to do instead."""
+    data = _image_root(tmp_path / "three")
+    torch.save(timm.create_model("digits_cnn").state_dict(), tmp_path / "w.pth")
+    one_line_error(invoke("evaluate", "digits_cnn", "--weights", tmp_path / "w.pth", "--data", data, "--workers", "0"),
+                   "the data has 3 classes but the model has 10 outputs", "evaluate it on data of its 10 classes",
+                   "lpconvert finetune MODEL --num-classes 3", absent=("pass --num-classes",))
+    one_line_error(invoke("finetune", "digits_cnn", "--no-pretrained", "--data", data, "--workers", "0", "--quiet",
+                          "--output", tmp_path / "run"),
+                   "the data has 3 classes but the model has 10 outputs", "pass --num-classes 3 to train a new head")
+
+
 def test_collapse_recalibrate_names_no_flag_it_lacks(tmp_path, digits_run):
     """Recalibration reads no labels (no --num-classes advice) and uses the run's batch size (no --batch-size)."""
     data = _image_root(tmp_path / "small")

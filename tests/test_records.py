@@ -110,7 +110,10 @@ def test_card_config_and_provenance_match_the_run(tmp_path, name):
     dataset = info["metrics"]["dataset"]
     assert dataset["num_images"] == len(val)
     rows = {(row[0], row[1]): row[2:] for row in _table(body, "Evaluation")[1:]}  # [0]: the header
-    where = f"{dataset['name']}, {dataset['split']} split, {len(val):,} images"
+    held_out = bool(dataset.get("held_out"))  # validated on training images held out: no split of the dataset
+    assert held_out == (info["metrics"].get("test") is not None)
+    what = "training images held out (never trained on)" if held_out else f"{dataset['split']} split"
+    where = f"{dataset['name']}, {what}, {len(val):,} images"
     assert rows[("this model", where)] == [f"{final['top1']:.2f}", f"{final['top5']:.2f}", f"{final['nll']:.4f}",
                                           f"{final['ece']:.4f}"]
     assert ("base checkpoint", where) in rows
@@ -118,11 +121,15 @@ def test_card_config_and_provenance_match_the_run(tmp_path, name):
     if test is not None:  # the test split, evaluated once at the end
         test_set = f"{dataset['name']}, test split, {info['metrics']['test_dataset']['num_images']:,} images"
         assert rows[("this model", test_set)][0] == f"{test['top1']:.2f}"
+        start = info["metrics"]["base_test"]  # the start measured on the test set too: the verdict's second line
+        assert rows[("base checkpoint", test_set)][0] == f"{start['top1']:.2f}"
+        assert f"{start['top1']:.2f} % → {test['top1']:.2f} %" in body.split("\n## ", 1)[0]
     evaluation = body.split("## Evaluation\n", 1)[1].split("\n## ", 1)[0]
     assert not re.search(r"\d\.\d{5,}", evaluation)  # never 96.48241206030151
-    results = meta["model-index"][0]["results"]
-    assert results[0]["dataset"]["split"] == dataset["split"]
-    assert [m["value"] for m in results[0]["metrics"]] == [round(final["top1"], 2), round(final["top5"], 2)]
+    results = meta["model-index"][0]["results"]  # the data's splits only: held-out training images are none
+    assert [r["dataset"]["split"] for r in results] == (["test"] if held_out else [dataset["split"]])
+    published = test if held_out else final
+    assert [m["value"] for m in results[0]["metrics"]] == [round(published["top1"], 2), round(published["top5"], 2)]
 
     if config.img_size is not None:  # the input size the run used is the one config.json's pretrained_cfg states
         assert timm_config["pretrained_cfg"]["input_size"] == [3, config.img_size, config.img_size]

@@ -31,3 +31,19 @@ def test_a_finished_run_whose_checkpoints_were_deleted_is_not_silently_restarted
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [0, 1] and report["epoch"] in (0, 1)
     assert (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+
+
+def test_collapse_and_evaluate_reopen_what_the_run_exported(tmp_path):
+    """A `--select last` run that validated on held-out digits has a best.pt too; collapsing it without --checkpoint
+    gives the epoch the run exported, not the best one."""
+    from click.testing import CliRunner
+
+    from lpconvert.cli import main
+
+    report = run(_config(tmp_path, epochs=3, lr=1.0, select="last", val_split=0.1))
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file() and report["epoch"] == 3
+    result = CliRunner().invoke(main, ["collapse", str(tmp_path / "run"), "--out", str(tmp_path / "again")])
+    assert result.exit_code == 0, result.output
+    provenance = json.loads((tmp_path / "again" / "lpconvert.json").read_text())
+    exported = json.loads((tmp_path / "run" / "model" / "lpconvert.json").read_text())
+    assert provenance["epoch"] == exported["epoch"] == 3

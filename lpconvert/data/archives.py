@@ -2,7 +2,7 @@
 
 An uncompressed ``.tar`` is read in place (:class:`TarPath`: its headers indexed once, its files read by offset); a
 compressed archive is extracted safely, once, into the cache folder — ``LPCONVERT_CACHE``, else
-``~/.cache/lpconvert`` (``extracted/<hash>/``)::
+``$XDG_CACHE_HOME/lpconvert`` or ``~/.cache/lpconvert`` (``extracted/<hash>/``)::
 
     train_dir, val_dir = resolve_data_dirs(data="~/data/cifar10")      # train/ + val/, dirs or archives
 """
@@ -55,7 +55,8 @@ def resolve_data_dirs(
     An uncompressed ``.tar`` is read in place: a :class:`TarPath` into it is returned, nothing is written. Compressed
     archives (``.tar.gz``, ``.tgz``, ``.tar.bz2``, ``.tar.xz``) are extracted safely and atomically to
     ``<cache>/extracted/<hash of path, size and mtime>``, where ``<cache>`` is ``cache_dir``, else the environment
-    variable ``LPCONVERT_CACHE``, else ``~/.cache/lpconvert``. In both, a single top-level folder that holds only
+    variable ``LPCONVERT_CACHE``, else ``$XDG_CACHE_HOME/lpconvert`` or ``~/.cache/lpconvert`` (:func:`cache_root`).
+    In both, a single top-level folder that holds only
     folders (``train/<class>/...``) is stepped into.
 
     Example: ``resolve_data_dirs(data="cifar10")`` with ``cifar10/train.tar.gz`` and ``cifar10/test.tar.gz``.
@@ -245,18 +246,22 @@ class TarPath:
 # ------------------------------------------------------------------------------------ compressed tar, extracted
 
 
-def _cache_root(cache_dir: str | os.PathLike | None) -> Path:
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """lpconvert's cache folder: `cache_dir`, else ``LPCONVERT_CACHE``, else ``$XDG_CACHE_HOME/lpconvert``, else
+    ``~/.cache/lpconvert``."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser().absolute()
     if os.environ.get("LPCONVERT_CACHE"):
         return Path(os.environ["LPCONVERT_CACHE"]).expanduser().absolute()
+    if os.environ.get("XDG_CACHE_HOME"):
+        return Path(os.environ["XDG_CACHE_HOME"]).expanduser().absolute() / "lpconvert"
     return Path.home() / ".cache" / "lpconvert"
 
 
 def _extract_cached(archive: Path, cache_dir: str | os.PathLike | None) -> Path:
     stat = archive.stat()
     key = hashlib.sha256(f"{archive.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
-    parent = _cache_root(cache_dir) / "extracted"
+    parent = cache_root(cache_dir) / "extracted"
     target = parent / key
     prefix = f".{key}-{socket.gethostname()}-"  # + pid: an extraction in progress is ".<key>-<host>-<pid>-XXXX"
     _remove_abandoned(parent, prefix)

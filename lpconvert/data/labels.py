@@ -15,7 +15,27 @@ from timm.data import ImageNetInfo, infer_imagenet_subset
 
 from lpconvert.errors import LatePhaseError
 
-__all__ = ["class_to_index"]
+__all__ = ["ClassCountError", "class_to_index"]
+
+
+class ClassCountError(LatePhaseError):
+    """The data has a different number of classes than the model has outputs. The message suits any caller;
+    :meth:`for_command` gives the fix of one ``lpconvert`` command (finetune can train a new head, evaluate cannot)."""
+
+    def __init__(self, data_classes: int, model_classes: int, subject: str = "the data has") -> None:
+        self.data_classes, self.model_classes = data_classes, model_classes
+        self.mismatch = f"{subject} {data_classes} classes but the model has {model_classes} outputs"
+        super().__init__(f"{self.mismatch}; train a new head for them (lpconvert finetune --num-classes "
+                         f"{data_classes}), or use data of the model's {model_classes} classes")
+
+    def for_command(self, command: str | None) -> str:
+        """The message for ``lpconvert COMMAND``: the fix that command has."""
+        if command in ("finetune", "compare"):
+            return f"{self.mismatch}; pass --num-classes {self.data_classes} to train a new head"
+        if command == "evaluate":
+            return (f"{self.mismatch}; evaluate it on data of its {self.model_classes} classes, or first train a "
+                    f"head for these: lpconvert finetune MODEL --num-classes {self.data_classes} --data …")
+        return str(self)
 
 
 def class_to_index(
@@ -53,10 +73,7 @@ def class_to_index(
     elif class_map != "folder":
         return _class_map_file(Path(class_map), classes, num_classes)
     if num_classes is not None and len(classes) != num_classes:
-        raise LatePhaseError(
-            f"the data has {len(classes)} classes but the model head has {num_classes}; "
-            f"pass --num-classes {len(classes)} to train a new head"
-        )
+        raise ClassCountError(len(classes), num_classes)
     return {name: i for i, name in enumerate(classes)}
 
 
@@ -77,8 +94,5 @@ def _class_map_file(path: Path, classes: Sequence[str], num_classes: int | None)
     if missing:
         raise LatePhaseError(f"class {missing[0]!r} is not listed in the class map {path}; add it")
     if num_classes is not None and max((index[name] for name in classes), default=-1) >= num_classes:
-        raise LatePhaseError(
-            f"the class map {path} lists {len(names)} classes but the model head has {num_classes}; "
-            f"pass --num-classes {len(names)} to train a new head"
-        )
+        raise ClassCountError(len(names), num_classes, f"the class map {path} lists")
     return {name: index[name] for name in classes}

@@ -135,6 +135,13 @@ class LatePhaseLayer(nn.Module):
         self.__dict__["selection"] = selection  # shared by every layer of the model, not a submodule
 
     # -- the kind ---------------------------------------------------------------------------------------------------
+    @staticmethod
+    def example() -> nn.Module | None:
+        """A tiny image model that holds targets of this kind — input (N, 3, 5, 5), output (N, 5) logits — on which
+        tests/test_kinds.py sweeps the kind beside its own tiny models, so that a kind is added in one file. None:
+        the sweep's models hold its targets already."""
+        return None
+
     @classmethod
     def option_values(cls, given: Mapping[str, Any]) -> dict[str, Any]:
         """Every option of this kind: the declared defaults, overridden by `given` (values already checked)."""
@@ -188,6 +195,29 @@ class LatePhaseLayer(nn.Module):
 
     def perturb(self, sigma0: float, generator: torch.Generator | None = None) -> None:
         raise NotImplementedError
+
+    def member_state_names(self) -> list[str]:
+        """The names of this layer's own tensors that hold one row per member (leading dimension K): by default its
+        :meth:`late_phase_parameters`; a kind with per-member buffers too (BatchNorm's statistics) names them."""
+        members = {id(p) for p in self.late_phase_parameters()}
+        return [name for name, p in self._parameters.items() if p is not None and id(p) in members]
+
+    @torch.no_grad()
+    def keep_members(self, members: Sequence[int]) -> None:
+        """Reduce this layer, in place, to the rows `members` (in that order) of every member tensor: a layer of
+        ``len(members)`` members, whose :meth:`collapse` is Eq. 1 over those members only. The caller updates the
+        model's shared :class:`MemberSelection` and configuration (:func:`lpconvert.soup.keep_members`)."""
+        members = [int(k) for k in members]
+        if not members or any(not 0 <= k < self.num_members for k in members):
+            raise LatePhaseError(f"member indices must lie in [0, {self.num_members - 1}], got {members}")
+        for name in self.member_state_names():
+            stacked = getattr(self, name)
+            rows = stacked.index_select(0, torch.tensor(members, device=stacked.device)).clone()
+            if name in self._parameters:
+                self._parameters[name] = nn.Parameter(rows, requires_grad=stacked.requires_grad)
+            else:
+                self._buffers[name] = rows
+        self.num_members = len(members)
 
     def collapse(self, **options) -> nn.Module:
         """Eq. 1: the original module with the members averaged."""
@@ -281,6 +311,10 @@ class StackedLayer(LatePhaseLayer):
             stacked = getattr(self, name)
             noise = torch.randn(stacked.shape, generator=generator, dtype=torch.float32)
             stacked.add_((scale * noise).to(stacked))
+
+    def member_state_names(self) -> list[str]:
+        """Every member tensor: the stacked parameters and buffers (running statistics included)."""
+        return self.param_names + self.buffer_names
 
     def member_tensors(self, k: int) -> dict[str, torch.Tensor]:
         """Member k's tensors under the original names (views of row k)."""
