@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lpconvert.data.selection import split_indices
 from lpconvert.errors import LatePhaseError
 from lpconvert.metrics import brier, ece, nll, topk_accuracy
 
@@ -71,18 +72,8 @@ def apply_temperature(log_probs: Tensor, temperature: float) -> Tensor:
 
 def calibration_split(labels: Sequence[int] | Tensor, fraction: float, seed: int = 0) -> tuple[list[int], list[int]]:
     """(fit indices, report indices): ``round(fraction · N)`` of the N examples, stratified by label and drawn with
-    `seed` (:func:`lpconvert.data.stratified_indices`), fit the temperature; the others report. The same labels in
-    the same order give the same split for every model."""
-    from lpconvert.data import stratified_indices
-
-    targets = [int(t) for t in labels]
-    size = round(fraction * len(targets))
-    if not 0 < fraction < 1 or not 1 <= size < len(targets):
-        raise LatePhaseError(f"--calibration-split {fraction:g} of {len(targets)} evaluation images fits on {size}; "
-                             "choose a fraction in (0, 1) that leaves images on both sides, e.g. 0.5")
-    fit = stratified_indices(targets, size, seed)
-    chosen = set(fit)
-    return fit, [i for i in range(len(targets)) if i not in chosen]
+    `seed` (:func:`lpconvert.data.selection.split_indices`), fit the temperature; the others report."""
+    return split_indices([int(t) for t in labels], fraction, seed, flag="--calibration-split")
 
 
 def calibrate(fit_log_probs: Tensor, fit_labels: Tensor, log_probs: Tensor, labels: Tensor) -> dict[str, float]:

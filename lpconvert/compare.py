@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import os
 import re
+import shlex
 import shutil
 import time
 from dataclasses import dataclass
@@ -199,6 +200,31 @@ def _differences(saved: dict[str, Any], wanted: dict[str, Any]) -> list[str]:
     differing += [f"--{k.replace('_', '-')}" if k != "arms" else "--arm" for k in wanted
                   if k not in ("base", "seeds") and saved.get(k) != wanted[k]]
     return differing
+
+
+def command_line(comparison: Comparison) -> str:
+    """The `lpconvert compare` command that plans `comparison`: base settings that differ from the defaults as flags,
+    every arm as ``--arm 'NAME: SETTING=VALUE …'`` (``plain`` alone for K = 1), the seeds, the selection split, the OOD
+    sets and the folder — how an experiment script says what it runs."""
+    defaults, base = FinetuneConfig().to_dict(), comparison.base.to_dict()
+    words = ["lpconvert", "compare", base.pop("model")]
+    for key, value in base.items():
+        if value == defaults[key] or key == "val_split":
+            continue
+        if isinstance(value, bool):
+            words.append(flag(key) if value else f"--no-{flag(key)[2:]}")
+        else:
+            words += [flag(key), ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)]
+    for arm in comparison.arms:
+        settings = " ".join(f"{flag(k).lstrip('-')}={','.join(v) if isinstance(v, tuple) else v}"
+                            for k, v in arm.settings.items())
+        words += ["--arm", f"{arm.name}: {settings}" if arm.settings != {"K": 1} or arm.name != "plain" else "plain"]
+    words += ["--seeds", ",".join(map(str, comparison.seeds))]
+    if comparison.selection_split:
+        words += ["--selection-split", str(comparison.selection_split)]
+    for path in comparison.ood:
+        words += ["--ood", path]
+    return " ".join(map(shlex.quote, [*words, "--output", str(comparison.folder)]))
 
 
 def _jsonable(value: Any) -> Any:

@@ -22,11 +22,10 @@ late-phase arms' members' ensemble and greedy soup, every arm interpolated with 
 from __future__ import annotations
 
 import argparse
-import shlex
 from pathlib import Path
 
-from lpconvert.compare import Arm, Comparison, plan_comparison, run_comparison, train_arm
-from lpconvert.config import FinetuneConfig, flag
+from lpconvert.compare import Arm, Comparison, command_line, plan_comparison, run_comparison, train_arm
+from lpconvert.config import FinetuneConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 #: the probe's candidates for SWA from the start (K = 1, seed 0): learning rate, minibatches between samples, epochs
@@ -75,30 +74,11 @@ def comparison(args: argparse.Namespace) -> Comparison:
                            ood=[args.ood] if args.ood else [], selection_split=0.5)
 
 
-def command(planned: Comparison) -> str:
-    """The `lpconvert compare` command line of `planned` (base settings that differ from the defaults as flags)."""
-    defaults, base = FinetuneConfig().to_dict(), planned.base.to_dict()
-    words = ["lpconvert", "compare", base.pop("model")]
-    for key, value in base.items():
-        if value == defaults[key] or key == "val_split":
-            continue
-        if isinstance(value, bool):
-            words.append(flag(key) if value else f"--no-{flag(key)[2:]}")
-        else:
-            words += [flag(key), ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)]
-    for arm in planned.arms:
-        words += ["--arm", f"{arm.name}: " + " ".join(f"{flag(k).lstrip('-')}={v}" for k, v in arm.settings.items())]
-    words += ["--seeds", ",".join(map(str, planned.seeds)), "--selection-split", str(planned.selection_split)]
-    for path in planned.ood:
-        words += ["--ood", path]
-    return " ".join(map(shlex.quote, [*words, "--output", str(planned.folder)]))
-
-
 def main(argv: list[str] | None = None) -> dict | None:
     args = parse_args(argv)
     planned = comparison(args)
     if args.plan:
-        print(command(planned))
+        print(command_line(planned))
         return None
     if args.train_only:
         for seed in planned.seeds:

@@ -21,11 +21,10 @@ W --data D --ood O``.
 from __future__ import annotations
 
 import argparse
-import shlex
 from pathlib import Path
 
-from lpconvert.compare import Arm, Comparison, plan_comparison, run_comparison
-from lpconvert.config import FinetuneConfig, flag
+from lpconvert.compare import Arm, Comparison, command_line, plan_comparison, run_comparison
+from lpconvert.config import FinetuneConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 #: arm → its settings over the base (γθ and K filled in per arm by :func:`arms`)
@@ -96,32 +95,11 @@ def comparisons(args: argparse.Namespace) -> list[Comparison]:
                             ood=[args.ood] if args.ood else []) for sched in args.schedules]
 
 
-def command(comparison: Comparison) -> str:
-    """The `lpconvert compare` command line of `comparison` (base settings that differ from the defaults as flags)."""
-    defaults, base = FinetuneConfig().to_dict(), comparison.base.to_dict()
-    words = ["lpconvert", "compare", base.pop("model")]
-    for key, value in base.items():
-        if value == defaults[key] or key == "val_split":
-            continue
-        if isinstance(value, bool):
-            words.append(flag(key) if value else f"--no-{flag(key)[2:]}")
-        else:
-            words += [flag(key), ",".join(map(str, value)) if isinstance(value, (tuple, list)) else str(value)]
-    for arm in comparison.arms:
-        settings = " ".join(f"{flag(k).lstrip('-')}={','.join(v) if isinstance(v, tuple) else v}"
-                            for k, v in arm.settings.items())
-        words += ["--arm", f"{arm.name}: {settings}" if arm.settings != {"K": 1} or arm.name != "plain" else "plain"]
-    words += ["--seeds", ",".join(map(str, comparison.seeds))]
-    for path in comparison.ood:
-        words += ["--ood", path]
-    return " ".join(map(shlex.quote, [*words, "--output", str(comparison.folder)]))
-
-
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     planned = comparisons(args)
     if args.plan:
-        print("\n".join(command(c) for c in planned))
+        print("\n".join(command_line(c) for c in planned))
         return []
     return [run_comparison(c) for c in planned]
 

@@ -86,6 +86,27 @@ def test_paired_difference_matches_a_hand_computation():
     assert d["p"] == pytest.approx(0.2254, abs=1e-4)
 
 
+def test_seeds_to_resolve_and_the_verdict_lines_from_known_numbers():
+    from lpconvert.compare_report import verdict_lines
+    from lpconvert.stats import seeds_to_resolve
+
+    # spread 0.2 of the paired differences: n seeds resolve 0.1 points once t_{0.975, n−1} · 0.2/√n ≤ 0.1
+    assert seeds_to_resolve(0.2, 0.1) == 18  # t_{0.975,17} = 2.110: 2.110 · 0.2/√18 = 0.0995; n = 17 gives 0.1028
+    assert seeds_to_resolve(0.0, 0.1) is None and seeds_to_resolve(0.2, 0.0) is None
+    start = {"per_seed": {"top1": [91.73] * 3}, "summary": {"top1": {"mean": 91.73}}}
+    late = {"versus_start": {"averaged": {"top1": {"mean": 0.06, "low": -0.11, "high": 0.22, "verdict":
+                                                   "no difference shown"}}}}
+    pair = {"a": "plain", "b": "late", "variant": "averaged", "metric": "top1", "mean": 0.0567, "low": -0.1087,
+            "high": 0.2221, "verdict": "no difference shown", "seeds_to_resolve": 12}
+    lines = verdict_lines({"seeds": [0, 1, 2], "start": start, "arms": {"late": late}, "pairs": [pair],
+                           "evaluated_on": "test split, last epoch"})
+    assert lines == ["Your checkpoint (the start): top-1 91.73 on the test split.",
+                     "late, averaged: +0.06 [-0.11, +0.22] points against the start over 3 seeds.",
+                     "No arm beat your checkpoint by more than the seed noise.",
+                     "late − plain (averaged): +0.06 [-0.11, +0.22] points: no difference shown; about 12 seeds would "
+                     "resolve 0.1 points."]
+
+
 def test_compare_on_the_command_line(tmp_path):
     from click.testing import CliRunner
 

@@ -132,3 +132,22 @@ def test_a_recipe_shortened_with_epochs_stretches_its_schedule(tmp_path, caplog)
     config = build_config(None, str(points), _flags(epochs=4))
     assert (config.t0, config.swa_start, config.milestones) == (1, 3, (2, 3))
     assert build_config(None, str(points), _flags()).t0 == 50  # without --epochs the recipe runs as written
+
+
+def test_a_recipe_runs_shortened_to_three_epochs(tmp_path, cifar10_root, cifar_resnet_weights, lpconvert_cache,
+                                                 monkeypatch):
+    """`lpconvert finetune --recipe zoo/cifar10_pretrained_resnet20.yaml --epochs 3` just works (on a CIFAR subset):
+    the schedule is stretched, and the recipe does not trigger lpconvert's own warnings."""
+    from click.testing import CliRunner
+
+    from lpconvert.cli import main
+
+    monkeypatch.setenv("LPCONVERT_CACHE", str(lpconvert_cache))
+    result = CliRunner().invoke(main, [
+        "finetune", "--recipe", "zoo/cifar10_pretrained_resnet20.yaml", "--weights", str(cifar_resnet_weights[20]),
+        "--data", str(cifar10_root), "--epochs", "3", "--train-subset", "200", "--val-subset", "100", "--K", "2",
+        "--batch-size", "32", "--workers", "0", "--quiet", "--select", "last", "--output", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    assert "--epochs 3 stretches the recipe's 20-epoch schedule: --anneal-end 10 → 1.5" in result.output
+    assert "effective learning rate" not in result.output and "warning" not in result.output.lower()
+    assert "verdict: test set top-1 " in result.output and "points against your checkpoint" in result.output

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from test_distributed import WORLD, _rank_pid
 from test_finetune import _free_port
 
@@ -43,6 +45,7 @@ CIFAR = ["cifar_lenet5_bn", "--no-pretrained", "--data", str(SHARED_CIFAR), "--t
          "100", "--K", "2", "--batch-size", "20", "--epochs", "1"]
 
 
+@pytest.mark.slow  # extracts the CIFAR-10 training archive: run with -m slow
 def test_a_signal_during_data_preparation_stops_every_rank_with_one_line_and_nothing_written(tmp_path):
     process, logs, marker = _start(tmp_path, "run", *CIFAR)
     cache = tmp_path / "cache-run"
@@ -75,6 +78,7 @@ def test_a_stuck_rank_turns_a_stop_into_a_named_timeout_not_an_internal_error(tm
     assert "exitcode  : 2" in errors and "internal error" not in rank0 and "Traceback" not in rank0
 
 
+@pytest.mark.slow  # extracts the CIFAR-10 training archive: run with -m slow
 def test_a_timeout_during_data_preparation_says_which_rank_waited_for_what(tmp_path):
     process, logs, _ = _start(tmp_path, "run", *CIFAR, "--dist-timeout", "0.02")
     _, errors = process.communicate(timeout=300)

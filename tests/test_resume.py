@@ -46,4 +46,4 @@ def test_collapse_and_evaluate_reopen_what_the_run_exported(tmp_path):
     assert result.exit_code == 0, result.output
     provenance = json.loads((tmp_path / "again" / "lpconvert.json").read_text())
     exported = json.loads((tmp_path / "run" / "model" / "lpconvert.json").read_text())
-    assert provenance["epoch"] == exported["epoch"] == 3
+    assert provenance["averaging"]["epoch"] == exported["averaging"]["epoch"] == 3

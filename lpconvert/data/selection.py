@@ -18,7 +18,7 @@ from lpconvert.data.datasets import stratified_indices
 from lpconvert.data.memory import MemoryImages
 from lpconvert.errors import LatePhaseError
 
-__all__ = ["selection_split"]
+__all__ = ["selection_split", "split_indices"]
 
 
 def _targets(dataset: Dataset) -> list[int]:
@@ -43,14 +43,22 @@ def _part(dataset: Dataset, indices: Sequence[int]) -> Dataset:
     return part
 
 
-def selection_split(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """(selection, report): ``round(fraction · N)`` of the N images of `dataset`, stratified by label and drawn with
-    `seed` (:func:`~lpconvert.data.datasets.stratified_indices`), and the rest; disjoint, each in file order."""
-    targets = _targets(dataset)
+def split_indices(labels: Sequence[int], fraction: float, seed: int = 0, *,
+                  flag: str = "--selection-split") -> tuple[list[int], list[int]]:
+    """(chosen, rest): ``round(fraction · N)`` of N labelled examples, stratified by label and drawn with `seed`
+    (:func:`~lpconvert.data.datasets.stratified_indices`), and the others; disjoint, each in order. The same labels in
+    the same order give the same split for every model. `flag` names the setting in the one-line error."""
+    targets = [int(t) for t in labels]
     size = round(fraction * len(targets))
     if not 0 < fraction < 1 or not 1 <= size < len(targets):
-        raise LatePhaseError(f"--selection-split {fraction:g} of {len(targets)} evaluation images selects on {size}; "
-                             "choose a fraction in (0, 1) that leaves images on both sides, e.g. 0.5")
+        raise LatePhaseError(f"{flag} {fraction:g} of {len(targets)} evaluation images takes {size}; choose a "
+                             "fraction in (0, 1) that leaves images on both sides, e.g. 0.5")
     chosen = stratified_indices(targets, size, seed)
     taken = set(chosen)
-    return _part(dataset, chosen), _part(dataset, [i for i in range(len(targets)) if i not in taken])
+    return chosen, [i for i in range(len(targets)) if i not in taken]
+
+
+def selection_split(dataset: Dataset, fraction: float, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(selection, report): the images of `dataset` that :func:`split_indices` chooses, and the rest."""
+    chosen, rest = split_indices(_targets(dataset), fraction, seed)
+    return _part(dataset, chosen), _part(dataset, rest)
