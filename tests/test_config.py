@@ -134,6 +134,7 @@ def test_a_recipe_shortened_with_epochs_stretches_its_schedule(tmp_path, caplog)
     assert build_config(None, str(points), _flags()).t0 == 50  # without --epochs the recipe runs as written
 
 
+@pytest.mark.slow  # a 3-epoch ResNet-20 run on CIFAR-10: run with -m slow
 def test_a_recipe_runs_shortened_to_three_epochs(tmp_path, cifar10_root, cifar_resnet_weights, lpconvert_cache,
                                                  monkeypatch):
     """`lpconvert finetune --recipe zoo/cifar10_pretrained_resnet20.yaml --epochs 3` just works (on a CIFAR subset):

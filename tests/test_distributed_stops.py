@@ -59,6 +59,7 @@ def test_a_signal_during_data_preparation_stops_every_rank_with_one_line_and_not
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow  # a 15 s collective timeout under torchrun: run with -m slow
 def test_a_stuck_rank_turns_a_stop_into_a_named_timeout_not_an_internal_error(tmp_path):
     process, logs, marker = _start(tmp_path, "run", "digits_cnn", "--no-pretrained", "--data", "sklearn-digits",
                                    "--K", "2", "--batch-size", "40", "--epochs", "50", "--checkpoint-every", "2",

@@ -166,6 +166,7 @@ def test_evaluate_recalibrates_on_the_runs_own_training_images(tmp_path):
     assert rows[0]["top1"] == report["test_top1"]
 
 
+@pytest.mark.slow  # two runs of the shared ResNet-20 on CIFAR-10: run with -m slow
 def test_a_hold_out_the_start_has_memorised_is_named_before_training(tmp_path, cifar10_root, cifar_resnet_weights,
                                                                        lpconvert_cache, monkeypatch, caplog):
     """The shared ResNet-20 was trained on every CIFAR-10 training image: on 40 of them held out it scores 100 %, so
