@@ -15,7 +15,7 @@ from .engine import LatePhaseEngine, iterate_members
 from .errors import LatePhaseError
 from .late_phase import enter_late_phase
 from .late_phase_config import LatePhaseConfig, late_phase_config
-from .late_phase_model import load_late_phase
+from .saved_run import load_late_phase
 from .layers import KINDS
 from .loading import load_model
 from .members import late_phase_layers, num_members, select_members

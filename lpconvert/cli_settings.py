@@ -5,8 +5,8 @@ flags."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
+import os
 import typing
 from collections.abc import Callable
 from pathlib import Path
@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 
 import click
 
-from .config import SAME_QUANTITY, FinetuneConfig, field_types, flag, read_recipe, scale_schedule
+from .config import LEGACY_SETTINGS, SAME_QUANTITY, FinetuneConfig, field_types, flag, read_recipe, scale_schedule
 from .errors import LatePhaseError
+from .files import read_json_object
 
 
 def names(text: str | None) -> tuple[str, ...]:
@@ -90,8 +91,9 @@ def build_config(model: str | None, recipe: str | None, flags: dict[str, Any]) -
     """Defaults ← recipe file (or, for a bare --resume, the run's own settings) ← flags given on the command line."""
     values: dict[str, Any] = read_recipe(recipe) if recipe else {}
     saved = Path(flags["resume"]) / "config.json" if flags.get("resume") else None
-    if model is None and recipe is None and saved is not None and saved.is_file():
-        values = {k: v for k, v in json.loads(saved.read_text()).items() if k not in ("resume", "force")}
+    ran = read_json_object(saved) if saved is not None and saved.is_file() else None
+    if model is None and recipe is None and ran is not None:
+        values = {k: v for k, v in ran.items() if k not in ("resume", "force")}
     if model is not None:
         values["model"] = model
     if "model" not in values:
@@ -108,8 +110,15 @@ def build_config(model: str | None, recipe: str | None, flags: dict[str, Any]) -
             if name in given:
                 values.update({other: FinetuneConfig.__dataclass_fields__[other].default for other in pair
                                if other != name and other not in given})
+    if ran is not None:  # a run saved before a setting existed continues as that version behaved, unless it is given
+        values.update({k: v for k, v in LEGACY_SETTINGS.items() if k not in ran and k not in given})
     values.update(given)
-    return FinetuneConfig.from_dict(values)
+    config = FinetuneConfig.from_dict(values)
+    late = [m for m in config.milestones if m >= config.epochs]
+    if "milestones" in given and config.schedule == "multistep" and late and os.environ.get("RANK", "0") == "0":
+        logging.getLogger("lpconvert").warning("--milestones %s: those at or after --epochs %d never take effect",
+                                               ",".join(map(str, late)), config.epochs)
+    return config
 
 
 MODEL_OPTION = click.option("--model", "model_option", metavar="MODEL", help="MODEL given as a flag (timm's spelling).")

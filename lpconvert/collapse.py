@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Callable, Iterable
+import itertools
+import math
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +33,38 @@ def _default_input(batch: Any) -> torch.Tensor:
     )
 
 
+def first_layer(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The layer a model's input enters, where it can be found: timm's ``pretrained_cfg["first_conv"]``, else the
+    first convolution the model holds, else (a model without one) its first linear layer; None without either."""
+    layers = dict(model.named_modules())
+    stated = (getattr(model, "pretrained_cfg", None) or {}).get("first_conv")
+    for kind in (nn.modules.conv._ConvNd, nn.Linear):
+        for name in ([stated] if isinstance(stated, str) else list(stated or ())):
+            if isinstance(layers.get(name), kind):
+                return name, layers[name]
+    for kind in (nn.modules.conv._ConvNd, nn.Linear):
+        found = next(((name, layer) for name, layer in layers.items() if isinstance(layer, kind)), None)
+        if found is not None:
+            return found
+    return None
+
+
+def input_mismatch(model: nn.Module, shape: Sequence[int]) -> str | None:
+    """Why one input of `shape` (C, H, W) cannot enter `model`, or None: its first layer (:func:`first_layer`) takes
+    another number of channels (a convolution) or of features (a linear layer, of the flattened input)."""
+    found = first_layer(model)
+    if found is None:
+        return None
+    name, layer = found
+    if isinstance(layer, nn.Linear):
+        wanted, given, what = layer.in_features, math.prod(shape), "input features"
+    else:
+        wanted, given, what = layer.in_channels, shape[0], "channels"
+    if wanted in (0, given):  # 0: a lazy layer, which takes what comes
+        return None
+    return f"its first layer {name} takes {wanted} {what}, not {given}"
+
+
 @torch.no_grad()
 def recalibrate_batch_norm(
     model: nn.Module,
@@ -51,6 +85,11 @@ def recalibrate_batch_norm(
     if not norms:
         return model
     input_fn = input_fn or _default_input
+    batches = iter(data)
+    first = next(batches, None)
+    if first is not None:  # images that cannot enter the model: one line, before any statistic is touched
+        _check_recalibration_input(model, input_fn(first))
+        batches = itertools.chain([first], batches)
     device = next(model.parameters()).device
     was_training = {m: m.training for m in model.modules()}
     momenta = {m: m.momentum for m in norms}
@@ -61,7 +100,7 @@ def recalibrate_batch_norm(
         m.train()
     seen = 0
     try:
-        for batch in data:
+        for batch in batches:
             if num_batches is not None and seen >= num_batches:
                 break
             x = input_fn(batch)
@@ -75,6 +114,17 @@ def recalibrate_batch_norm(
     if seen == 0:
         raise LatePhaseError("bn_stats='recalibrate' got no batches from the data; pass a non-empty loader")
     return model
+
+
+def _check_recalibration_input(model: nn.Module, x: Any) -> None:
+    """Refuse a batch of images (N, C, H, W) that the model's first layer does not take (:func:`input_mismatch`)."""
+    if not isinstance(x, torch.Tensor) or x.dim() != 4:
+        return
+    problem = input_mismatch(model, tuple(x.shape[1:]))
+    if problem is not None:
+        raise LatePhaseError(f"BatchNorm recalibration: the data gives {'×'.join(map(str, x.shape[1:]))} images, which "
+                             f"do not fit the model ({problem}); recalibrate on images like its training images "
+                             "(--data: the run's training data), or use --bn-stats fold")
 
 
 def collapse(

@@ -26,8 +26,6 @@ from functools import partial
 from pathlib import Path
 from typing import Any, Sequence
 
-from torch.optim.swa_utils import AveragedModel
-
 from .calibration import calibrate
 from .collapse import ensemble_predict
 from .config import LEGACY_SETTINGS, FinetuneConfig, field_types, flag
@@ -36,15 +34,14 @@ from .data.selection import selection_split
 from .errors import LatePhaseError
 from .evaluate_sets import eval_set, ood_names
 from .evaluation import evaluate_model
-from .export import run_start
 from .files import atomic_write_json, read_json_object
 from .finetune import RunInterrupted, run
-from .late_phase_model import load_late_phase
 from .loading import load_model
 from .ownership import check_not_protected
 from .run_dir import RunLock
 from .run_state import RunCheckpoint
 from .runtime import resolve_device
+from .saved_run import load_run, run_start
 from .soup import choose_alpha, greedy_soup
 
 MARKER = ".lpconvert-compare"
@@ -333,7 +330,7 @@ def _check_saved_settings(path: Path, config: FinetuneConfig, arm: str) -> None:
     """An arm's run folder holds this arm's run: its config.json has the arm's settings (display settings aside)."""
     if not (path / "config.json").is_file():
         return
-    saved = FinetuneConfig.from_saved({**read_json_object(path / "config.json"), "resume": None, "force": False})
+    saved = FinetuneConfig.from_saved(read_json_object(path / "config.json"))
     differing = [flag(k) for k, v in _jsonable(config.to_dict()).items()
                  if k not in DISPLAY_SETTINGS + ("resume", "force") and _jsonable(saved.to_dict())[k] != v]
     if differing:
@@ -400,7 +397,7 @@ def _evaluation(config: FinetuneConfig, model: Any, data: Any, ood: Sequence[str
         record["selection"] = {"fraction": fraction, "selection_images": len(selection_set),
                                "report_images": len(val), "seed": config.subset_seed}
     ood_loaders = {name: eval_set(model, path, subset=None, batch_size=config.batch_size, workers=config.workers,
-                                  num_classes=None) for name, path in ood_names(ood).items()}
+                                  num_classes=None, settings=config.data_settings) for name, path in ood_names(ood).items()}
     return _Evaluation(eval_loader(val, config.batch_size, workers=config.workers), selection, ood_loaders,
                        resolve_device(config.device), record)
 
@@ -408,7 +405,7 @@ def _evaluation(config: FinetuneConfig, model: Any, data: Any, ood: Sequence[str
 def evaluate_start(config: FinetuneConfig, ood: Sequence[str] = (), selection_fraction: float = 0.0) -> dict[str, Any]:
     """The starting checkpoint, evaluated as every arm is (on the report part when there is a selection split)."""
     start = run_start(config).eval()
-    sets = _evaluation(config, start, build_data(config, start), ood, selection_fraction)
+    sets = _evaluation(config, start, build_data(config.data_settings, start), ood, selection_fraction)
     return {**sets.record, "averaged": sets.metrics(start)}
 
 
@@ -428,10 +425,10 @@ def evaluate_arm(run_dir: Path, ood: Sequence[str] = (), selection_fraction: flo
 
     OOD AUROC per set and their mean when `ood` is given. ``"split"`` says what the evaluation split is (``"test"``:
     the data's test set, or ``"validation"``)."""
-    late, checkpoint = load_late_phase(run_dir, "last")
-    config = FinetuneConfig.from_saved({**checkpoint.config, "resume": None, "force": False})
+    run = load_run(run_dir, "last")
+    late, checkpoint, config = run.members(), run.checkpoint, run.config
     averaged, _ = load_model(f"local-dir:{run_dir / 'model'}", pretrained=True)
-    data = build_data(config, averaged)
+    data = build_data(run.data, averaged)
     sets = _evaluation(config, averaged, data, ood, selection_fraction)
     results: dict[str, Any] = {**sets.record, "averaged": sets.metrics(averaged)}
     K = checkpoint.late_phase.K
@@ -443,14 +440,13 @@ def evaluate_arm(run_dir: Path, ood: Sequence[str] = (), selection_fraction: flo
     results["selection_top1"] = sets.score(averaged)  # what settings may be chosen by (never the report part)
     if K > 1:
         members, bn_stats, recalibration = late, config.bn_stats, None
-        if checkpoint.swa is not None:
-            swa = AveragedModel(late, use_buffers=False)
-            swa.load_state_dict(checkpoint.swa)
-            members, bn_stats = swa.module, "recalibrate"
+        swa = run.swa_members(late)
+        if swa is not None:
+            members, bn_stats = swa, "recalibrate"
             recalibration = recalibration_loader(data.train, config.batch_size, seed=config.seed)
         soup, record = greedy_soup(members, sets.score, bn_stats=bn_stats, data=recalibration,
                                    num_batches=config.recalibrate_batches)
         results["soup"], results["soup_record"] = sets.metrics(soup), record
-    interpolated, record = choose_alpha(run_start(config), averaged, sets.score)
+    interpolated, record = choose_alpha(run.start(), averaged, sets.score)
     results["interpolated"], results["interpolation_record"] = sets.metrics(interpolated), record
     return results

@@ -19,11 +19,16 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from torch import nn
 
+from .collapse import input_mismatch
 from .data import DIGITS, hub_name
+from .data.settings import DataSettings
 from .data.memory import IN_MEMORY_MODES, MEMORY_BUDGET
 from .errors import LatePhaseError
+from .optim_settings import OptimSettings
 from .layers import BN_STATS_MODES, check_kind_options, kinds_help, options_help
+from .layers.options import read_bool
 from .soup import SOUPS, parse_alpha
 from .surgery import DEFAULT_TARGETS, resolve_kinds
 
@@ -40,6 +45,8 @@ COMMAND_LINE_ONLY = ("force",)
 DEFAULT_BATCH_SIZE = 256
 #: Settings that give one quantity two ways: a command-line flag for one replaces a recipe's (or a saved run's) other.
 SAME_QUANTITY = (("batch_size", "batch_size_per_gpu"), ("img_size", "input_size"))
+#: The --dist-timeout minutes allowed: a second to a week (torch's collectives take a timedelta, which overflows).
+DIST_TIMEOUT_RANGE = (1 / 60, 7 * 24 * 60.0)
 #: Settings that are points (or spans) on the epoch axis: a recipe's scale with an --epochs given apart from it.
 SCHEDULE_POINTS = ("milestones", "anneal_start", "anneal_end", "warmup_epochs", "t0", "swa_start", "swa_anneal_epochs")
 
@@ -229,10 +236,16 @@ class FinetuneConfig:
         self._require("batch_size_per_gpu", self.batch_size_per_gpu is None or self.batch_size is None,
                       f"and --batch-size {self.batch_size} both set the batch; pass one (--batch-size is the global "
                       "batch, --batch-size-per-gpu the batch of each process)")
-        self._require("dist_timeout", 0 < self.dist_timeout < float("inf"), "must be a positive number of minutes")
+        self._require("dist_timeout", DIST_TIMEOUT_RANGE[0] <= self.dist_timeout <= DIST_TIMEOUT_RANGE[1],
+                      f"must lie between {DIST_TIMEOUT_RANGE[0]:.4g} (a second) and {DIST_TIMEOUT_RANGE[1]:g} (a week) "
+                      "minutes")
         self._require("smoothing", 0 <= self.smoothing < 1, "must lie in [0, 1)")
         self._require("input_size", not self.input_size or (len(self.input_size) == 3 and min(self.input_size) >= 1),
                       "must be three positive integers C H W")
+        if len(self.input_size) == 3:  # H W C, channels last, reads as many channels of images a few pixels wide
+            c, h, w = self.input_size
+            self._require("input_size", not w <= 4 < c, f"is C H W, channels first: {c} {h} {w} reads as {c} channels "
+                          f"of {h}×{w} images; for {w}-channel {c}×{h} images pass --input-size {w} {c} {h}")
         self._require("img_size", self.img_size is None or not self.input_size,
                       f"and --input-size {_shown(self.input_size)} both set the input size; pass one")
         self._require("img_size", self.img_size is None or self.img_size >= 1, "must be a positive integer")
@@ -284,7 +297,15 @@ class FinetuneConfig:
     def kind_options(self) -> dict[str, dict[str, Any]]:
         """``--late-phase-options hypernet.rank=4,rank1.input_weights=true`` as ``{kind: {option: value}}``, each value
         read by the kind's declared option (lpconvert/layers/options.py): unknown kinds and options, an option given
-        twice, a malformed boolean or number are refused."""
+        twice, a malformed boolean or number are refused. Read once (by :meth:`validate`), then kept with the text
+        it was read from."""
+        read, options = self.__dict__.get("_kind_options", ((), {}))
+        if read != self.late_phase_options or not read:
+            options = self._read_kind_options()
+            self.__dict__["_kind_options"] = (self.late_phase_options, options)
+        return {kind: dict(values) for kind, values in options.items()}
+
+    def _read_kind_options(self) -> dict[str, dict[str, Any]]:
         options: dict[str, dict[str, str]] = {}
         for item in self.late_phase_options:
             key, sep, text = item.partition("=")
@@ -296,6 +317,16 @@ class FinetuneConfig:
                 raise LatePhaseError(f"--late-phase-options gives {kind}.{name} twice; keep one")
             options.setdefault(kind, {})[name] = text.strip()
         return check_kind_options(options, source="--late-phase-options")
+
+    @property
+    def optim_settings(self) -> OptimSettings:
+        """The optimisation section of these settings (U_θ, U_φ, γθ, schedule, warm-up, SWA)."""
+        return OptimSettings.of(self)
+
+    @property
+    def data_settings(self) -> DataSettings:
+        """The data section of these settings: all that :func:`~lpconvert.data.build_data` reads."""
+        return DataSettings.of(self)
 
     def _require(self, name: str, ok: bool, problem: str) -> None:
         if not ok:
@@ -314,9 +345,20 @@ class FinetuneConfig:
 
     @classmethod
     def from_saved(cls, values: dict[str, Any]) -> FinetuneConfig:
-        """A saved run's settings: a setting the run was saved without has the value the version that saved it
-        behaved as (:data:`LEGACY_SETTINGS`), not today's default."""
-        return cls.from_dict({**LEGACY_SETTINGS, **values})
+        """A saved run's settings as it ran (not how it was resumed: no ``resume``, no ``force``): a setting the run
+        was saved without has the value the version that saved it behaved as (:data:`LEGACY_SETTINGS`), not today's
+        default."""
+        return cls.from_dict({**LEGACY_SETTINGS, **values, "resume": None, "force": False})
+
+
+def check_input_size(config: FinetuneConfig, model: nn.Module) -> None:
+    """Refuse an ``--input-size C H W`` whose channels (or, for a model that starts with a linear layer, whose C·H·W
+    values) the model's first layer does not take (:func:`~lpconvert.collapse.input_mismatch`), before anything is
+    written or recorded."""
+    problem = input_mismatch(model, config.input_size) if config.input_size else None
+    if problem is not None:
+        raise LatePhaseError(f"--input-size {' '.join(map(str, config.input_size))} does not fit {config.model} "
+                             f"({problem}); it is C H W, channels first")
 
 
 #: Settings that runs saved by earlier versions lack, with the value those versions behaved as.
@@ -369,11 +411,10 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         return tuple(_coerce(name, v.strip() if isinstance(v, str) else v, item) for v in items
                      if not (isinstance(v, str) and not v.strip()))
     if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-        raise LatePhaseError(f"{flag(name)} must be true or false, got {value!r}")
+        try:
+            return read_bool(value)
+        except ValueError:
+            raise LatePhaseError(f"{flag(name)} must be true or false (or yes/no, 1/0), got {value!r}") from None
     if hint is int:
         if isinstance(value, str) and value.strip().lstrip("-").isdigit():
             return int(value)

@@ -312,7 +312,7 @@ def generated_sets(dataset: Any, transform: Any, *, types: Sequence[str] | None 
 
 
 def directory_sets(root: str | Path, transform: Any, *, data_config: Mapping[str, Any], num_classes: int | None,
-                   class_map: str | None = None, types: Sequence[str] | None = None,
+                   class_map: str | Sequence[str] | None = None, types: Sequence[str] | None = None,
                    severities: Sequence[int] | None = None, subset: int | None = None) -> list[CorruptedSet]:
     """Published corrupted sets in `root`: CIFAR-10-C's arrays (``<corruption>.npy`` of shape (5·n, H, W, 3) uint8,
     severities 1–5 in order, and ``labels.npy``) or ImageNet-C's folders (``<corruption>/<severity>/<class>/<image>``,

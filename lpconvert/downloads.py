@@ -19,13 +19,13 @@ from lpconvert.hub_env import check_endpoint
 
 #: Seconds to wait when checking that a download host answers before handing the download to timm/torchvision.
 PROBE_TIMEOUT_S = 5.0
-_TRUE = {"1", "on", "yes", "true"}
 
 
 def offline() -> bool:
+    """Hugging Face's offline switch (``HF_HUB_OFFLINE``), as huggingface_hub reads it."""
     from huggingface_hub import constants
 
-    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in _TRUE
+    return constants.is_offline_mode()
 
 
 def hub_endpoint() -> str:

@@ -29,36 +29,24 @@ from torch.utils.data import DataLoader
 
 from .calibration import calibrate, calibration_split
 from .collapse import collapse, ensemble_predict
-from .config import FinetuneConfig
 from .corruptions import ArrayImages, CorruptedSet, corruption_summary, top1_by_set
-from .data import DIGITS, Source, build_data, recalibration_loader
+from .data import DIGITS
+from .data.settings import DataSettings
 from .distributed import announce_failure, failure_elsewhere, local_main_first
 from .errors import LatePhaseError
 from .evaluate_report import format_table, to_csv, to_json
 from .evaluate_sets import Extras, Sets, default_workers, eval_set, ood_names, splits
 from .evaluation import evaluate_model, flatness
-from .late_phase_model import load_late_phase
 from .layers import BN_STATS_MODES
 from .loading import load_model
 from .metrics import METRIC_NAMES
 from .run_dir import is_run
-from .run_state import RunCheckpoint
 from .runtime import Runtime, cpu_threads, resolve_device
+from .saved_run import load_run, reading
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["default_workers", "eval_set", "evaluate", "format_table", "ood_names", "to_csv", "to_json"]
-
-
-def _recalibration_set(model: nn.Module, checkpoint: RunCheckpoint, train: Source) -> DataLoader:
-    """The batches the run itself recalibrates on (:func:`lpconvert.data.recalibration_loader`): the training split
-    `train` built with the run's settings (labels, subset, augmentation, batch size, seed)."""
-    config = FinetuneConfig.from_saved({**checkpoint.config, "resume": None, "force": False, "workers": 0,
-                                       **({"data": DIGITS, "dataset": None} if train == DIGITS else {})})
-    sources = None if train == DIGITS else (train, train)
-    held_out = "test" in (checkpoint.data_fingerprint or {})  # the run validated on images held out of `train`
-    data = build_data(config, model, sources=sources, evaluation="test" if held_out else "validation")
-    return recalibration_loader(data.train, config.batch_size, seed=config.seed)
 
 
 def _check_options(batch_size: int, workers: int | None, subset: int | None, flatness_sigmas: Sequence[float],
@@ -175,29 +163,30 @@ def evaluate(
 
 def _variants(source: str, train: Any, runtime: Runtime, *, ensemble: bool, bn_stats: str | None, checkpoint: str,
               weights: str | None, data: str | None,
-              dataset: str | None) -> tuple[list[tuple[str, nn.Module | None, Any]], nn.Module, str | None]:
-    """(name, model, predict_fn) of every variant to evaluate, the model whose preprocessing they share, its class
-    map."""
+              dataset: str | None) -> tuple[list[tuple[str, nn.Module | None, Any]], nn.Module, DataSettings]:
+    """(name, model, predict_fn) of every variant to evaluate, the model whose preprocessing they share, and how it
+    reads images (a run: as it read them, :attr:`~lpconvert.saved_run.SavedRun.data`; a model folder: its classes
+    in its order, :func:`~lpconvert.saved_run.reading`)."""
     device_ = runtime.device
     rows: list[tuple[str, nn.Module | None, Any]] = []
     if not is_run(source):
         if ensemble or bn_stats:
             raise LatePhaseError("--ensemble and --bn-stats need a late-phase run (a `lpconvert finetune` output folder)")
         model, _ = load_model(source, weights=weights, pretrained=weights is None)
-        return [("model", model.to(device_), None)], model, None
-    late, run = load_late_phase(source, checkpoint)
-    late.to(device_)
-    modes = BN_STATS_MODES if bn_stats == "all" else (bn_stats or run.config.get("bn_stats", "fold"),)
+        return [("model", model.to(device_), None)], model, reading(source)
+    run = load_run(source, checkpoint)
+    late = run.members().to(device_)
+    modes = BN_STATS_MODES if bn_stats == "all" else (bn_stats or run.config.bn_stats,)
     if "recalibrate" in modes and train is None:
         raise LatePhaseError(f"--bn-stats recalibrate needs a training split, and {dataset or data} has none")
     for mode in modes:
         with local_main_first(runtime) if mode == "recalibrate" else nullcontext():
-            recal = _recalibration_set(late, run, train) if mode == "recalibrate" else None
-        averaged = collapse(late, bn_stats=mode, data=recal, num_batches=run.config.get("recalibrate_batches"))
+            recal = run.recalibration(late, dataset or data, train=None if train == DIGITS else train) if mode == "recalibrate" else None
+        averaged = collapse(late, bn_stats=mode, data=recal, num_batches=run.config.recalibrate_batches)
         rows.append((f"averaged ({mode})", averaged, None))
     if ensemble:
         rows.append((f"ensemble (K={run.late_phase.K}, not averaged)", None, partial(ensemble_predict, late)))
-    return rows, late, run.config.get("class_map")
+    return rows, late, run.data
 
 
 def _corruption_top1(model: nn.Module | None, predict: Any, sets: list[CorruptedSet], batch_size: int, workers: int,
@@ -233,10 +222,10 @@ def _reference(extras: Extras, sets: Sets, runtime: Runtime,
     model, _ = load_model(extras.reference, weights=extras.reference_weights,
                           pretrained=extras.reference_weights is None)
     model.to(runtime.device)
-    val = sets.loader(model, sets.val_split, subset, getattr(model, "num_classes", None))
+    val = sets.loader(model, sets.val_split, subset, getattr(model, "num_classes", None), own=False)
     metrics = evaluate_model(model, val, device=runtime.device, distributed=True,
                              progress="evaluating the reference" if runtime.is_main else None)
-    corrupted = sets.corrupted(model, val)
+    corrupted = sets.corrupted(model, val, own=False)
     top1 = _corruption_top1(model, None, corrupted, sets.batch_size, sets.workers, runtime, "reference")
     row = {"variant": f"reference ({extras.reference})", **{k: metrics[k] for k in (*METRIC_NAMES, "brier")},
            "count": metrics["count"], **corruption_summary(top1), "corruption/count": len(corrupted[0].dataset)}
@@ -249,10 +238,10 @@ def _evaluate(source: str, data: str | None, dataset: str | None, oods: dict[str
               flatness_draws: int) -> list[dict[str, Any]]:
     with local_main_first(runtime):
         train, val_split = splits(data, dataset)
-    variants, reference, class_map = _variants(source, train, runtime, ensemble=ensemble, bn_stats=bn_stats,
+    variants, reference, settings = _variants(source, train, runtime, ensemble=ensemble, bn_stats=bn_stats,
                                                checkpoint=checkpoint, weights=weights, data=data, dataset=dataset)
     sets = Sets(runtime, val_split, train, data, extras, subset=subset, batch_size=batch_size, workers=workers,
-                 class_map=class_map)
+                 settings=settings)
     val = sets.loader(reference, val_split, subset, getattr(reference, "num_classes", None))
     ood_loaders = {name: sets.loader(reference, path, subset) for name, path in oods.items()}
     corrupted = sets.corrupted(reference, val) if extras.corrupted else []

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import timm.data
 from torch import nn
 from torch.utils.data import DataLoader, Subset
 
@@ -25,10 +24,13 @@ from .data import (
     build_datasets,
     build_transform,
     digits_datasets,
-    hub_splits,
     resolve_data_dirs,
     stratified_indices,
 )
+from .data.archives import data_splits
+from .data.hfds import hub_sources
+from .data.settings import DataSettings
+from .data.transforms import data_config
 from .distributed import local_main_first
 from .errors import LatePhaseError
 from .runtime import Runtime
@@ -39,36 +41,41 @@ logger = logging.getLogger("lpconvert.evaluate")
 
 
 def splits(data: str | None, dataset: str | None) -> tuple[Source | None, Source]:
-    """The (training, validation) splits of ``--dataset hfds/NAME`` or of a data root (validation: the first of val,
-    validation, test) — both `data` itself when it is one ImageFolder tree (a folder or a tar archive)."""
+    """The (training, evaluation) splits of ``--dataset hfds/NAME`` or of a data root — the evaluation split being
+    the test set when the data has one (``test/`` or a ``test`` split, beside a validation split or alone), else the
+    first of val, validation — both `data` itself when it is one ImageFolder tree (a folder or a tar archive)."""
     if data == DIGITS:  # scikit-learn's digits, as `lpconvert finetune --data sklearn-digits` splits them
         return DIGITS, DIGITS
     if dataset is not None:
-        train, val = hub_splits(dataset)
+        train, val, test = hub_sources(dataset)
     else:
         try:
-            train, val = resolve_data_dirs(data=data)
+            found = data_splits(data=data)
         except LatePhaseError:  # not a root with train/ and val/: a single tree (or an archive of one)
             tree = resolve_data_dirs(val_dir=data)[1]
             return tree, tree
+        train, val, test = found.train, found.val, found.test
+    val = test or val
     if val is None:
         raise LatePhaseError(f"no val, validation or test split in {dataset or data}; pass data with one")
     return train, val
 
 
 def eval_set(model: nn.Module, data: str | Source, *, subset: int | None, batch_size: int, workers: int,
-             num_classes: int | None, class_map: str | None = None) -> DataLoader:
-    """Evaluation-transform loader (the model's timm data config) over a split, or over the validation split of the
-    data path `data`; labels by `class_map` (a run's ``--class-map``; default ``"auto"``)."""
+             num_classes: int | None, settings: DataSettings | None = None) -> DataLoader:
+    """Evaluation-transform loader over a split, or over the validation split of the data path `data`: the model's
+    timm data config with the input size and crop of `settings` (a run's, :attr:`~lpconvert.saved_run.SavedRun.data`;
+    default the model's own), labels by its class map (default ``"auto"``) — not matched to a head without
+    `num_classes` (an OOD set)."""
     if data == DIGITS:  # the test split that `lpconvert finetune --data sklearn-digits` validates on
         digits = digits_datasets()[1]
         if subset is not None:
             digits = Subset(digits, stratified_indices(digits.tensors[1].tolist(), subset, 0))
         return DataLoader(digits, batch_size=batch_size, shuffle=False, num_workers=workers)
-    config = timm.data.resolve_data_config(model=model)
+    settings = settings or DataSettings()
     source = splits(data, None)[1] if isinstance(data, str) else data
-    _, dataset = build_datasets(None, source, data_config=config, num_classes=num_classes,
-                                class_map=class_map or "auto", val_subset=subset)
+    _, dataset = build_datasets(None, source, data_config=data_config(model, settings), num_classes=num_classes,
+                                class_map=settings.labels if num_classes else "auto", val_subset=subset)
     return DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=workers)
 
 
@@ -183,19 +190,24 @@ class Sets:
     own) and, under torchrun, prepared by each node's local rank 0 first."""
 
     def __init__(self, runtime: Runtime, val_split: Any, train: Any, data: str | None, extras: Extras, *,
-                 subset: int | None, batch_size: int, workers: int, class_map: str | None) -> None:
+                 subset: int | None, batch_size: int, workers: int, settings: DataSettings) -> None:
         self.runtime, self.val_split, self.train, self.data, self.extras = runtime, val_split, train, data, extras
-        self.subset, self.batch_size, self.workers, self.class_map = subset, batch_size, workers, class_map
+        self.subset, self.batch_size, self.workers, self.settings = subset, batch_size, workers, settings
         self._corrupted: dict[str, list[CorruptedSet]] = {}
 
-    def loader(self, model: nn.Module, split: Any, subset: int | None, num_classes: int | None = None) -> DataLoader:
+    def loader(self, model: nn.Module, split: Any, subset: int | None, num_classes: int | None = None, *,
+               own: bool = True) -> DataLoader:
+        """`split` read for `model`: as the evaluated source reads images, or (not `own`: a reference model) at the
+        model's own input size and crop, with the source's labels."""
+        settings = self.settings if own else DataSettings(class_map=self.settings.class_map)
         with local_main_first(self.runtime):
             return eval_set(model, split, subset=subset, batch_size=self.batch_size, workers=self.workers,
-                            num_classes=num_classes, class_map=self.class_map if num_classes else None)
+                            num_classes=num_classes, settings=settings)
 
-    def corrupted(self, model: nn.Module, val: DataLoader) -> list[CorruptedSet]:
-        """The corrupted sets for `model`'s preprocessing (`val`: its clean evaluation loader)."""
-        config = timm.data.resolve_data_config(model=model)
+    def corrupted(self, model: nn.Module, val: DataLoader, *, own: bool = True) -> list[CorruptedSet]:
+        """The corrupted sets for `model`'s preprocessing (`val`: its clean evaluation loader; `own` as in
+        :meth:`loader`)."""
+        config = data_config(model, self.settings if own else DataSettings())
         key = json.dumps(config, sort_keys=True, default=str)
         if key not in self._corrupted:
             extras = self.extras
@@ -210,7 +222,7 @@ class Sets:
                 else:
                     sets = directory_sets(extras.corruption_dir, build_transform(config, train=False),
                                           data_config=config, num_classes=getattr(model, "num_classes", None),
-                                          class_map=self.class_map, types=extras.corruption_types,
+                                          class_map=self.settings.labels, types=extras.corruption_types,
                                           severities=extras.severities, subset=self.subset)
             self._corrupted[key] = sets
         return self._corrupted[key]

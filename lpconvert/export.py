@@ -17,19 +17,20 @@ from torch import nn
 
 from .collapse import collapse
 from .config import FinetuneConfig
-from .data import DIGITS, build_data, eval_loader, hub_dataset_id, hub_name, recalibration_loader
+from .data import DIGITS, build_data, eval_loader, hub_dataset_id, hub_name
 from .data.archives import ARCHIVE_SUFFIXES, VAL_SPLITS
+from .data.datasets import validated_on_held_out
 from .data.transforms import INPUT_KEYS, data_config
 from .errors import LatePhaseError
 from .late_phase_config import late_phase_config
-from .late_phase_model import load_late_phase
-from .loading import ModelSource, load_model
+from .loading import ModelSource
 from .metrics import METRIC_NAMES
 from .model_folder import save_pretrained
-from .optim import gamma_theta, has_late_phase, optimizer_settings
+from .optim import optimizer_settings
 from .ownership import check_apart, check_replaceable
 from .run_dir import checkpoint_file, output_lock
-from .run_state import History, RunCheckpoint
+from .run_state import History
+from .saved_run import SavedRun, load_run
 from .soup import Selection, describe, soup_and_interpolate
 from .tensorboard import RUN_LOGS
 from .weights import check_weights
@@ -111,7 +112,7 @@ def export_model(late_model: nn.Module, out_dir: Path, *, config: FinetuneConfig
     if record is not None:
         averaging["selection"] = record
     if config.input_size or config.img_size is not None or config.crop_pct is not None:
-        used = data_config(averaged, config)  # config.json: the input size and crop it was trained and measured with
+        used = data_config(averaged, config.data_settings)  # config.json: the input size and crop it was trained and measured with
         own = getattr(averaged, "pretrained_cfg", None) or {}
         averaged.pretrained_cfg = {**own, **{key: used[key] for key in INPUT_KEYS}}
     save_pretrained(
@@ -135,28 +136,7 @@ def _check_start(record: dict[str, Any], history: History) -> None:
                        scores[0.0], recorded)
 
 
-def run_start(config: FinetuneConfig, checkpoint: RunCheckpoint | None = None) -> nn.Module:
-    """The run's starting model (epoch 0), the original architecture: `checkpoint` itself when it is the start (a
-    ``best.pt`` saved at epoch 0), else rebuilt exactly as the run built it (:func:`lpconvert.job.prepare`):
-    ``config.model`` with its ``--weights``, ``--num-classes`` and ``--pretrained`` under the run's ``--seed`` (a new
-    head is initialised from it), the global random state left as it was."""
-    if checkpoint is not None and (checkpoint.position.epoch, checkpoint.position.batch) == (0, 0):
-        from .run_state import restore_model
-
-        model, _ = load_model(config.model, num_classes=config.num_classes, pretrained=False)
-        return collapse(restore_model(model, checkpoint, "the starting checkpoint"), bn_stats="mean")
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        try:
-            model, _ = load_model(config.model, weights=config.weights, num_classes=config.num_classes,
-                                  pretrained=config.pretrained)
-        except LatePhaseError as err:
-            raise LatePhaseError(f"--interpolate needs the run's starting model, rebuilt from {config.model}: {err}") \
-                from err
-    return model
-
-
-def validation_evaluator(config: FinetuneConfig, model: nn.Module, checkpoint: RunCheckpoint,
+def validation_evaluator(run: SavedRun, model: nn.Module,
                          data: str | None = None) -> Callable[[nn.Module], dict[str, float]]:
     """The run's validation set (the images it validated on: its validation split or held-out training images) as
     a function model → metrics, on the GPU when there is one: what ``lpconvert collapse --soup greedy`` and
@@ -165,23 +145,19 @@ def validation_evaluator(config: FinetuneConfig, model: nn.Module, checkpoint: R
     refused in one line."""
     from .evaluation import evaluate_model
 
-    source = {}
-    if data is not None:
-        source = {"data": None, "dataset": data} if str(data).startswith("hfds/") else {"data": data, "dataset": None}
-        source.update(train_dir=None, val_dir=None)
-    own = FinetuneConfig.from_dict({**config.to_dict(), **source, "workers": 0})
-    built = build_data(own, model)
+    settings = (run.data if data is None else run.data.on(data)).replace(workers=0)
+    built = build_data(settings, model)
     if built.val_role == "test":
         raise LatePhaseError("--soup greedy and --interpolate auto choose on the run's validation set, and this run "
                              "has none (it validated on the test set: --val-split 0); use --soup uniform and a number "
                              "for --interpolate, or train with --val-split 0.1")
-    recorded = (checkpoint.data_fingerprint or {}).get("val") or {}
+    recorded = (run.checkpoint.data_fingerprint or {}).get("val") or {}
     found = built.fingerprint.get("val") or {}
     if any(key in recorded and key in found and recorded[key] != found[key] for key in ("num_files", "sha256")):
         raise LatePhaseError(f"the validation images of {data or 'the run data'} are not the ones the run validated on "
                              f"({found.get('num_files')} images against its {recorded.get('num_files')}, or other "
                              "files); pass the run's data to --data")
-    loader = eval_loader(built.val, config.batch_size, workers=0)
+    loader = eval_loader(built.val, run.config.batch_size, workers=0)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return lambda m: {k: v for k, v in evaluate_model(m, loader, device=device).items() if k in METRIC_NAMES}
 
@@ -191,7 +167,7 @@ def resolved_config(config: FinetuneConfig, source: ModelSource, mode: str | Non
     were loaded (False when ``--weights`` replaced the Hub's, as the model's ``source`` says), ``gamma_theta`` the
     number (default 1/K, see :func:`~lpconvert.optim.gamma_theta`) and ``mode`` the engine's (`mode`, when known)."""
     return {**config.to_dict(), "pretrained": source.pretrained,
-            "gamma_theta": gamma_theta(config, config.K, has_late_phase(config)),
+            "gamma_theta": config.optim_settings.theta_scale(config.K, config.optim_settings.late),
             **({"mode": mode} if mode is not None else {})}
 
 
@@ -226,7 +202,7 @@ def _validation_set(config: FinetuneConfig, fingerprint: dict[str, Any] | None) 
     name = _data_name(config)
     found = {"type": DIGITS if config.data == DIGITS else name, "name": name,
              "split": split if split in VAL_SPLITS else "validation"}
-    if "test" in (fingerprint or {}):  # validated on images held out of the training split: no split of the data
+    if validated_on_held_out(fingerprint):  # images held out of the training split: no split of the data
         found.update(split="train", held_out=True)
     return {**found, "num_images": val["num_files"]} if val.get("num_files") else found
 
@@ -246,9 +222,10 @@ def _hparams(config: FinetuneConfig) -> dict[str, Any]:
     """The run's training settings for the card and ``lpconvert.json`` (K, the kinds and σ0 come from the model's
     late-phase configuration: :func:`~lpconvert.model_folder.late_phase_record`): γθ resolved, U_θ and — with
     members — U_φ with every setting they were built with (:func:`~lpconvert.optim.optimizer_settings`)."""
-    late = has_late_phase(config)
-    theta, member = optimizer_settings(config, late)
-    hparams: dict[str, Any] = {"T0 (epochs)": config.t0, "gamma_theta": gamma_theta(config, config.K, late)} \
+    optim = config.optim_settings
+    late = optim.late
+    theta, member = optimizer_settings(optim, late)
+    hparams: dict[str, Any] = {"T0 (epochs)": config.t0, "gamma_theta": optim.theta_scale(config.K, late)} \
         if late else {}
     if config.accumulate > 1:
         hparams["accumulate"] = config.accumulate
@@ -297,7 +274,7 @@ def _collapse_run(path: str | Path, out: str | Path, *, bn_stats: str = "fold", 
     ``bn_stats="recalibrate"`` re-estimates the statistics on the training split of `data` exactly as the run did
     (:func:`lpconvert.data.recalibration_loader` with the run's batch size, seed and ``--recalibrate-batches``).
     ``soup="greedy"`` keeps the members a greedy soup chooses, `interpolate` (α in [0, 1], or ``"auto"``) interpolates
-    with the run's starting model (:func:`run_start`); both choose on the run's validation set
+    with the run's starting model (:func:`~lpconvert.saved_run.run_start`); both choose on the run's validation set
     (:func:`validation_evaluator`: its own data, or `data`), never its test set."""
     path, out = Path(path), Path(out)
     selection = Selection(soup, interpolate)
@@ -306,30 +283,18 @@ def _collapse_run(path: str | Path, out: str | Path, *, bn_stats: str = "fold", 
     check_replaceable(out.expanduser().absolute(), "model", "--out", force)
     if bn_stats == "recalibrate" and data is None:
         raise LatePhaseError("--bn-stats recalibrate needs --data (the training images to re-estimate them on)")
-    model, checkpoint = load_late_phase(path, which)
-    config = FinetuneConfig.from_saved({**checkpoint.config, "resume": None, "force": False})
-    if checkpoint.swa is not None:
-        from torch.optim.swa_utils import AveragedModel
-
-        swa = AveragedModel(model, use_buffers=False)
-        swa.load_state_dict(checkpoint.swa)
-        model = swa.module
+    run = load_run(path, which)
+    config, checkpoint = run.config, run.checkpoint
+    members = run.members()
+    swa = run.swa_members(members)
+    model = members if swa is None else swa
     check_weights(model, str(file), "nothing was written; collapse the run's other checkpoint (--which best or last) "
                   "or train again with a lower --lr")
-    recalibration = None
-    if bn_stats == "recalibrate":
-        source = {"data": None, "dataset": data} if str(data).startswith("hfds/") else {"data": data, "dataset": None}
-        own = FinetuneConfig.from_dict({**config.to_dict(), **source, "train_dir": None, "val_dir": None, "workers": 0})
-        samples = build_data(own, model, labels=False).train  # recalibration reads images, not labels
-        if len(samples) < config.batch_size:  # collapse has no --batch-size: the run's batch size is used
-            raise LatePhaseError(f"--data has {len(samples)} training images, fewer than one batch of the run's "
-                                 f"batch size {config.batch_size}; pass the run's training data to --data, "
-                                 "or use --bn-stats fold")
-        recalibration = recalibration_loader(samples, config.batch_size, seed=config.seed)
+    recalibration = run.recalibration(model, data) if bn_stats == "recalibrate" else None
     if selection.needs_data:
-        selection.evaluate = validation_evaluator(config, model, checkpoint, data)
+        selection.evaluate = validation_evaluator(run, model, data)
     if selection.interpolate is not None:
-        selection.start = lambda: run_start(config, checkpoint)
+        selection.start = run.start
     history = checkpoint.history
     chosen = "best" if which == "best" and history.best_epoch is not None else "last"
     epoch = history.best_epoch if chosen == "best" else checkpoint.position.epoch

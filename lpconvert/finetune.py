@@ -32,17 +32,18 @@ from .distributed import announce_failure, failure_elsewhere, restore_rank_buffe
 from .engine import LatePhaseEngine
 from .errors import LatePhaseError
 from .evaluation import evaluate_model
-from .export import eval_bn_stats, export_model, run_logs, run_start
+from .export import eval_bn_stats, export_model, run_logs
 from .files import atomic_write_json
 from .job import Job, log_batch, prepare
 from .late_phase import enter_late_phase
 from .late_phase_config import late_phase_config
 from .metrics import METRIC_NAMES
-from .optim import build_engine, choose_mode, gamma_theta, has_late_phase, minibatches_per_iteration
+from .optim import build_engine, choose_mode
 from .plots import plot_curves
 from .run_dir import RunDir, check_continuable, create_run, open_run, prepare_run
 from .run_state import History, Position, RunCheckpoint, TrainState, restore_model
 from .runtime import Runtime, init_runtime
+from .saved_run import load_run, run_start
 from .soup import Selection
 from .stopping import RunInterrupted, StopRequest, signals_caught, stop_before_training
 from .surgery import convert_from_config
@@ -77,7 +78,7 @@ def engine_for(model: nn.Module, job: Job, config: FinetuneConfig, runtime: Runt
     if config.compile:
         train_model = torch.compile(train_model)
     mode = choose_mode(config, model, late_phase_config(model).K, job.input_size, runtime)
-    return build_engine(train_model, config, mode, runtime, late)
+    return build_engine(train_model, config.optim_settings, mode, runtime, late, config.group_size)
 
 
 def start(job: Job, config: FinetuneConfig, runtime: Runtime, run_dir: RunDir) -> TrainState:
@@ -111,7 +112,7 @@ def resume(job: Job, config: FinetuneConfig, runtime: Runtime, checkpoint: RunCh
                  else f"the end of training (iteration {position.iteration})")
         logger.info("resuming %s at %s of %d epochs (%d minibatches of that epoch trained), with %d CPU thread(s)",
                     config.resume, where, config.epochs, position.batch, torch.get_num_threads())
-    late = has_late_phase(config) and at > (config.t0, 0)
+    late = config.optim_settings.late and at > (config.t0, 0)
     state = TrainState.from_checkpoint(checkpoint, job.model, partial(engine_for, job=job, config=config,
                                                                       runtime=runtime, late=late), late,
                                        where=f"{config.resume}/checkpoints/last.pt")
@@ -144,7 +145,7 @@ def fit(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime, r
     history = state.history
     while state.position.epoch < config.epochs:
         epoch = state.position.epoch
-        if epoch == config.t0 and has_late_phase(config) and not state.late and state.position.batch == 0:
+        if epoch == config.t0 and config.optim_settings.late and not state.late and state.position.batch == 0:
             state.model, state.engine = enter_late_phase(
                 state.model, state.engine, job.late_phase,
                 partial(engine_for, job=job, config=config, runtime=runtime, late=True))
@@ -163,7 +164,7 @@ def fit(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime, r
             history.best_epoch is None or metrics["top1"] > history.row(history.best_epoch)["val_top1"])
         if improved:
             history.best_epoch = epoch + 1
-        if epoch == config.t0 and has_late_phase(config):
+        if epoch == config.t0 and config.optim_settings.late:
             _warn_about_a_fall(history, epoch)
         state.position = Position(epoch=epoch + 1, iteration=state.position.iteration)
         save("last")
@@ -202,12 +203,13 @@ def _checkpoint(state: TrainState, job: Job, config: FinetuneConfig) -> RunCheck
 def _warn_about_theta_steps(config: FinetuneConfig, runtime: Runtime) -> None:
     """One line when θ's step grows by a large factor at T0: it steps once per iteration on γθ times the sum of the
     iteration's minibatch gradients, an effective learning rate of γθ · K · lr against lr before T0."""
-    per_iteration = minibatches_per_iteration(config, config.K, True)
-    growth = gamma_theta(config, config.K, True) * per_iteration
+    optim = config.optim_settings
+    per_iteration = optim.minibatches_per_iteration(config.K, True)
+    growth = optim.theta_scale(config.K, True) * per_iteration
     if runtime.is_main and growth >= STEP_GROWTH_WARNING:
         logger.warning("from T0 on the shared weights step on %g times a plain step (γθ %g × %d minibatches per "
                        "iteration: an effective learning rate of %g); if training collapses after T0, lower "
-                       "--gamma-theta (default 1/K) or --lr", growth, gamma_theta(config, config.K, True),
+                       "--gamma-theta (default 1/K) or --lr", growth, optim.theta_scale(config.K, True),
                        per_iteration, growth * config.lr)
 
 
@@ -246,7 +248,7 @@ def finish(state: TrainState, job: Job, config: FinetuneConfig, runtime: Runtime
     epoch = history.best_epoch if chosen == "best" else history.epochs[-1]["epoch"]
     model, swa = state.model, state.swa
     if chosen == "best":
-        model, swa = _saved_model(state, run_dir.load_checkpoint("best"))
+        model, swa = _saved_model(state, load_run(run_dir.path, "best").checkpoint)
     mode = eval_bn_stats(config, swa is not None)
     selection = _selection(job, config, runtime)
     batches = recalibration_batches(runtime, job.recalibration, mode)
@@ -368,7 +370,7 @@ def _resumable(config: FinetuneConfig, checkpoint: RunCheckpoint, run_dir: Path)
             "use the same flags, or --force to continue with the new ones"
         )
     at = (checkpoint.position.epoch, checkpoint.position.batch)
-    entered = has_late_phase(FinetuneConfig.from_dict({**saved, "resume": None, "force": False})) and \
+    entered = FinetuneConfig.from_saved(saved).optim_settings.late and \
         (saved["t0"] == 0 or at > (saved["t0"], 0))
     structural = [k for k in differing if k in STRUCTURAL]
     if entered and structural:
@@ -399,7 +401,7 @@ def run(config: FinetuneConfig, *, stop_after: int | None = None, stop_at_epoch:
                 check_continuable(path, config.force)
                 run_dir = open_run(path) if runtime.is_main else RunDir(path)
                 if run_dir.checkpoint_path("last").is_file():  # else it stopped before its first one: it starts again
-                    checkpoint = run_dir.load_checkpoint("last")
+                    checkpoint = load_run(path, "last").checkpoint
                     _resumable(config, checkpoint, path)
             else:
                 output = output_path(config, runtime)
@@ -413,10 +415,6 @@ def run(config: FinetuneConfig, *, stop_after: int | None = None, stop_at_epoch:
                 atomic_write_json(run_dir.config_path, config.to_dict())
             if run_dir is None:
                 run_dir = create_run(output, config.to_dict(), replacing) if runtime.is_main else RunDir(output)
-            milestones_given = config.milestones != FinetuneConfig.__dataclass_fields__["milestones"].default
-            if config.schedule == "multistep" and milestones_given and any(m >= config.epochs for m in config.milestones):
-                logger.warning("--milestones %s: those at or after --epochs %d never take effect",
-                               ",".join(map(str, config.milestones)), config.epochs)
             phase = "the start's evaluation" if checkpoint is None else "resuming"
             state = start(job, config, runtime, run_dir) if checkpoint is None else resume(job, config, runtime, checkpoint)
             if checkpoint is None:

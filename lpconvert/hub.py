@@ -15,7 +15,7 @@ from lpconvert.files import MODEL_CARD_NAME, OUTPUT_FILES, PROVENANCE_NAME, WEIG
 from lpconvert.model_card import REPO_ID_PLACEHOLDER
 from lpconvert.model_folder import OutputDir, read_output_dir
 from lpconvert.ownership import MARKER
-from lpconvert.tensorboard import MODEL_LOGS
+from lpconvert.tensorboard import MODEL_EVENTS
 from lpconvert.version import lpconvert_version
 from lpconvert.weights import check_tensors, read_state_dict
 
@@ -44,10 +44,10 @@ def push(
     ``model/``) to ``repo_id``; return the commit URL (the pull-request URL with ``create_pr``).
 
     The repository is created if needed, then ONE commit adds ``model.safetensors``, ``config.json``, ``README.md``,
-    ``lpconvert.json`` and the TensorBoard logs in ``runs/`` (plus every other non-hidden file when
-    ``include_extra``), so a failure leaves the repository's files unchanged. The uploaded ``lpconvert.json`` has its
-    absolute local paths replaced by their base names (:func:`strip_local_paths`; one log line names the fields, the
-    local file stays as it is). Refuses uncollapsed checkpoints, a model
+    ``lpconvert.json`` and the TensorBoard event file lpconvert wrote in ``runs/`` (plus every other non-hidden file
+    when ``include_extra``), so a failure leaves the repository's files unchanged. The uploaded ``lpconvert.json`` has
+    its absolute local paths replaced by their base names (:func:`strip_local_paths`; one log line names the fields,
+    the local file stays as it is). Refuses uncollapsed checkpoints, a model
     card whose metadata huggingface_hub cannot parse, weights with a NaN/inf value or a negative BatchNorm variance
     and, unless ``allow_regression``, models whose recorded validation
     top-1 is below the base checkpoint's. ``token`` defaults to ``HF_TOKEN`` / the stored login, ``endpoint`` to
@@ -190,8 +190,8 @@ def _upload_contents(folder: Path, repo_id: str, include_extra: bool) -> dict[st
     contents[MODEL_CARD_NAME] = card.replace(REPO_ID_PLACEHOLDER, repo_id).encode("utf-8")
     for path in sorted(folder.rglob("*")):
         name = path.relative_to(folder).as_posix()
-        logs = name.startswith(f"{MODEL_LOGS}/") and "tfevents" in path.name
-        if path.is_file() and not _hidden(path, folder) and name not in contents and (logs or include_extra):
+        published = name == MODEL_EVENTS or include_extra  # of the logs, only the event file lpconvert wrote
+        if path.is_file() and not _hidden(path, folder) and name not in contents and published:
             contents[name] = str(path)
     return contents
 

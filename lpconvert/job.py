@@ -13,14 +13,13 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from .config import FinetuneConfig
+from .config import FinetuneConfig, check_input_size
 from .data import DIGITS, Data, build_data, eval_loader, recalibration_loader, train_loader
 from .data.transforms import data_config
 from .distributed import local_main_first
 from .errors import LatePhaseError, one_line
 from .late_phase_config import LatePhaseConfig
 from .loading import ModelSource, load_model
-from .optim import has_late_phase
 from .run_state import RunCheckpoint
 from .runtime import Runtime
 from .surgery import convert_from_config, plan_or_refuse
@@ -64,11 +63,12 @@ def prepare(config: FinetuneConfig, runtime: Runtime, checkpoint: RunCheckpoint 
                                num_classes=config.num_classes, pretrained=config.pretrained and checkpoint is None)
     if checkpoint is not None:
         source = ModelSource(**checkpoint.source)  # the base model, as the run started from it
+    check_input_size(config, model)
     if config.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     with local_main_first(runtime):  # archives extracted and folders scanned once per node, into the cache
-        data = build_data(config, model)
-    if config.select == "best" and data.val_role == "test":
+        data = build_data(config.data_settings, model, quiet=config.quiet)
+    if config.select == "best" and data.val_role == "test" and checkpoint is None:  # a saved run as it ran
         raise LatePhaseError("--select best would choose the epoch on the test set (the data has no validation "
                              "split and --val-split is 0); hold part of the training set out with --val-split 0.1, "
                              "or use --select last")
@@ -100,14 +100,14 @@ def prepare(config: FinetuneConfig, runtime: Runtime, checkpoint: RunCheckpoint 
             raise LatePhaseError(f"--push-to-hub {config.push_to_hub} needs a Hub token: set HF_TOKEN or run "
                                  "`hf auth login` first (checked now, not after the training)")
     late_phase = report.late_phase_config(config.sigma0, config.seed)
-    if config.sigma0 > 0 and has_late_phase(config):
+    if config.sigma0 > 0 and config.optim_settings.late:
         _check_members(model, late_phase, data)
     if checkpoint is None:
         report.warn()
-        if data.test is not None and runtime.is_main and not config.quiet:
+        if data.val_role == "held-out" and runtime.is_main and not config.quiet:
             logger.info("validating on %d training images held out (--val-split %g); the %d test images are evaluated "
                         "once, at the end, on the selected model", len(data.val), config.val_split, len(data.test))
-    input_size = (1, 8, 8) if config.data == DIGITS else data_config(model, config)["input_size"]
+    input_size = (1, 8, 8) if config.data == DIGITS else data_config(model, config.data_settings)["input_size"]
     return Job(model.to(runtime.device), source, data, train, val, recalibration, tuple(input_size), late_phase,
                test)
 

@@ -41,7 +41,7 @@ from lpconvert.loading import ModelSource, source_from_timm
 from lpconvert.members import unwrap
 from lpconvert.model_card import render_model_card
 from lpconvert.ownership import check_replaceable, manifest_of, swap_into_place
-from lpconvert.tensorboard import MODEL_LOGS, RUN_LOGS
+from lpconvert.tensorboard import EVENTS_NAME, MODEL_EVENTS, MODEL_LOGS, RUN_LOGS
 from lpconvert.version import lpconvert_version
 from lpconvert.weights import check_weights
 
@@ -81,12 +81,12 @@ def save_pretrained(
     ``provenance``). ``metrics`` holds ``base`` and ``final`` (name → number) and optionally ``protocol``,
     ``dataset`` (``type``, ``name``, ``split``, ``num_images``: where they were measured, for the card's
     ``model-index``) and ``test`` with its ``test_dataset`` (``name``, ``split``, ``num_images``);
-    ``datasets`` are the Hub ids of the training data (the card's ``datasets``); the TensorBoard event files under
-    ``logs`` (a run's ``tensorboard/``) are copied into ``runs/``, which ``lpconvert push`` uploads. Everything is
-    written into a temp directory beside ``out_dir`` and renamed into place. An existing non-empty ``out_dir`` is
-    replaced only with ``force`` and only if it is an lpconvert model folder (see :mod:`lpconvert.ownership`), after
-    the new one is complete. A model with non-finite weights or a negative BatchNorm variance is refused before
-    anything is written. Returns the output path.
+    ``datasets`` are the Hub ids of the training data (the card's ``datasets``); the TensorBoard event file lpconvert
+    wrote in ``logs`` (a run's ``tensorboard/``; no other file there) is copied into ``runs/``, which ``lpconvert
+    push`` uploads. Everything is written into a temp directory beside ``out_dir`` and renamed into place. An existing
+    non-empty ``out_dir`` is replaced only with ``force`` and only if it is an lpconvert model folder (see
+    :mod:`lpconvert.ownership`), after the new one is complete. A model with non-finite weights or a negative
+    BatchNorm variance is refused before anything is written. Returns the output path.
     """
     out_dir = Path(out_dir).expanduser().absolute()
     replacing = check_replaceable(out_dir, "model", "--out", force)
@@ -189,12 +189,13 @@ def _write_config(model: nn.Module, path: Path, source: ModelSource, label_names
 
 
 def _event_files(logs: Path) -> dict[str, Path]:
-    """Where each TensorBoard event file under `logs` goes in a model folder (``runs/…``)."""
+    """Where the TensorBoard event file lpconvert wrote in `logs` (:data:`~lpconvert.tensorboard.EVENTS_NAME`, a plain
+    file) goes in a model folder: ``runs/``. Nothing else there is published — not a user's own event files."""
     if not logs.is_dir():
         raise LatePhaseError(f"logs={logs} is not a folder; pass the folder of TensorBoard event files (a run's "
                              f"{RUN_LOGS}/)")
-    return {f"{MODEL_LOGS}/{path.relative_to(logs).as_posix()}": path
-            for path in sorted(logs.rglob("*tfevents*")) if path.is_file() and not path.name.startswith(".")}
+    ours = logs / EVENTS_NAME
+    return {MODEL_EVENTS: ours} if ours.is_file() and not ours.is_symlink() else {}
 
 
 def _check_datasets(datasets: Sequence[str]) -> None:

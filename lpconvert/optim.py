@@ -16,34 +16,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import FinetuneConfig
+from .optim_settings import OptimSettings
 from .engine import LatePhaseEngine, why_not_vectorized
 from .late_phase_config import late_phase_config
 from .members import unwrap
 from .runtime import Runtime
 
 VECTORIZE_MAX_PIXELS = 2**22  # auto mode stacks the K minibatches when K·B·H·W stays below this (≈4k CIFAR images)
-
-
-def has_late_phase(config: FinetuneConfig) -> bool:
-    """K members, or the gradient-accumulation control (``--K 1 --accumulate M``), from epoch T0 on; plain
-    fine-tuning (K = 1) has no late phase."""
-    return config.K > 1 or config.accumulate > 1
-
-
-def minibatches_per_iteration(config: FinetuneConfig, K: int, late: bool) -> int:
-    """One minibatch per member; in the late phase, K = 1 with ``--accumulate M`` is the gradient-accumulation control
-    (the single member steps on every minibatch, θ once per M)."""
-    if K > 1:
-        return K
-    return config.accumulate if late else 1
-
-
-def gamma_theta(config: FinetuneConfig, K: int, late: bool) -> float:
-    """γθ: the flag, else 1/(minibatches per iteration) — 1/K, 1/M for the control, 1 for plain fine-tuning."""
-    per_iteration = minibatches_per_iteration(config, K, late)
-    if config.gamma_theta is not None and per_iteration > 1:
-        return config.gamma_theta
-    return 1.0 / per_iteration
 
 
 @dataclass(frozen=True)
@@ -68,7 +47,7 @@ class OptimizerSettings:
         return partial(optimizer, lr=self.lr, weight_decay=self.weight_decay)
 
 
-def optimizer_settings(config: FinetuneConfig, late: bool) -> tuple[OptimizerSettings, OptimizerSettings]:
+def optimizer_settings(config: OptimSettings, late: bool) -> tuple[OptimizerSettings, OptimizerSettings]:
     """U_θ, and U_φ — which in the late phase inherits every setting its ``--member-*`` flags do not override, and
     before it (the plain epochs before T0) is U_θ."""
     theta = OptimizerSettings(config.optimizer, config.lr, config.momentum, config.nesterov, config.weight_decay)
@@ -94,16 +73,17 @@ def choose_mode(config: FinetuneConfig, model: nn.Module, K: int, input_size: tu
     return "vectorized" if pixels <= VECTORIZE_MAX_PIXELS else "sequential"
 
 
-def build_engine(train_model: nn.Module, config: FinetuneConfig, mode: str, runtime: Runtime,
-                 late: bool) -> LatePhaseEngine:
-    """The engine with U_θ and U_φ of :func:`optimizer_settings`, γθ of :func:`gamma_theta` and K read from the
-    model."""
+def build_engine(train_model: nn.Module, config: OptimSettings, mode: str, runtime: Runtime, late: bool,
+                 group_size: int | None = None) -> LatePhaseEngine:
+    """The engine with U_θ and U_φ of :func:`optimizer_settings`, γθ
+    (:meth:`~lpconvert.optim_settings.OptimSettings.theta_scale`) and K read from the model; `mode` and `group_size`
+    say how the members run."""
     theta, member = optimizer_settings(config, late)
     K = late_phase_config(unwrap(train_model)).K
     scaler = torch.amp.GradScaler(runtime.device.type) if runtime.amp_dtype == torch.float16 else None
     loss = partial(F.cross_entropy, label_smoothing=config.smoothing) if config.smoothing else F.cross_entropy
-    return LatePhaseEngine(train_model, theta.factory(), member.factory(), gamma_theta=gamma_theta(config, K, late),
-                           mode=mode, group_size=config.group_size, loss_fn=loss, autocast_dtype=runtime.amp_dtype,
+    return LatePhaseEngine(train_model, theta.factory(), member.factory(), gamma_theta=config.theta_scale(K, late),
+                           mode=mode, group_size=group_size, loss_fn=loss, autocast_dtype=runtime.amp_dtype,
                            grad_scaler=scaler, clip_grad=config.clip_grad)
 
 
@@ -127,7 +107,7 @@ def load_engine_state(engine: LatePhaseEngine, saved: dict[str, Any]) -> None:
     })
 
 
-def lr_factor(config: FinetuneConfig, epoch: float) -> float:
+def lr_factor(config: OptimSettings, epoch: float) -> float:
     """The schedule as a factor of the base learning rates at fractional epoch `epoch`; during ``--warmup-epochs`` W
     the rate rises linearly from ``--warmup-lr`` to the schedule's (as timm's schedulers warm up)."""
     factor = _schedule_factor(config, epoch)
@@ -137,7 +117,7 @@ def lr_factor(config: FinetuneConfig, epoch: float) -> float:
     return factor
 
 
-def _schedule_factor(config: FinetuneConfig, epoch: float) -> float:
+def _schedule_factor(config: OptimSettings, epoch: float) -> float:
     """The schedule's factor; from ``--swa-start`` s on, SWALR's: with a = ``--swa-anneal-epochs`` and f_s the
     schedule's factor at s, f = f_s + (swa_lr/lr − f_s) · (1 − cos(π·min((epoch − s)/a, 1)))/2 (at once when a = 0)."""
     if config.swa_start is not None and epoch >= config.swa_start and config.swa_lr is not None:
@@ -150,7 +130,7 @@ def _schedule_factor(config: FinetuneConfig, epoch: float) -> float:
     return _base_factor(config, epoch)
 
 
-def _base_factor(config: FinetuneConfig, epoch: float) -> float:
+def _base_factor(config: OptimSettings, epoch: float) -> float:
     """``--schedule`` as a factor of the base learning rate at fractional `epoch`."""
     end = config.lr_end / config.lr
     if config.schedule == "multistep":
@@ -164,7 +144,7 @@ def _base_factor(config: FinetuneConfig, epoch: float) -> float:
     return 1.0
 
 
-def set_learning_rates(engine: LatePhaseEngine, config: FinetuneConfig, late: bool, factor: float) -> None:
+def set_learning_rates(engine: LatePhaseEngine, config: OptimSettings, late: bool, factor: float) -> None:
     """U_θ's and U_φ's learning rates: their settings' rates times the schedule's `factor`."""
     theta, member = optimizer_settings(config, late)
     rates = [theta.lr * factor] * (engine.theta_optimizer is not None) + [member.lr * factor] * engine.num_members

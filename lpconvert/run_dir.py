@@ -22,7 +22,6 @@ Rules (besides :mod:`lpconvert.ownership`'s, which every output folder follows):
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import shutil
@@ -44,13 +43,28 @@ from .run_state import RunCheckpoint
 
 
 class RunLock:
-    """An exclusive ``flock`` on ``RUN/.lock``, released when the process ends (or :meth:`release`)."""
+    """An exclusive ``flock`` on ``RUN/.lock``, released when the process ends (or :meth:`release`); the holder's pid
+    and host are written inside, for the refusal of a second writer. Where there is no ``fcntl`` (Windows) the lock is
+    the ``filelock`` package's — whose every attempt truncates the file, so it cannot carry the holder's name."""
 
     def __init__(self, folder: Path) -> None:
         self.path = folder / LOCK
         self._fd: int | None = None
+        self._portable: Any = None
 
     def acquire(self, flag: str = "--output") -> RunLock:
+        try:
+            import fcntl
+        except ImportError:  # Windows
+            import filelock
+
+            self._portable = filelock.FileLock(self.path)
+            try:
+                self._portable.acquire(timeout=0)
+            except filelock.Timeout:
+                raise LatePhaseError(f"{self.path.parent} is being written by another process; wait for it to "
+                                     f"finish, or choose another {flag}") from None
+            return self
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
@@ -74,6 +88,9 @@ class RunLock:
 
     def release(self, remove: bool = False) -> None:
         """Drop the lock; with `remove`, also delete the lock file if it is still this lock's."""
+        if self._portable is not None:
+            self._portable.release()
+            self._portable = None
         if self._fd is not None:
             if remove:
                 with contextlib.suppress(OSError):
@@ -125,9 +142,6 @@ class RunDir:
 
     def save_checkpoint(self, checkpoint: RunCheckpoint, name: str) -> Path:
         return checkpoint.save(self.checkpoint_path(name))
-
-    def load_checkpoint(self, name: str = "last") -> RunCheckpoint:
-        return RunCheckpoint.load(self.checkpoint_path(name))
 
     def write_metrics(self, rows: Iterable[dict[str, Any]]) -> None:
         """metrics.jsonl, rewritten atomically from the history (a resumed run never repeats a row)."""

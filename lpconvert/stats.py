@@ -2,7 +2,8 @@
 
 With n paired seeds and differences d_i = b_i − a_i, the mean difference d̄, its standard error s_d/√n and the 95 %
 interval d̄ ± t_{0.975, n−1} s_d/√n (Student's t, as in the paper's "mean ± std over seeds" tables, made paired);
-the p-value is the two-sided paired t-test's (``scipy.stats.ttest_rel``).
+interval and two-sided p-value are the paired t-test's (``scipy.stats.ttest_rel(b, a)`` and its
+``confidence_interval``).
 """
 
 from __future__ import annotations
@@ -30,9 +31,12 @@ def paired_difference(a: Sequence[float], b: Sequence[float], confidence: float 
     if n < 2:
         return {"n": n, "mean": mean, "std": math.nan, "low": math.nan, "high": math.nan, "p": math.nan}
     std = statistics.stdev(differences)
-    half = scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * std / math.sqrt(n)
-    p = float(scipy_stats.ttest_rel(b, a).pvalue) if std > 0 else (1.0 if mean == 0 else 0.0)
-    return {"n": n, "mean": mean, "std": std, "low": mean - half, "high": mean + half, "p": p}
+    if not std > 0:  # every seed moved by the same amount: no spread, the interval is the point
+        return {"n": n, "mean": mean, "std": std, "low": mean, "high": mean, "p": 1.0 if mean == 0 else 0.0}
+    test = scipy_stats.ttest_rel(b, a)
+    interval = test.confidence_interval(confidence)
+    return {"n": n, "mean": mean, "std": std, "low": float(interval.low), "high": float(interval.high),
+            "p": float(test.pvalue)}
 
 
 def seeds_to_resolve(std: float, delta: float, confidence: float = 0.95, most: int = 1000) -> int | None:

@@ -4,7 +4,8 @@ Every field of ``metrics.jsonl`` becomes a scalar per epoch (step = epoch, 0 bei
 ``train_`` and ``val_`` prefixes become TensorBoard's groups (``train/loss``, ``val/top1``). At each epoch end the
 whole history is written again into one event file that atomically replaces the previous one, keeping the wall times
 of the epochs it already held: a resumed run never repeats an epoch. The run keeps the file in ``RUN/tensorboard/``;
-its model folder publishes a copy in ``runs/``, where the Hub finds it for the model page's Training metrics.
+its model folder publishes a copy in ``runs/``, where the Hub finds it for the model page's Training metrics; no other
+file of ``RUN/tensorboard/`` is published.
 """
 
 from __future__ import annotations
@@ -21,13 +22,16 @@ from typing import Any
 from lpconvert.errors import LatePhaseError
 from lpconvert.files import current_umask, fsync_dir, fsync_file
 
-__all__ = ["EVENTS_NAME", "MODEL_LOGS", "RUN_LOGS", "check_log", "log_metrics", "tag", "write_scalars"]
+__all__ = ["EVENTS_NAME", "MODEL_EVENTS", "MODEL_LOGS", "RUN_LOGS", "check_log", "log_metrics", "tag", "write_scalars"]
 
 RUN_LOGS = "tensorboard"  # in a run directory
 MODEL_LOGS = "runs"  # in a model folder, uploaded by `lpconvert push`
 #: One file, rewritten whole; TensorBoard and the Hub read files whose names hold "tfevents". A fixed name, unlike
 #: SummaryWriter's own (time, host name, pid), publishes nothing about the machine.
 EVENTS_NAME = "events.out.tfevents.lpconvert"
+#: Where a model folder holds the run's event file: the only log it publishes (a user's own files in the run's
+#: ``tensorboard/`` stay there).
+MODEL_EVENTS = f"{MODEL_LOGS}/{EVENTS_NAME}"
 _GROUPS = ("train_", "val_")
 
 

@@ -22,7 +22,8 @@ from .engine import iterate_members
 from .errors import LatePhaseError
 from .evaluation import evaluate_model
 from .export import eval_bn_stats
-from .optim import lr_factor, minibatches_per_iteration, set_learning_rates
+from .optim import lr_factor, set_learning_rates
+from .optim_settings import OptimSettings
 from .run_dir import RunDir
 from .run_state import TrainState
 from .runtime import Runtime
@@ -39,7 +40,8 @@ def train_one_epoch(state: TrainState, loader: DataLoader, config: FinetuneConfi
     raises :class:`RunInterrupted` naming `run_dir`)."""
     engine, position = state.engine, state.position
     batches_per_epoch = loader.batch_sampler.batches_per_epoch
-    per_iteration = minibatches_per_iteration(config, engine.num_members, state.late)
+    optim = config.optim_settings
+    per_iteration = optim.minibatches_per_iteration(engine.num_members, state.late)
     loader.batch_sampler.set_position(position.epoch, position.batch)
     state.model.train()
     loss_sum = torch.zeros((), device=runtime.device, dtype=torch.float64)
@@ -50,11 +52,11 @@ def train_one_epoch(state: TrainState, loader: DataLoader, config: FinetuneConfi
     for step, (xs, ys) in enumerate(iterate_members(loader, per_iteration)):
         xs = [runtime.to_device(x) for x in xs]
         ys = [y.to(runtime.device, non_blocking=True) for y in ys]
-        set_learning_rates(engine, config, state.late, lr_factor(config, position.epoch + position.batch / batches_per_epoch))
+        set_learning_rates(engine, optim, state.late, lr_factor(optim, position.epoch + position.batch / batches_per_epoch))
         losses = engine.step(xs, ys)
         loss_sum += losses.sum()
         finite &= torch.isfinite(losses).all()
-        if swa_sample_due(config, position.epoch, batches_per_epoch, position.batch, len(xs)):
+        if swa_sample_due(optim, position.epoch, batches_per_epoch, position.batch, len(xs)):
             state.swa.update_parameters(state.model)
         position.batch += len(xs)
         position.iteration += 1
@@ -95,7 +97,7 @@ def train_one_epoch(state: TrainState, loader: DataLoader, config: FinetuneConfi
             "lr": engine.optimizers[0].param_groups[0]["lr"], "images_per_s": seen / max(elapsed, 1e-9)}
 
 
-def swa_sample_due(config: FinetuneConfig, epoch: int, batches_per_epoch: int, batch: int, count: int) -> bool:
+def swa_sample_due(config: OptimSettings, epoch: int, batches_per_epoch: int, batch: int, count: int) -> bool:
     """``--swa-freq N``: whether the iteration that trained minibatches [batch, batch + count) of `epoch` completes a
     multiple of N minibatches counted from ``--swa-start`` (so K = 1 and K = 10 arms sample equally often)."""
     if config.swa_freq is None or config.swa_start is None or epoch < config.swa_start:

@@ -61,7 +61,7 @@ def loaders(model: torch.nn.Module, name: str, args) -> tuple[dict[str, torch.ut
         config = FinetuneConfig(model=name, data=args.data, batch_size=args.batch, workers=workers,
                                 data_in_memory=memory)
         started = time.perf_counter()
-        data = build_data(config, model)
+        data = build_data(config.data_settings, model)
         if memory == "on":
             decode = time.perf_counter() - started
         out[path] = train_loader(data.train, args.batch, seed=0, workers=workers)

@@ -133,7 +133,7 @@ def measure_loader(name: str, args, device) -> dict[str, float]:
     base = timm.create_model(name, num_classes=10).to(device)
     config = FinetuneConfig(model=name, data=args.data, batch_size=args.batch, workers=args.workers,
                             train_subset=args.batch * args.K * (args.steps + args.warmup))
-    loader = train_loader(build_data(config, base).train, config.batch_size, seed=config.seed, workers=config.workers)
+    loader = train_loader(build_data(config.data_settings, base).train, config.batch_size, seed=config.seed, workers=config.workers)
     fmt = torch.channels_last if args.channels_last else torch.contiguous_format
 
     def stream():

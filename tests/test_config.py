@@ -15,9 +15,9 @@ def test_defaults_are_the_paper_imagenet_recipe():
     assert (c.optimizer, c.momentum, c.weight_decay, c.batch_size, c.lr, c.epochs, c.K, c.sigma0) == (
         "sgd", 0.9, 1e-4, 256, 0.001, 20, 10, 0.0)
     assert c.gamma_theta is None and c.late_phase == ("batchnorm",) and c.milestones == (10,)
-    assert lr_factor(c, 9.99) == 1.0 and lr_factor(c, 10.0) == pytest.approx(0.1)
+    assert lr_factor(c.optim_settings, 9.99) == 1.0 and lr_factor(c.optim_settings, 10.0) == pytest.approx(0.1)
     half = FinetuneConfig(epochs=1, milestones=(0.5,))  # fractional milestones: one-epoch schedules
-    assert lr_factor(half, 0.49) == 1.0 and lr_factor(half, 0.5) == pytest.approx(0.1)
+    assert lr_factor(half.optim_settings, 0.49) == 1.0 and lr_factor(half.optim_settings, 0.5) == pytest.approx(0.1)
 
 
 def test_every_setting_documents_itself():
@@ -52,11 +52,12 @@ def test_yaml_and_toml_recipes_with_flag_overrides(tmp_path):
 
 def test_schedules():
     linear = FinetuneConfig(lr=0.01, schedule="linear", anneal_start=0, anneal_end=10, lr_end=0.001, epochs=20)
-    assert [round(lr_factor(linear, e) * linear.lr, 6) for e in (0, 5, 10, 15)] == [0.01, 0.0055, 0.001, 0.001]
+    factors = [lr_factor(linear.optim_settings, e) for e in (0, 5, 10, 15)]
+    assert [round(f * linear.lr, 6) for f in factors] == [0.01, 0.0055, 0.001, 0.001]
     cosine = FinetuneConfig(lr=0.1, schedule="cosine", epochs=10, lr_end=0.0)
-    assert lr_factor(cosine, 0) == 1.0 and lr_factor(cosine, 5) == pytest.approx(0.5) and lr_factor(cosine, 10) == 0
+    assert lr_factor(cosine.optim_settings, 0) == 1.0 and lr_factor(cosine.optim_settings, 5) == pytest.approx(0.5) and lr_factor(cosine.optim_settings, 10) == 0
     swa = FinetuneConfig(lr=0.1, schedule="constant", swa_start=3, swa_lr=0.05)
-    assert lr_factor(swa, 2.9) == 1.0 and lr_factor(swa, 3) == 0.5
+    assert lr_factor(swa.optim_settings, 2.9) == 1.0 and lr_factor(swa.optim_settings, 3) == 0.5
 
 
 def test_the_zoo_recipes_parse_and_carry_the_paper_numbers():
@@ -86,10 +87,10 @@ def test_lpconvert_zoo_lists_paper_and_measured_numbers_alike():
 
 def test_warmup_rises_linearly_from_warmup_lr_into_the_schedule():
     c = FinetuneConfig(lr=0.1, epochs=20, warmup_epochs=2, warmup_lr=0.001, schedule="cosine", lr_end=0.0)
-    assert lr_factor(c, 0.0) == pytest.approx(0.01)  # warmup_lr / lr
-    halfway = 0.01 + (lr_factor(FinetuneConfig(lr=0.1, epochs=20, schedule="cosine"), 1.0) - 0.01) * 0.5
-    assert lr_factor(c, 1.0) == pytest.approx(halfway)
-    assert lr_factor(c, 2.0) == lr_factor(FinetuneConfig(lr=0.1, epochs=20, schedule="cosine"), 2.0)
+    assert lr_factor(c.optim_settings, 0.0) == pytest.approx(0.01)  # warmup_lr / lr
+    halfway = 0.01 + (lr_factor(FinetuneConfig(lr=0.1, epochs=20, schedule="cosine").optim_settings, 1.0) - 0.01) * 0.5
+    assert lr_factor(c.optim_settings, 1.0) == pytest.approx(halfway)
+    assert lr_factor(c.optim_settings, 2.0) == lr_factor(FinetuneConfig(lr=0.1, epochs=20, schedule="cosine").optim_settings, 2.0)
     with pytest.raises(LatePhaseError, match="--warmup-epochs"):
         FinetuneConfig(epochs=2, warmup_epochs=2)
     with pytest.raises(LatePhaseError, match="--smoothing"):

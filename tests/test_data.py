@@ -296,7 +296,7 @@ def test_fine_tuning_subsets_do_not_depend_on_the_training_seed(tmp_path: Path) 
     def files(**settings) -> tuple[list[str], list[str]]:
         config = FinetuneConfig(train_dir=str(tmp_path / "train"), val_dir=str(tmp_path / "val"), train_subset=10,
                                 val_subset=4, **settings)
-        data = build_data(config, model)
+        data = build_data(config.data_settings, model)
         return [p for p, _ in data.train.dataset.samples], [p for p, _ in data.val.samples]
 
     assert files(seed=0) == files(seed=1) == files(seed=1, subset_seed=0)

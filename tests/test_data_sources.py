@@ -27,6 +27,7 @@ from lpconvert.data import (
     hub_splits,
     resolve_data_dirs,
 )
+from lpconvert.data.settings import DataSettings
 from lpconvert.errors import LatePhaseError
 from lpconvert.evaluate import evaluate
 from lpconvert.finetune import run
@@ -118,7 +119,7 @@ def _model() -> torch.nn.Module:
 @pytest.mark.parametrize("in_memory", ["off", "on"])
 def test_folder_plain_tar_and_hub_dataset_give_the_same_samples(sources, extraction_cache: Path,
                                                                 in_memory: str) -> None:
-    built = {kind: build_data(FinetuneConfig(model=MODEL, workers=0, data_in_memory=in_memory, **settings), _model())
+    built = {kind: build_data(DataSettings(workers=0, data_in_memory=in_memory, **settings), _model())
              for kind, settings in sources.items()}
     folder = built["folder"]
     assert len(folder.train) == 18 and len(folder.val) == 6 and folder.label_names == list(CLASSES)
@@ -221,17 +222,17 @@ def test_class_map_file_and_the_datasets_class_order(tmp_path: Path) -> None:
                                   for name, png in (("cat", cat), ("dog", dog))})
     (tmp_path / "classes.txt").write_text("dog\ncat\n")
     model = timm.create_model(MODEL, num_classes=2)
-    mapped = build_data(FinetuneConfig(model=MODEL, data=str(tmp_path / "folder"), workers=0,
-                                       class_map=str(tmp_path / "classes.txt")), model)
+    mapped = build_data(DataSettings(data=str(tmp_path / "folder"), workers=0,
+                                     class_map=str(tmp_path / "classes.txt")), model)
     assert mapped.label_names == ["dog", "cat"] and [int(mapped.val[i][1]) for i in range(2)] == [1, 0]
 
     # a ClassLabel keeps its own order (dog = 0), which a class map reorders like folders
     _hub(tmp_path / "hub", {s: [(cat, 1), (dog, 0)] for s in ("train", "validation")}, ("dog", "cat"))
-    own = build_data(FinetuneConfig(model=MODEL, dataset=f"hfds/{tmp_path / 'hub'}", workers=0), model)
+    own = build_data(DataSettings(dataset=f"hfds/{tmp_path / 'hub'}", workers=0), model)
     assert own.label_names == ["dog", "cat"] and [int(own.val[i][1]) for i in range(2)] == [1, 0]
     (tmp_path / "reversed.txt").write_text("cat\ndog\n")
-    remapped = build_data(FinetuneConfig(model=MODEL, dataset=f"hfds/{tmp_path / 'hub'}", workers=0,
-                                         class_map=str(tmp_path / "reversed.txt")), model)
+    remapped = build_data(DataSettings(dataset=f"hfds/{tmp_path / 'hub'}", workers=0,
+                                       class_map=str(tmp_path / "reversed.txt")), model)
     assert remapped.label_names == ["cat", "dog"] and [int(remapped.val[i][1]) for i in range(2)] == [0, 1]
 
 

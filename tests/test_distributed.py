@@ -53,7 +53,7 @@ def _evaluation_setup():
     late = lpconvert.convert(timm.create_model("digits_cnn"), K=3, targets=("batchnorm", "classifier"), sigma0=0.2)
     config = FinetuneConfig(model="digits_cnn", pretrained=False, bn_stats="recalibrate", recalibrate_batches=7,
                             **FAST)
-    data = build_data(config, model)
+    data = build_data(config.data_settings, model)
     val = eval_loader(data.val, 32, workers=0)
     noise = torch.rand(300, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 4 - 2
     ood = DataLoader(TensorDataset(noise, torch.zeros(300, dtype=torch.long)), batch_size=40)

@@ -300,15 +300,6 @@ def test_threads_are_capped_recorded_and_sync_bn_needs_a_gpu(tmp_path, monkeypat
     assert not (tmp_path / "sync").exists()
 
 
-def test_defaults_do_not_warn_about_themselves(tmp_path, caplog):
-    """A 2-epoch run with the default multistep milestone (10) says nothing about it; given milestones do."""
-    with caplog.at_level("WARNING", logger="lpconvert.finetune"):
-        run(_digits_run(tmp_path, "default", K=1, epochs=1, schedule="multistep"))
-        assert not [r for r in caplog.records if "--milestones" in r.getMessage()]
-        run(_digits_run(tmp_path, "given", K=1, epochs=1, schedule="multistep", milestones=(5,)))
-    assert [r for r in caplog.records if "--milestones 5" in r.getMessage()]
-
-
 def test_runs_without_output_get_a_new_folder_each(tmp_path, monkeypatch):
     """The default output is a new runs/<date>-<time>-MODEL-K<K> per run: a rerun never collides with the last."""
     monkeypatch.chdir(tmp_path)

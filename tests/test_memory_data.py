@@ -14,7 +14,6 @@ from PIL import Image
 from torchvision.transforms import functional as TF
 
 from lpconvert.cli import main
-from lpconvert.config import FinetuneConfig
 from lpconvert.data import (
     MemoryImages,
     MemorySamples,
@@ -28,6 +27,7 @@ from lpconvert.data import (
     train_loader,
 )
 from lpconvert.data.memory import BatchAugment
+from lpconvert.data.settings import DataSettings
 from lpconvert.errors import LatePhaseError
 
 from exact_resume import assert_resume_is_exact
@@ -57,7 +57,7 @@ def _model() -> torch.nn.Module:
 
 
 def _data(tree: Path, **settings):
-    return build_data(FinetuneConfig(model=MODEL, data=str(tree), workers=0, **settings), _model())
+    return build_data(DataSettings(data=str(tree), workers=0, **settings), _model())
 
 
 def _datasets(tree: Path, train_transform: str = "cifar"):

@@ -16,6 +16,7 @@ import lpconvert
 from lpconvert.config import FinetuneConfig
 from lpconvert.data import build_data, build_datasets
 from lpconvert.data.transforms import data_config
+from lpconvert.data.settings import DataSettings
 from lpconvert.errors import LatePhaseError
 from lpconvert.finetune import DIGITS, run
 
@@ -105,7 +106,7 @@ def test_card_config_and_provenance_match_the_run(tmp_path, name):
     assert timm_config["architecture"] == config.model and timm_config["num_classes"] == (config.num_classes or 10)
 
     # the evaluation table: every figure names its set and its size; numbers rounded to what they resolve
-    val = build_data(config, timm.create_model(config.model, num_classes=config.num_classes or 10)).val
+    val = build_data(config.data_settings, timm.create_model(config.model, num_classes=config.num_classes or 10)).val
     final = info["metrics"]["final"]
     dataset = info["metrics"]["dataset"]
     assert dataset["num_images"] == len(val)
@@ -142,20 +143,20 @@ def test_input_size_flags_set_the_transforms(tmp_path):
     images = _images(tmp_path / "images")
     model = timm.create_model("cifar_resnet20", num_classes=2)
     config = FinetuneConfig(model="cifar_resnet20", data=str(images), img_size=40, crop_pct=0.9)
-    resolved = data_config(model, config)
+    resolved = data_config(model, config.data_settings)
     assert resolved["input_size"] == (3, 40, 40) and resolved["crop_pct"] == 0.9
     train, val = build_datasets(images / "train", images / "val", data_config=resolved, num_classes=2)
     assert train[0][0].shape == val[0][0].shape == (3, 40, 40)
-    assert data_config(model, FinetuneConfig(model="cifar_resnet20", input_size=(3, 24, 28)))["input_size"] == \
+    assert data_config(model, DataSettings(input_size=(3, 24, 28)))["input_size"] == \
         (3, 24, 28)
-    assert data_config(model, FinetuneConfig(model="cifar_resnet20"))["input_size"] == (3, 32, 32)
+    assert data_config(model, DataSettings())["input_size"] == (3, 32, 32)
 
 
 def test_the_runs_data_uses_the_input_size_flags(tmp_path):
     """build_data (what a run trains and validates on) follows --img-size."""
     images = _images(tmp_path / "images")
     config = FinetuneConfig(model="cifar_resnet20", data=str(images), img_size=40, data_in_memory="off", workers=0)
-    data = build_data(config, timm.create_model("cifar_resnet20", num_classes=2))
+    data = build_data(config.data_settings, timm.create_model("cifar_resnet20", num_classes=2))
     assert data.train[(0, 0)][0].shape == data.val[0][0].shape == (3, 40, 40)
 
 

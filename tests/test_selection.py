@@ -38,7 +38,7 @@ def _tree(root: Path, evaluation: str) -> Path:
 
 def _data(root: Path, **settings):
     config = FinetuneConfig(**{"model": MODEL, "data": str(root), "workers": 0, **settings})
-    return build_data(config, timm.create_model(MODEL, num_classes=len(CLASSES)))
+    return build_data(config.data_settings, timm.create_model(MODEL, num_classes=len(CLASSES)))
 
 
 @pytest.mark.parametrize("in_memory", ["off", "on"])
@@ -197,7 +197,7 @@ def test_without_a_validation_set_nothing_is_chosen_and_a_folder_named_test_is_a
     report = run(config)
     assert not (tmp_path / "run" / "checkpoints" / "best.pt").exists()
     assert report["select"] == "last" and report["epoch"] == 3 and report["validation"] == "test"
-    from lpconvert.late_phase_model import load_late_phase
+    from lpconvert.saved_run import load_late_phase
 
     _, checkpoint = load_late_phase(tmp_path / "run")  # the default: what the run exported
     assert checkpoint.position.epoch == 3 and checkpoint.history.best_epoch is None

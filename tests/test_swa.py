@@ -54,12 +54,12 @@ def test_swa_learning_rate_anneals_like_swalr():
     config = FinetuneConfig(model="digits_cnn", lr=0.1, schedule="linear", anneal_start=0, anneal_end=10, lr_end=0.0,
                             epochs=20, swa_start=4, swa_lr=0.02, swa_anneal_epochs=2)
     before = 1.0 - 4 / 10  # the linear schedule's factor at the SWA start
-    assert lr_factor(config, 3.5) == pytest.approx(1.0 - 3.5 / 10)
-    assert lr_factor(config, 4) == pytest.approx(before)
-    assert lr_factor(config, 5) == pytest.approx(before + (0.2 - before) * (1 - math.cos(math.pi / 2)) / 2)
-    assert lr_factor(config, 6) == pytest.approx(0.2) and lr_factor(config, 19) == pytest.approx(0.2)
+    assert lr_factor(config.optim_settings, 3.5) == pytest.approx(1.0 - 3.5 / 10)
+    assert lr_factor(config.optim_settings, 4) == pytest.approx(before)
+    assert lr_factor(config.optim_settings, 5) == pytest.approx(before + (0.2 - before) * (1 - math.cos(math.pi / 2)) / 2)
+    assert lr_factor(config.optim_settings, 6) == pytest.approx(0.2) and lr_factor(config.optim_settings, 19) == pytest.approx(0.2)
     at_once = FinetuneConfig(**{**config.to_dict(), "swa_anneal_epochs": 0})
-    assert lr_factor(at_once, 4) == pytest.approx(0.2)
+    assert lr_factor(at_once.optim_settings, 4) == pytest.approx(0.2)
 
 
 @pytest.mark.parametrize("settings, problem", [

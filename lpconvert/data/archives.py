@@ -5,6 +5,11 @@ compressed archive is extracted safely, once, into the cache folder — ``LPCONV
 ``$XDG_CACHE_HOME/lpconvert`` or ``~/.cache/lpconvert`` (``extracted/<hash>/``)::
 
     train_dir, val_dir = resolve_data_dirs(data="~/data/cifar10")      # train/ + val/, dirs or archives
+    splits = data_splits(data="~/data/imagenet")                        # + what val is, and test/ beside val/
+
+Read in place, an archive gives what its extracted tree gives: a hard link is the file it links to, a symbolic link
+to a file inside the tree is that file, a ``.tar`` inside it is a folder (ImageNet's per-class archives) that is a
+class only where no real folders are, and a damaged archive inside it is named.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from lpconvert.errors import LatePhaseError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ARCHIVE_SUFFIXES", "VAL_SPLITS", "TarPath", "evaluation_split", "resolve_data_dirs"]
+__all__ = ["ARCHIVE_SUFFIXES", "VAL_SPLITS", "DataSplits", "TarPath", "data_splits", "resolve_data_dirs"]
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz")
 VAL_SPLITS = ("val", "validation", "test")  # the validation split's names, in order of preference
@@ -43,6 +48,7 @@ def resolve_data_dirs(
     val_dir: str | os.PathLike | None = None,
     *,
     cache_dir: str | os.PathLike | None = None,
+    quiet: bool = False,
 ) -> tuple[Path | TarPath | None, Path | TarPath | None]:
     """Find the training and validation ImageFolder roots: folders, trees inside uncompressed tar archives (read in
     place), or compressed archives extracted once into a cache.
@@ -57,54 +63,87 @@ def resolve_data_dirs(
     ``<cache>/extracted/<hash of path, size and mtime>``, where ``<cache>`` is ``cache_dir``, else the environment
     variable ``LPCONVERT_CACHE``, else ``$XDG_CACHE_HOME/lpconvert`` or ``~/.cache/lpconvert`` (:func:`cache_root`).
     In both, a single top-level folder that holds only
-    folders (``train/<class>/...``) is stepped into.
+    folders (``train/<class>/...``) is stepped into. ``quiet``: no progress bar while indexing or extracting.
 
     Example: ``resolve_data_dirs(data="cifar10")`` with ``cifar10/train.tar.gz`` and ``cifar10/test.tar.gz``.
     """
+    splits = _locate(data, train_dir, val_dir, cache_dir, quiet, with_test=False)
+    return splits.train, splits.val
+
+
+@dataclass(frozen=True)
+class DataSplits:
+    """The ImageFolder roots of a data path (:func:`data_splits`): ``train``, ``val`` — the evaluation split, which
+    ``evaluation`` says is a ``"validation"`` set (``val/``, ``validation/``) or a ``"test"`` set (``test/``: nothing
+    may be chosen on it) — and ``test``, a test set apart (``test/`` beside ``val/`` or ``validation/``)."""
+
+    train: Path | TarPath | None
+    val: Path | TarPath | None
+    evaluation: str = "validation"
+    test: Path | TarPath | None = None
+
+
+def data_splits(
+    data: str | os.PathLike | None = None,
+    train_dir: str | os.PathLike | None = None,
+    val_dir: str | os.PathLike | None = None,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    quiet: bool = False,
+) -> DataSplits:
+    """:func:`resolve_data_dirs`'s training and evaluation roots, what the evaluation split is, and the test set
+    apart from it. The evaluation split is a test set when it is ``test/`` under ``data`` (no ``val/`` or
+    ``validation/`` beside it, CIFAR-10's layout) or when ``val_dir`` is a folder or archive named ``test`` (selecting
+    on it would select on the test set). When it is a validation set and ``data`` also has ``test/``, that is the
+    test set apart: validation chooses, the test set is measured once."""
+    return _locate(data, train_dir, val_dir, cache_dir, quiet, with_test=True)
+
+
+def _locate(data: str | os.PathLike | None, train_dir: str | os.PathLike | None, val_dir: str | os.PathLike | None,
+            cache_dir: str | os.PathLike | None, quiet: bool, *, with_test: bool) -> DataSplits:
+    """The splits of :func:`data_splits`; the test set apart only `with_test` (finding it may extract it)."""
     if data is None and train_dir is None and val_dir is None:
         raise LatePhaseError("no data given; pass --data ROOT (with train/ and val/) or --train-dir / --val-dir")
-    train = _resolve_tree(train_dir, cache_dir) if train_dir is not None else None
-    val = _resolve_tree(val_dir, cache_dir) if val_dir is not None else None
+    train = _resolve_tree(train_dir, cache_dir, quiet=quiet) if train_dir is not None else None
+    val = _resolve_tree(val_dir, cache_dir, quiet=quiet) if val_dir is not None else None
+    evaluation = "test" if val_dir is not None and _split_name(Path(val_dir)) == "test" else "validation"
+    test = None
     if data is not None:
-        root = _resolve_tree(data, cache_dir, stop_at=_SPLITS)
+        root = _resolve_tree(data, cache_dir, stop_at=_SPLITS, quiet=quiet)
         if train is None:
-            train = _find_split(root, ("train",), cache_dir)
+            train = _find_split(root, ("train",), cache_dir, quiet)
         if val is None:
-            val = _find_split(root, VAL_SPLITS, cache_dir)
+            name = next((name for name in VAL_SPLITS if _has_split(root, name)), None)
+            val = _find_split(root, VAL_SPLITS, cache_dir, quiet)
+            evaluation = "test" if name == "test" else "validation"
         if train is None and val is None and train_dir is None and val_dir is None:
             raise LatePhaseError(
                 f"found neither train/ nor val/ (or validation/, test/) in {data}; pass --train-dir / --val-dir for a "
                 "single ImageFolder tree"
             )
-    return train, val
+        if with_test and evaluation == "validation" and _has_split(root, "test"):
+            test = _find_split(root, ("test",), cache_dir, quiet)
+    return DataSplits(train, val, evaluation, test)
 
 
-def evaluation_split(data: str | os.PathLike | None, val_dir: str | os.PathLike | None = None, *,
-                     cache_dir: str | os.PathLike | None = None) -> str:
-    """``"validation"`` or ``"test"``: what the evaluation images :func:`resolve_data_dirs` finds are, by the split's
-    name: ``val/`` and ``validation/`` are validation sets, ``test/`` is a test set (CIFAR-10's layout) — under
-    ``--data``, or as ``--val-dir`` itself (a folder or archive named ``test``: selecting on it would select on the
-    test set)."""
-    if val_dir is not None:
-        name = Path(val_dir).name
-        for suffix in ARCHIVE_SUFFIXES:
-            name = name.removesuffix(suffix)
-        return "test" if name.lower() == "test" else "validation"
-    if data is None:
-        return "validation"
-    root = _resolve_tree(data, cache_dir, stop_at=_SPLITS)
-    for name in VAL_SPLITS:
-        if any(candidate.exists() for candidate in _split_paths(root, name)):
-            return "test" if name == "test" else "validation"
-    return "validation"
+def _split_name(path: Path) -> str:
+    """The split a folder or archive is named after, lowercase, without an archive suffix."""
+    name = path.name
+    for suffix in ARCHIVE_SUFFIXES:
+        name = name.removesuffix(suffix)
+    return name.lower()
 
 
-def _find_split(root: Path | TarPath, names: Sequence[str],
-                cache_dir: str | os.PathLike | None) -> Path | TarPath | None:
+def _has_split(root: Path | TarPath, name: str) -> bool:
+    return any(candidate.exists() for candidate in _split_paths(root, name))
+
+
+def _find_split(root: Path | TarPath, names: Sequence[str], cache_dir: str | os.PathLike | None,
+                quiet: bool) -> Path | TarPath | None:
     for name in names:
         for candidate in _split_paths(root, name):
             if candidate.exists():
-                return _resolve_tree(candidate, cache_dir)
+                return _resolve_tree(candidate, cache_dir, quiet=quiet)
     return None
 
 
@@ -114,7 +153,8 @@ def _split_paths(root: Path | TarPath, name: str) -> list[Path | TarPath]:
 
 
 def _resolve_tree(
-    path: str | os.PathLike | TarPath, cache_dir: str | os.PathLike | None, stop_at: Sequence[str] = ()
+    path: str | os.PathLike | TarPath, cache_dir: str | os.PathLike | None, stop_at: Sequence[str] = (), *,
+    quiet: bool = False,
 ) -> Path | TarPath:
     """A folder as it is; an uncompressed tar archive read in place, a compressed one extracted into the cache —
     stepping into a single top folder unless it holds one of ``stop_at`` (folder or archive names)."""
@@ -136,8 +176,8 @@ def _resolve_tree(
         raise LatePhaseError(f"cannot read data path {path}: {exc}; check that the archive is complete") from exc
     if not is_archive:
         raise LatePhaseError(f"data path {path} is neither a directory nor a tar archive; pass an ImageFolder tree")
-    index = _TarIndex.scan(path)
-    return _step_into_single_folder(TarPath(index) if index else _extract_cached(path, cache_dir), stop_at)
+    index = _TarIndex.scan(path, quiet)
+    return _step_into_single_folder(TarPath(index) if index else _extract_cached(path, cache_dir, quiet), stop_at)
 
 
 def _step_into_single_folder(root: Path | TarPath, stop_at: Sequence[str]) -> Path | TarPath:
@@ -158,18 +198,25 @@ def _step_into_single_folder(root: Path | TarPath, stop_at: Sequence[str]) -> Pa
 
 
 class _TarIndex:
-    """Where the files of an uncompressed tar archive lie: POSIX path inside it → (offset, size) of its bytes, and
-    its folders. A ``.tar`` inside it (ImageNet's training archive holds one per class) is indexed as the folder of
-    its name without ``.tar``; links and special files are left out."""
+    """Where the files of an uncompressed tar archive lie: POSIX path inside it → (offset, size) of its bytes, its
+    folders, and its symbolic links. A ``.tar`` inside it (ImageNet's training archive holds one per class) is
+    indexed as the folder of its name without ``.tar`` (and listed in ``archives``); a hard link as the file it links
+    to, as extraction makes it; special files are left out."""
+
+    #: Symbolic links followed in a row before a chain counts as a loop (as Linux's ELOOP).
+    MAX_LINK_HOPS = 40
 
     def __init__(self, archive: Path) -> None:
         self.archive = archive
         self.files: dict[str, tuple[int, int]] = {}
         self.folders: set[str] = {""}
+        self.archives: set[str] = set()  # the folders that are .tar files inside the archive
+        self.links: dict[str, str | None] = {}  # symbolic link → the path it names (None: outside the archive)
 
     @classmethod
-    def scan(cls, archive: Path) -> _TarIndex | None:
-        """The index of `archive`, or None when it is compressed (it cannot be read in place)."""
+    def scan(cls, archive: Path, quiet: bool = False) -> _TarIndex | None:
+        """The index of `archive`, or None when it is compressed (it cannot be read in place). ``quiet``: no
+        progress bar."""
         try:
             tar = tarfile.open(archive, "r:")
         except tarfile.ReadError:
@@ -177,36 +224,88 @@ class _TarIndex:
         index = cls(archive)
         try:
             with tar:
-                index._add(tar, 0, "", _progress(iter(tar), f"indexing {archive.name}"))
+                index._add(tar, 0, "", _progress(iter(tar), f"indexing {archive.name}", quiet))
         except (tarfile.TarError, OSError, EOFError) as exc:
             raise LatePhaseError(f"cannot read {archive}: {exc}; check that the archive is complete") from exc
         return index
 
     def _add(self, tar: tarfile.TarFile, offset: int, folder: str, members: Iterator[tarfile.TarInfo]) -> None:
         """Index `members` of `tar` (which starts at `offset` in the archive) as the contents of `folder`."""
+        where = f"{self.archive}/{folder}.tar" if folder else str(self.archive)
         for member in members:
-            path = "/".join(part for part in (folder, _checked_name(member.name, self.archive, "read")) if part)
+            name = _checked_name(member.name, where, "read")
+            path = _joined(folder, name)
             if member.isdir():
                 self._add_folder(path)
             elif member.isreg() and not member.issparse():
                 self._add_folder(posixpath.dirname(path))
                 if path.endswith(".tar"):
-                    with tarfile.open(fileobj=tar.extractfile(member), mode="r:") as inner:
-                        self._add(inner, offset + member.offset_data, path.removesuffix(".tar"), iter(inner))
+                    self._add_archive(tar, member, offset, path)
                 else:
                     self.files[path] = (offset + member.offset_data, member.size)
+            elif member.islnk():
+                target = _joined(folder, _checked_name(member.linkname, where, "read"))
+                if target not in self.files:
+                    raise _dangling_hard_link(member, where, "read")
+                self._add_folder(posixpath.dirname(path))
+                self.files[path] = self.files[target]
+            elif member.issym():
+                self._add_folder(posixpath.dirname(path))
+                target = _symlink_target(name, member.linkname)
+                self.links[path] = None if target is None else _joined(folder, target)
+
+    def _add_archive(self, tar: tarfile.TarFile, member: tarfile.TarInfo, offset: int, path: str) -> None:
+        """Index the ``.tar`` `member` (at `path`) as the folder of its name without ``.tar``; name it if damaged."""
+        if offset + member.offset_data + member.size > self.archive.stat().st_size:
+            raise LatePhaseError(f"cannot read {self.archive}: it ends inside {path}; check that the archive is "
+                                 "complete")
+        folder = path.removesuffix(".tar")
+        try:
+            with tarfile.open(fileobj=tar.extractfile(member), mode="r:") as inner:
+                self._add(inner, offset + member.offset_data, folder, iter(inner))
+        except (tarfile.TarError, EOFError) as exc:
+            raise LatePhaseError(f"cannot read {self.archive}/{path}, a tar archive inside {self.archive.name}: {exc}; "
+                                 "replace it with a complete tar archive or remove it") from exc
+        self._add_folder(folder)
+        self.archives.add(folder)
 
     def _add_folder(self, path: str) -> None:
         while path not in self.folders:  # "" (the top) is always there
             self.folders.add(path)
             path = posixpath.dirname(path)
 
+    def followed(self, link: str) -> str | None:
+        """The file the symbolic link `link` leads to (through other links), or None: a folder, nowhere, outside the
+        archive, a loop."""
+        target = self.links[link]
+        for _ in range(self.MAX_LINK_HOPS):
+            if target is None or target in self.files:
+                return target
+            if target not in self.links:
+                return None
+            target = self.links[target]
+        return None
+
+
+def _joined(folder: str, path: str) -> str:
+    return f"{folder}/{path}" if folder and path else folder or path
+
+
+def _symlink_target(name: str, linkname: str) -> str | None:
+    """Where the symbolic link member `name` (a checked relative path) leads, relative to the top of its archive;
+    None for an absolute target or one that leaves the archive."""
+    target = posixpath.normpath(posixpath.join(posixpath.dirname(name), linkname.replace("\\", "/")))
+    if linkname.startswith(("/", "\\")) or target == ".." or target.startswith("../"):
+        return None
+    return "" if target == "." else target
+
 
 @dataclass(frozen=True)
 class TarPath:
     """A path inside an uncompressed tar archive read in place (like :class:`zipfile.Path`): what the data code asks
-    of a :class:`~pathlib.Path` — ``name``, ``exists()``, ``is_dir()``, ``iterdir()``, ``/`` — plus :meth:`files`.
-    ``str()`` is the archive's path followed by the path inside it (``/data/imagenet.tar/train``)."""
+    of a :class:`~pathlib.Path` — ``name``, ``exists()``, ``is_dir()``, ``iterdir()``, ``/`` — plus :meth:`files`,
+    :meth:`skipped_links` and :meth:`is_archive`. ``str()`` is the archive's path followed by the path inside it
+    (``/data/imagenet.tar/train``)."""
 
     index: _TarIndex = field(repr=False)
     at: str = ""  # POSIX path inside the archive; "" is its top
@@ -227,20 +326,47 @@ class TarPath:
     def is_dir(self) -> bool:
         return self.at in self.index.folders
 
+    def is_archive(self) -> bool:
+        """True for the folder of a ``.tar`` file inside the archive (ImageNet's per-class archives)."""
+        return self.at in self.index.archives
+
     def exists(self) -> bool:
         return self.is_dir() or self.at in self.index.files
 
     def iterdir(self) -> Iterator[TarPath]:
         """The files and folders right inside this folder, in no particular order."""
-        prefix = f"{self.at}/" if self.at else ""
+        prefix = self._prefix
         names = {path[len(prefix):].split("/", 1)[0] for paths in (self.index.folders, self.index.files)
                  for path in paths if path.startswith(prefix) and len(path) > len(prefix)}
         return (self / name for name in names)
 
     def files(self) -> Iterator[tuple[str, tuple[int, int]]]:
-        """(path relative to this folder, (offset, size) in the archive) of every file below it."""
-        prefix = f"{self.at}/" if self.at else ""
-        return ((path[len(prefix):], place) for path, place in self.index.files.items() if path.startswith(prefix))
+        """(path relative to this folder, (offset, size) in the archive) of every file below it — a symbolic link
+        to a file below this folder included, as the file it leads to (what an extracted tree gives)."""
+        prefix = self._prefix
+        yield from ((path[len(prefix):], place) for path, place in self.index.files.items()
+                    if path.startswith(prefix))
+        for link, target in self._links():
+            if target is not None:
+                yield link, self.index.files[target]
+
+    def skipped_links(self) -> list[str]:
+        """The symbolic links below this folder that :meth:`files` does not follow (to a folder, outside this
+        folder, nowhere, into a loop), relative to it."""
+        return sorted(link for link, target in self._links() if target is None)
+
+    def _links(self) -> Iterator[tuple[str, str | None]]:
+        """(path relative to this folder, the file below this folder it leads to, else None) of the symbolic links
+        below it."""
+        prefix = self._prefix
+        for link in self.index.links:
+            if link.startswith(prefix):
+                target = self.index.followed(link)
+                yield link[len(prefix):], target if target is not None and target.startswith(prefix) else None
+
+    @property
+    def _prefix(self) -> str:
+        return f"{self.at}/" if self.at else ""
 
 
 # ------------------------------------------------------------------------------------ compressed tar, extracted
@@ -258,7 +384,7 @@ def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
     return Path.home() / ".cache" / "lpconvert"
 
 
-def _extract_cached(archive: Path, cache_dir: str | os.PathLike | None) -> Path:
+def _extract_cached(archive: Path, cache_dir: str | os.PathLike | None, quiet: bool = False) -> Path:
     stat = archive.stat()
     key = hashlib.sha256(f"{archive.resolve()}\0{stat.st_size}\0{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     parent = cache_root(cache_dir) / "extracted"
@@ -275,7 +401,7 @@ def _extract_cached(archive: Path, cache_dir: str | os.PathLike | None) -> Path:
     logger.info("extracting %s into the cache %s (once; LPCONVERT_CACHE sets the folder)", archive.name, parent)
     try:
         with tarfile.open(archive, "r:*") as tar:
-            members = _progress(_checked_members(tar, archive), f"extracting {archive.name}")
+            members = _progress(_checked_members(tar, archive), f"extracting {archive.name}", quiet)
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(tmp, members=members, filter="data")
             else:  # Python without extraction filters: the member checks alone guard the paths
@@ -320,25 +446,37 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _progress(items: Iterator[Any], description: str) -> Iterator[Any]:
-    """A progress bar on a terminal (stderr), nothing otherwise."""
+def _progress(items: Iterator[Any], description: str, quiet: bool) -> Iterator[Any]:
+    """A progress bar on a terminal (stderr) unless `quiet`, nothing otherwise."""
     from tqdm.auto import tqdm
 
-    return tqdm(items, desc=description, unit=" files", disable=None, leave=False)
+    return tqdm(items, desc=description, unit=" files", disable=True if quiet else None, leave=False)
 
 
 def _checked_members(tar: tarfile.TarFile, archive: Path) -> Iterator[tarfile.TarInfo]:
-    """Yield the members, refusing absolute paths and ``..`` (in names and link targets) and device files."""
+    """Yield the members, refusing absolute paths and ``..`` in names, symbolic links that lead out of the archive,
+    hard links to no earlier file, and device files."""
+    seen: set[str] = set()
     for member in tar:
-        _checked_name(member.name, archive, "extract")
-        if member.issym() or member.islnk():
-            _checked_name(member.linkname, archive, "extract")
+        name = _checked_name(member.name, archive, "extract")
+        if member.issym() and _symlink_target(name, member.linkname) is None:
+            raise LatePhaseError(f"refusing to extract {archive}: member {member.name!r} links to "
+                                 f"{member.linkname!r}, outside the archive; repack it without that link")
+        if member.islnk() and _checked_name(member.linkname, archive, "extract") not in seen:
+            raise _dangling_hard_link(member, archive, "extract")
         if member.isdev():
             raise LatePhaseError(f"refusing to extract {archive}: member {member.name!r} is a device file")
+        seen.add(name)
         yield member
 
 
-def _checked_name(name: str, archive: Path, action: str) -> str:
+def _dangling_hard_link(member: tarfile.TarInfo, archive: str | os.PathLike, action: str) -> LatePhaseError:
+    """The error for a hard link whose target is no earlier file of the archive (extraction has nothing to link)."""
+    return LatePhaseError(f"refusing to {action} {archive}: member {member.name!r} is a hard link to "
+                          f"{member.linkname!r}, which is no file before it in the archive; repack the archive")
+
+
+def _checked_name(name: str, archive: str | os.PathLike, action: str) -> str:
     """A member name as a relative POSIX path without ``.`` parts ("" for the top); absolute paths and ``..`` are
     refused."""
     posix = name.replace("\\", "/")

@@ -18,6 +18,7 @@ import copy
 import hashlib
 import io
 import logging
+import math
 import os
 import posixpath
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -33,16 +34,16 @@ from torch.utils.data import Dataset, TensorDataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import default_loader, has_file_allowed_extension
 
-from lpconvert.data.archives import TarPath, evaluation_split, resolve_data_dirs
-from lpconvert.data.hfds import HubImages, HubSplit, hub_splits
-from lpconvert.data.labels import class_to_index
+from lpconvert.data.archives import TarPath, data_splits
+from lpconvert.data.hfds import HubImages, HubSplit, hub_sources
+from lpconvert.data.labels import class_to_index, output_names
 from lpconvert.data.memory import memory_data
 from lpconvert.data.sampler import SeededSamples
 from lpconvert.data.transforms import build_transform, data_config
 from lpconvert.errors import LatePhaseError, one_line
 
 if TYPE_CHECKING:
-    from lpconvert.config import FinetuneConfig
+    from lpconvert.data.settings import DataSettings
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ __all__ = [
     "Source",
     "build_data",
     "build_datasets",
+    "check_every_class",
     "data_fingerprint",
     "digits_datasets",
     "hold_out",
@@ -86,7 +88,7 @@ class _MappedImageFolder(ImageFolder):
         super().__init__(str(root), transform=transform, loader=loader)
 
     def find_classes(self, directory: str) -> tuple[list[str], dict[str, int]]:
-        present = {name: i for name, i in self._mapping.items() if (self._tree / name).is_dir()}
+        present = {name: self._mapping[name] for name in _class_folders(self._tree) if name in self._mapping}
         return sorted(present, key=present.get), present
 
     def make_dataset(self, directory: str, class_to_idx: dict[str, int], extensions: tuple[str, ...] | None = None,
@@ -112,10 +114,7 @@ class _MappedImageFolder(ImageFolder):
         for name in class_to_idx:
             for folder, file in _walk(Path(directory, name), root, (root,), skipped):
                 yield name, (folder, file), os.path.join(folder, file)
-        if skipped:
-            shown = ", ".join(str(path.relative_to(directory)) for path in skipped[:3])
-            logger.warning("%s: skipped %d symlink(s) leading outside it or into a loop (%s%s); remove them or copy "
-                           "the files in", directory, len(skipped), shown, ", …" * (len(skipped) > 3))
+        _warn_skipped(directory, [str(path.relative_to(directory)) for path in skipped])
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
         try:
@@ -135,19 +134,28 @@ class _MappedTarFolder(_MappedImageFolder):
         super().__init__(root, class_to_idx, transform, loader=self._read)
 
     def _files(self, directory: str, class_to_idx: Mapping[str, int]) -> Iterator[tuple[str, tuple[str, str], str]]:
-        """The archive's files below the class folders (links are not indexed), each one's place recorded."""
+        """The archive's files below the class folders, each one's place recorded: a symbolic link to a file inside
+        the root counts as that file, as in the extracted tree; the other links are counted in one warning."""
         for path, place in self._tree.files():
             name, _, rest = path.partition("/")
             if rest and name in class_to_idx:
                 sample = f"{directory}/{path}"
                 self._places[sample] = place
                 yield name, posixpath.split(path), sample
+        _warn_skipped(directory, [link for link in self._tree.skipped_links() if link.split("/", 1)[0] in class_to_idx])
 
     def _read(self, sample: str) -> Image.Image:
         offset, size = self._places[sample]
         with open(self._tree.index.archive, "rb") as file:
             file.seek(offset)
             return Image.open(io.BytesIO(file.read(size))).convert("RGB")
+
+
+def _warn_skipped(root: str, links: Sequence[str]) -> None:
+    """One warning for the symlinks below `root` (paths relative to it) that were not followed."""
+    if links:
+        logger.warning("%s: skipped %d symlink(s) leading outside it or into a loop (%s%s); remove them or copy the "
+                       "files in", root, len(links), ", ".join(links[:3]), ", …" * (len(links) > 3))
 
 
 def _walk(folder: Path, root: Path, chain: tuple[Path, ...], skipped: list[Path]) -> Iterator[tuple[str, str]]:
@@ -186,8 +194,13 @@ def _class_names(source: Source) -> list[str]:
 
 
 def _class_folders(root: Path | TarPath) -> list[str]:
+    """The class folders of an ImageFolder tree, alphabetically: its folders, as torchvision's ImageFolder finds them
+    (files beside them are no classes). In an archive read in place, a ``.tar`` inside it is a class only in a tree of
+    such archives (ImageNet's training archive, one per class): beside real folders it is a file, as extracted."""
     try:
-        names = sorted(e.name for e in root.iterdir() if e.is_dir() and not e.name.startswith("."))
+        folders = [e for e in root.iterdir() if e.is_dir() and not e.name.startswith(".")]
+        real = [e for e in folders if not (isinstance(e, TarPath) and e.is_archive())]
+        names = sorted(e.name for e in (real or folders))
     except FileNotFoundError as exc:
         raise LatePhaseError(f"data folder {root} does not exist; check the path") from exc
     except OSError as exc:
@@ -203,7 +216,7 @@ def build_datasets(
     *,
     data_config: Mapping[str, Any],
     num_classes: int | None,
-    class_map: str | os.PathLike = "auto",
+    class_map: str | os.PathLike | Sequence[str] = "auto",
     train_subset: int | None = None,
     val_subset: int | None = None,
     seed: int = 0,
@@ -217,14 +230,26 @@ def build_datasets(
     no training set) and reused for validation, whose classes must be among them. ``train_subset`` / ``val_subset``
     keep that many samples, stratified: each class keeps its share (largest remainder), drawn at random with
     ``seed``, in file order; the result keeps its type (``samples``/``targets`` trimmed). ``None`` for a missing
-    source.
+    source. A class map names the training classes (:func:`class_to_index` with ``complete``).
     """
+    return _labelled_sets(train_dir, val_dir, None, data_config=data_config, num_classes=num_classes,
+                          class_map=class_map, train_subset=train_subset, val_subset=val_subset, seed=seed,
+                          train_transform=train_transform)[:2]
+
+
+def _labelled_sets(
+    train_dir: str | os.PathLike | Source | None, val_dir: str | os.PathLike | Source | None, test_dir: Source | None,
+    *, data_config: Mapping[str, Any], num_classes: int | None, class_map: str | os.PathLike | Sequence[str],
+    train_subset: int | None, val_subset: int | None, seed: int, train_transform: str,
+) -> tuple[LabelledImages | None, LabelledImages | None, LabelledImages | None]:
+    """:func:`build_datasets`'s training and validation sets, and a test set (whole, evaluation transform) with the
+    same labels."""
     train_root, val_root = (Path(d) if isinstance(d, (str, os.PathLike)) else d for d in (train_dir, val_dir))
     mapping_root = train_root or val_root
     if mapping_root is None:
         raise LatePhaseError("no data folder given; pass --data, --train-dir or --val-dir")
     mapping = class_to_index(_class_names(mapping_root), num_classes, class_map,
-                             ordered=isinstance(mapping_root, HubSplit))
+                             ordered=isinstance(mapping_root, HubSplit), complete=train_root is not None)
 
     def make(root: Source | None, train: bool, subset: int | None) -> LabelledImages | None:
         if root is None:
@@ -245,7 +270,7 @@ def build_datasets(
             _keep(dataset, stratified_indices(dataset.targets, subset, seed))
         return dataset
 
-    return make(train_root, True, train_subset), make(val_root, False, val_subset)
+    return make(train_root, True, train_subset), make(val_root, False, val_subset), make(test_dir, False, None)
 
 
 def _labelled_images(source: Source, mapping: Mapping[str, int], transform: Any) -> LabelledImages:
@@ -264,14 +289,42 @@ def stratified_indices(targets: Sequence[int], size: int, seed: int = 0) -> list
     if size >= len(labels):
         return list(range(len(labels)))
     classes, counts = np.unique(labels, return_counts=True)
-    quotas = counts * size / len(labels)
-    take = np.floor(quotas).astype(int)
-    order = sorted(range(len(classes)), key=lambda i: (-(quotas[i] - take[i]), i))
-    for i in order[: size - int(take.sum())]:
-        take[i] += 1
+    take = _class_shares(counts, size)
     rng = np.random.default_rng(seed)
     chosen = [rng.choice(np.flatnonzero(labels == c), size=n, replace=False) for c, n in zip(classes, take)]
     return sorted(int(i) for i in np.concatenate(chosen))
+
+
+def _class_shares(counts: np.ndarray, size: int) -> np.ndarray:
+    """How many images of each class (of `counts` images each) a stratified subset of `size` takes: each class its
+    share, the remainder to the largest fractional parts (ties to the earlier class)."""
+    quotas = counts * size / int(counts.sum())
+    take = np.floor(quotas).astype(int)
+    order = np.lexsort((np.arange(len(counts)), -(quotas - take)))
+    take[order[: size - int(take.sum())]] += 1
+    return take
+
+
+def check_every_class(targets: Sequence[int], fraction: float, *, flag: str, images: str, part: str,
+                      otherwise: str) -> None:
+    """Refuse ``flag fraction`` when the stratified part of ``round(fraction · N)`` images it takes of the labelled
+    `targets` (:func:`stratified_indices`) has no image of some class: one line naming the images and classes, the
+    smallest ``flag`` value that gives every class an image, or `otherwise` (the fix when none does). `images` names
+    the N images (``"training images"``), `part` what the part is for (``"validation"``)."""
+    counts = np.unique(np.asarray(targets), return_counts=True)[1]
+    size, total = round(fraction * len(targets)), len(targets)
+    missing = int((_class_shares(counts, size) == 0).sum())
+    if not missing:
+        return
+    problem = (f"{flag} {fraction:g} holds out {size} of the {total} {images} for {len(counts)} classes, so {missing} "
+               f"class{'es get' if missing > 1 else ' gets'} no {part} image")
+    for needed in range(max(size + 1, len(counts)), min(total, size + 10_000)):
+        digits = max(0, -math.floor(math.log10(needed / total))) + 1
+        suggested = math.ceil(needed / total * 10**digits) / 10**digits
+        taken = round(suggested * total)
+        if taken < total and suggested < 1 and (_class_shares(counts, taken) > 0).all():
+            raise LatePhaseError(f"{problem}; use {flag} {suggested:g} or more, which gives every class at least one")
+    raise LatePhaseError(f"{problem}, and no {flag} gives every class one; {otherwise}")
 
 
 def _keep(dataset: LabelledImages, indices: Sequence[int]) -> None:
@@ -308,10 +361,11 @@ def digits_datasets(seed: int = 0, test_size: int = 597) -> tuple[TensorDataset,
 @dataclass
 class Data:
     """The fine-tuner's data: training samples (seeded augmentation), the validation set every epoch is measured on
-    (and ``--select best`` chooses on), the test set evaluated once at the end when validation was held out of the
-    training images, and their fingerprint. `val_role` says what the validation set is: ``"validation"`` (the data's
-    validation split), ``"held-out"`` (``--val-split`` of the training images) or ``"test"`` (the data's test split,
-    nothing held out: measured, never selected on)."""
+    (and ``--select best`` chooses on), the test set evaluated once at the end — the data's test split when
+    validation was held out of the training images or is a split of its own beside it — and their fingerprint.
+    `val_role` says what the validation set is: ``"validation"`` (the data's validation split), ``"held-out"``
+    (``--val-split`` of the training images) or ``"test"`` (the data's test split, nothing held out: measured, never
+    selected on). With a test set, ``fingerprint["val"]["held_out"]`` says whether validation was held out."""
 
     train: SeededSamples
     val: Dataset
@@ -321,22 +375,25 @@ class Data:
     val_role: str = "validation"
 
 
-def build_data(config: FinetuneConfig, model: nn.Module, sources: tuple[Source, Source] | None = None, *,
-               labels: bool = True, evaluation: str = "validation") -> Data:
-    """Training, validation and test sets of `config` with `model`'s own preprocessing (its timm data config, as
+def build_data(config: DataSettings, model: nn.Module, sources: tuple[Source, Source] | None = None, *,
+               labels: bool = True, evaluation: str = "validation", quiet: bool = False) -> Data:
+    """Training, validation and test sets of the data section `config` with `model`'s own preprocessing (its timm data config, as
     ``--input-size`` / ``--img-size`` / ``--crop-pct`` override it: :func:`~lpconvert.data.transforms.data_config`).
 
-    The sources are ``config.dataset`` (:func:`~lpconvert.data.hfds.hub_splits`) or ``config.data`` /
-    ``train_dir`` / ``val_dir`` (:func:`~lpconvert.data.archives.resolve_data_dirs`), unless `sources` gives the
+    The sources are ``config.dataset`` (:func:`~lpconvert.data.hfds.hub_sources`) or ``config.data`` /
+    ``train_dir`` / ``val_dir`` (:func:`~lpconvert.data.archives.data_splits`), unless `sources` gives the
     (training, validation) pair itself (`evaluation` says what its second is). When the evaluation split is a test
     set (``test/``, a dataset's ``test`` split, the digits' test images), ``config.val_split`` of the training images
     are held out, stratified with ``config.subset_seed``, as the validation set (:func:`hold_out`), and the test set
-    is returned apart. Labels follow ``config.class_map`` (default: :func:`class_to_index`'s ``"auto"``). Subsets are drawn with
-    ``config.subset_seed``; the training augmentation is seeded per (``config.seed``, epoch, sample) by
+    is returned apart. When the evaluation split is a validation set and the data also has a test split (``test/``
+    beside ``val/``, a dataset's ``test`` split beside ``validation``), validation chooses and that test set is
+    returned apart (whole: ``val_subset`` is the validation set's). Labels follow ``config.class_map`` (default:
+    :func:`class_to_index`'s ``"auto"``); ``label_names`` name every output (:func:`output_names`). Subsets are
+    drawn with ``config.subset_seed``; the training augmentation is seeded per (``config.seed``, epoch, sample) by
     :class:`~lpconvert.data.sampler.SeededSamples`. Images are decoded into memory and augmented batch-wise
     (:func:`~lpconvert.data.memory.memory_data`) as ``config.data_in_memory`` says. ``labels=False`` (BatchNorm
     recalibration, which reads no labels): the classes are not matched to the model's head, they are numbered in
-    folder order."""
+    folder order. ``quiet``: no progress bars while archives are indexed or extracted and datasets prepared."""
     if sources is None and config.data == DIGITS:
         train, test = digits_datasets()  # one split for every seed: the T0 model never sees a test digit
         names = [str(d) for d in range(10)]
@@ -346,37 +403,38 @@ def build_data(config: FinetuneConfig, model: nn.Module, sources: tuple[Source, 
         train, val = hold_out(train, test, config.val_split, config.subset_seed)
         return Data(SeededSamples(train, config.seed), val, _digits_fingerprint(train, val, test), names, test,
                     "held-out")
+    test_source: Source | None = None
     if sources is None and config.dataset is not None:
-        sources = hub_splits(config.dataset)
-        if None in sources:
+        train_source, val_source, test_source = hub_sources(config.dataset, quiet=quiet)
+        if train_source is None or val_source is None:
             raise LatePhaseError(f"fine-tuning needs a training and a validation set; {config.dataset} has no "
-                                 f"{'train' if sources[0] is None else 'val, validation or test'} split")
-        split = "test" if sources[1].split == "test" else "validation"
+                                 f"{'train' if train_source is None else 'val, validation or test'} split")
+        split = "test" if val_source.split == "test" else "validation"
     elif sources is None:
-        sources = resolve_data_dirs(config.data, config.train_dir, config.val_dir)
-        split = evaluation_split(config.data, config.val_dir)
+        found = data_splits(config.data, config.train_dir, config.val_dir, quiet=quiet)
+        train_source, val_source, test_source, split = found.train, found.val, found.test, found.evaluation
     else:
-        split = evaluation
-    train_source, val_source = sources
+        (train_source, val_source), split = sources, evaluation
     if train_source is None or val_source is None:
         raise LatePhaseError("fine-tuning needs a training and a validation set; pass --data ROOT or "
                              "--train-dir/--val-dir")
-    train, val = build_datasets(
-        train_source, val_source, data_config=data_config(model, config),
+    train, val, test = _labelled_sets(
+        train_source, val_source, test_source, data_config=data_config(model, config),
         num_classes=_num_classes(model) if labels else None,
-        class_map=(config.class_map or "auto") if labels else "folder", train_subset=config.train_subset,
+        class_map=config.labels if labels else "folder", train_subset=config.train_subset,
         val_subset=config.val_subset, seed=config.subset_seed, train_transform=config.train_transform,
     )
     if len(train.class_to_idx) < 2:
         raise LatePhaseError(f"the training set {train_source} has {len(train.class_to_idx)} class; a classifier "
                              "needs at least 2")
-    names = sorted(train.class_to_idx, key=train.class_to_idx.get)
-    test, role = None, split
+    names = output_names(train.class_to_idx, _num_classes(model) if labels else None)
+    role = split
     if split == "test" and config.val_split > 0:
         test, role = val, "held-out"
         train, val = hold_out(train, test, config.val_split, config.subset_seed)
     fingerprint = {"train": data_fingerprint(train), "val": data_fingerprint(val)}
     if test is not None:
+        fingerprint["val"]["held_out"] = role == "held-out"
         fingerprint["test"] = data_fingerprint(test)
     decoded = memory_data(train, val, *([test] if test is not None else []), mode=config.data_in_memory,
                           seed=config.seed, workers=config.workers)
@@ -395,6 +453,8 @@ def hold_out(train: LabelledImages | TensorDataset, evaluation: Dataset, fractio
     if not 1 <= size < len(targets):
         raise LatePhaseError(f"--val-split {fraction:g} of {len(targets)} training images holds out {size}; choose a "
                              "fraction that leaves images on both sides")
+    check_every_class(targets, fraction, flag="--val-split", images="training images", part="validation",
+                      otherwise="pass a validation set of every class (--val-dir) instead")
     held = set(stratified_indices(targets, size, seed))
     rest = [i for i in range(len(targets)) if i not in held]
     if isinstance(train, TensorDataset):
@@ -411,9 +471,11 @@ def _digits_fingerprint(train: TensorDataset, val: TensorDataset, test: TensorDa
                         val_role: str = "held-out") -> dict[str, Any]:
     """The digits' sizes, in all and per split (the model card names each figure's image count)."""
     parts = {"train": train, "val": val, **({"test": test} if test is not None else {})}
-    splits = {name: {"num_files": len(part)} for name, part in parts.items()}
+    splits: dict[str, dict[str, Any]] = {name: {"num_files": len(part)} for name, part in parts.items()}
     if val_role == "test":
         splits["val"]["split"] = "test"
+    if test is not None:
+        splits["val"]["held_out"] = True
     return {"dataset": DIGITS, "num_files": sum(len(part) for part in parts.values()), **splits}
 
 
@@ -423,6 +485,14 @@ def _num_classes(model: nn.Module) -> int | None:
 
 
 # ---------------------------------------------------------------------------------------------------- provenance
+
+
+def validated_on_held_out(fingerprint: Mapping[str, Any] | None) -> bool:
+    """Whether the run with this data fingerprint validated on images held out of its training split (``--val-split``):
+    recorded as ``val.held_out`` since runs may have a test set beside a validation split; before, a test set in the
+    fingerprint meant a hold-out."""
+    fingerprint = fingerprint or {}
+    return bool((fingerprint.get("val") or {}).get("held_out", "test" in fingerprint))
 
 
 def data_fingerprint(dataset_or_dir: LabelledImages | str | os.PathLike) -> dict[str, Any]:

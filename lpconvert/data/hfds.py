@@ -4,7 +4,8 @@
 seeded batch order, exact resume and paired arms work as for image folders. Images come from the dataset's Image
 column (``image``, else its only one), labels from its ClassLabel column (``label``, else its only one), mapped to the
 model's indices in the ClassLabel's own order (:func:`~lpconvert.data.labels.class_to_index` with ``ordered``). The
-splits are ``train`` and the first of ``val``, ``validation``, ``test``. The ``datasets`` library is an extra
+splits are ``train`` and the first of ``val``, ``validation``, ``test`` — and, for fine-tuning, ``test`` as the test
+set apart when it lies beside ``val`` or ``validation`` (:func:`hub_sources`). The ``datasets`` library is an extra
 (``pip install 'lpconvert[hf]'``); its cache (``HF_DATASETS_CACHE``) and offline mode (``HF_DATASETS_OFFLINE=1``,
 which reads a cached copy) apply::
 
@@ -14,7 +15,9 @@ which reads a cached copy) apply::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import contextlib
+import warnings
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ from torch.utils.data import Dataset
 from lpconvert.data.archives import VAL_SPLITS
 from lpconvert.errors import LatePhaseError, one_line
 
-__all__ = ["HFDS", "HubImages", "HubSplit", "hub_dataset_id", "hub_name", "hub_splits"]
+__all__ = ["HFDS", "HubImages", "HubSplit", "hub_dataset_id", "hub_name", "hub_sources", "hub_splits"]
 
 HFDS = "hfds/"  # timm's prefix of a (map-style) Hugging Face dataset
 
@@ -80,28 +83,62 @@ class HubSplit:
             return Image.open(file).convert("RGB")
 
 
-def hub_splits(dataset: str) -> tuple[HubSplit | None, HubSplit | None]:
+def hub_splits(dataset: str, *, quiet: bool = False) -> tuple[HubSplit | None, HubSplit | None]:
     """The training split (``train``) and the validation split (the first of ``val``, ``validation``, ``test``) of
-    ``--dataset hfds/NAME``; None for one the dataset lacks."""
+    ``--dataset hfds/NAME``; None for one the dataset lacks. ``quiet``: without the datasets library's and the Hub's
+    progress bars."""
+    return _splits(dataset, quiet, with_test=False)[:2]
+
+
+def hub_sources(dataset: str, *, quiet: bool = False) -> tuple[HubSplit | None, HubSplit | None, HubSplit | None]:
+    """:func:`hub_splits` and the test set apart: the ``test`` split when the validation split is another one
+    (``val`` or ``validation``), else None."""
+    return _splits(dataset, quiet, with_test=True)
+
+
+def _splits(dataset: str, quiet: bool, *,
+            with_test: bool) -> tuple[HubSplit | None, HubSplit | None, HubSplit | None]:
     name = hub_name(dataset)
     try:
         import datasets
     except ImportError as err:
         raise LatePhaseError("--dataset hfds/NAME needs the Hugging Face datasets library: pip install "
                              "'lpconvert[hf]'") from err
+    with _progress_bars_off() if quiet else contextlib.nullcontext():
+        try:
+            builder = datasets.load_dataset_builder(name)
+            builder.download_and_prepare()  # what load_dataset does first: then the features and splits are known
+        except Exception as err:  # DatasetNotFoundError, ConnectionError, FileNotFoundError…: they vary by version
+            raise LatePhaseError(f"cannot open the Hugging Face dataset {name}: {one_line(err)}; check the name (a Hub "
+                                 "id or a local dataset folder), or set HF_DATASETS_OFFLINE=1 to read a cached "
+                                 "copy") from err
+        columns = _columns(dataset, builder.info.features)
+        names = list(builder.info.splits)
+        train = "train" if "train" in names else None
+        val = next((split for split in VAL_SPLITS if split in names), None)
+        if train is None and val is None:
+            raise LatePhaseError(f"{dataset} has no train, val, validation or test split (it has {', '.join(names)})")
+        test = "test" if with_test and val != "test" and "test" in names else None
+        return _open(dataset, train, *columns), _open(dataset, val, *columns), _open(dataset, test, *columns)
+
+
+@contextlib.contextmanager
+def _progress_bars_off() -> Iterator[None]:
+    """The datasets library's and the Hub's progress bars off for the block, then on again unless they were off
+    already. An environment variable that forces them on (``HF_DATASETS_DISABLE_PROGRESS_BARS=0``) keeps them."""
+    import datasets
+    from huggingface_hub import utils as hub
+
+    libraries = [library for library in (datasets, hub) if not library.are_progress_bars_disabled()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the libraries warn when the environment forces the bars on
+        for library in libraries:
+            library.disable_progress_bars()
     try:
-        builder = datasets.load_dataset_builder(name)
-        builder.download_and_prepare()  # what load_dataset does first: then the features and splits are known
-    except Exception as err:  # DatasetNotFoundError, ConnectionError, FileNotFoundError…: they vary by version
-        raise LatePhaseError(f"cannot open the Hugging Face dataset {name}: {one_line(err)}; check the name (a Hub id "
-                             "or a local dataset folder), or set HF_DATASETS_OFFLINE=1 to read a cached copy") from err
-    columns = _columns(dataset, builder.info.features)
-    names = list(builder.info.splits)
-    train = "train" if "train" in names else None
-    val = next((split for split in VAL_SPLITS if split in names), None)
-    if train is None and val is None:
-        raise LatePhaseError(f"{dataset} has no train, val, validation or test split (it has {', '.join(names)})")
-    return _open(dataset, train, *columns), _open(dataset, val, *columns)
+        yield
+    finally:
+        for library in libraries:
+            library.enable_progress_bars()
 
 
 def _columns(dataset: str, features: Mapping[str, Any]) -> tuple[str, str]:

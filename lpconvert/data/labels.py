@@ -8,14 +8,15 @@ class-map text file (``--class-map``) gives the order explicitly.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from timm.data import ImageNetInfo, infer_imagenet_subset
 
 from lpconvert.errors import LatePhaseError
 
-__all__ = ["ClassCountError", "class_to_index"]
+__all__ = ["ClassCountError", "class_to_index", "output_names"]
 
 
 class ClassCountError(LatePhaseError):
@@ -39,7 +40,8 @@ class ClassCountError(LatePhaseError):
 
 
 def class_to_index(
-    classes: Sequence[str], num_classes: int | None, class_map: str | os.PathLike = "auto", *, ordered: bool = False
+    classes: Sequence[str], num_classes: int | None, class_map: str | os.PathLike | Sequence[str] = "auto", *,
+    ordered: bool = False, complete: bool = False,
 ) -> dict[str, int]:
     """Map class names (folders) to the model's label indices.
 
@@ -48,8 +50,11 @@ def class_to_index(
     ``"imagenet"`` — folders are WordNet IDs (``n01440764``) mapped to their index in the ImageNet label set that
     timm infers from ``num_classes`` (1000: ImageNet-1k; also 21k/12k/22k variants), a subset of classes is fine;
     ``"auto"`` — ``"imagenet"`` when every folder is a WordNet ID of that label set, else ``"folder"``;
-    any other value — a text file with one class name per line, line ``i`` being label ``i`` (timm's class map;
-    ``--class-map FILE``).
+    any other string or path — a text file with one class name per line, line ``i`` being label ``i`` (timm's class
+    map; ``--class-map FILE``); a sequence of names (not a string) — those names in label order, as a run records
+    them. A class map names each of the ``num_classes`` outputs once: duplicates, a class of ``classes`` it does not
+    list and a count other than ``num_classes`` are refused; with ``complete`` (training data, whose classes the
+    outputs are named after) so is a listed name that is not among ``classes``.
 
     Example: ``class_to_index(["n01443537", "n01440764"], 1000)`` gives ``{"n01440764": 0, "n01443537": 1}``.
     """
@@ -71,10 +76,21 @@ def class_to_index(
                 "use class_map 'folder'"
             )
     elif class_map != "folder":
-        return _class_map_file(Path(class_map), classes, num_classes)
+        return _mapped(classes, num_classes, class_map, complete)
     if num_classes is not None and len(classes) != num_classes:
         raise ClassCountError(len(classes), num_classes)
     return {name: i for i, name in enumerate(classes)}
+
+
+def output_names(class_to_idx: Mapping[str, int], num_classes: int | None) -> list[str]:
+    """The name of each model output, in label order (a model's ``label_names``): the classes by their index — or,
+    when they are WordNet IDs mapped into an ImageNet head they do not fill (:func:`class_to_index`'s
+    ``"imagenet"``), that head's whole ImageNet label set."""
+    names = sorted(class_to_idx, key=class_to_idx.get)
+    synsets = _imagenet_synsets(num_classes) if len(names) != num_classes else []
+    if synsets and all(index < len(synsets) and synsets[index] == name for name, index in class_to_idx.items()):
+        return synsets
+    return names
 
 
 def _imagenet_synsets(num_classes: int | None) -> list[str]:
@@ -82,17 +98,47 @@ def _imagenet_synsets(num_classes: int | None) -> list[str]:
     return list(ImageNetInfo(subset).label_names()) if subset else []
 
 
-def _class_map_file(path: Path, classes: Sequence[str], num_classes: int | None) -> dict[str, int]:
+def _mapped(classes: Sequence[str], num_classes: int | None, class_map: str | os.PathLike | Sequence[str],
+            complete: bool) -> dict[str, int]:
+    """``classes`` → their line in the class map (a file, or the names themselves), every name listed once."""
+    names, where = _class_map_names(class_map)
+    repeated = sorted(name for name, count in Counter(names).items() if count > 1)
+    if repeated:
+        raise LatePhaseError(f"{where} lists {_listed(repeated)} more than once; list each class once (line i is "
+                             "label i)")
+    listed, present = set(names), set(classes)
+    missing = [name for name in classes if name not in listed]
+    if missing:
+        raise LatePhaseError(f"class{'es' * (len(missing) > 1)} {_listed(missing)} "
+                             f"{'are' if len(missing) > 1 else 'is'} not listed in {where}; add "
+                             f"{'them' if len(missing) > 1 else 'it'} (one name per line, line i is label i)")
+    absent = [name for name in names if name not in present] if complete else []
+    if absent:
+        raise LatePhaseError(f"{where} lists {_listed(absent)}, which the training data has no class for; remove "
+                             f"{'them' if len(absent) > 1 else 'it'} or add the images: every output is trained and "
+                             "named after a class of the data")
+    if num_classes is not None and len(names) != num_classes:
+        raise ClassCountError(len(names), num_classes, f"{where} lists")
+    index = {name: i for i, name in enumerate(names)}
+    return {name: index[name] for name in classes}
+
+
+def _class_map_names(class_map: str | os.PathLike | Sequence[str]) -> tuple[list[str], str]:
+    """The names of a class map in label order, and how a message names the map."""
+    if not isinstance(class_map, (str, os.PathLike)):
+        return [str(name) for name in class_map], "the recorded class names"
+    path = Path(class_map)
     try:
         names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         raise LatePhaseError(
-            f"cannot read class map {path}: {exc.strerror or exc}; pass a text file with one class name per line"
+            f"cannot read class map {path}: {getattr(exc, 'strerror', None) or exc}; pass a text file with one "
+            "class name per line"
         ) from exc
-    index = {name: i for i, name in enumerate(names)}
-    missing = [name for name in classes if name not in index]
-    if missing:
-        raise LatePhaseError(f"class {missing[0]!r} is not listed in the class map {path}; add it")
-    if num_classes is not None and max((index[name] for name in classes), default=-1) >= num_classes:
-        raise ClassCountError(len(names), num_classes, f"the class map {path} lists")
-    return {name: index[name] for name in classes}
+    return names, f"the class map {path}"
+
+
+def _listed(names: Sequence[str], shown: int = 5) -> str:
+    """Names quoted and comma-separated, the first `shown` of them and how many more."""
+    text = ", ".join(repr(name) for name in names[:shown])
+    return text + (f" and {len(names) - shown} more" if len(names) > shown else "")

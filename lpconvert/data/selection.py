@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset, Subset, TensorDataset
 
-from lpconvert.data.datasets import stratified_indices
+from lpconvert.data.datasets import check_every_class, stratified_indices
 from lpconvert.data.memory import MemoryImages
 from lpconvert.errors import LatePhaseError
 
@@ -53,6 +53,8 @@ def split_indices(labels: Sequence[int], fraction: float, seed: int = 0, *,
     if not 0 < fraction < 1 or not 1 <= size < len(targets):
         raise LatePhaseError(f"{flag} {fraction:g} of {len(targets)} evaluation images takes {size}; choose a "
                              "fraction in (0, 1) that leaves images on both sides, e.g. 0.5")
+    check_every_class(targets, fraction, flag=flag, images="evaluation images", part="held-out",
+                      otherwise="use an evaluation set with more images of each class")
     chosen = stratified_indices(targets, size, seed)
     taken = set(chosen)
     return chosen, [i for i in range(len(targets)) if i not in taken]

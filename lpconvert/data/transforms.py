@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from timm.data import create_transform, resolve_data_config
+from timm.data.constants import DEFAULT_CROP_PCT
 from torch import nn
 from torchvision import transforms
 
 from lpconvert.errors import LatePhaseError
 
 if TYPE_CHECKING:
-    from lpconvert.config import FinetuneConfig
+    from lpconvert.data.settings import DataSettings
 
-__all__ = ["INPUT_KEYS", "build_transform", "data_config"]
+__all__ = ["INPUT_KEYS", "MAX_SIDE", "build_transform", "data_config"]
 
 #: The data-config entries that ``--input-size`` / ``--img-size`` and ``--crop-pct`` set.
 INPUT_KEYS = ("input_size", "crop_pct")
+
+#: The most pixels a side an image is resized to: one image of 3 × 8192 × 8192 float32 already takes 0.8 GB.
+MAX_SIDE = 8192
 
 _SMALL_INPUT = 64  # inputs up to this many pixels a side get the CIFAR training augmentation by default
 _TRANSFORM_KEYS = ("input_size", "interpolation", "mean", "std", "crop_pct", "crop_mode")
 
 
-def data_config(model: nn.Module, config: FinetuneConfig) -> dict[str, Any]:
+def data_config(model: nn.Module, config: DataSettings) -> dict[str, Any]:
     """The model's timm data config (``timm.data.resolve_data_config(model=model)``) with the run's ``--input-size C H
-    W`` or ``--img-size N`` (square, the model's channels) and ``--crop-pct F`` in place of the model's own."""
+    W`` or ``--img-size N`` (square, the model's channels) and ``--crop-pct F`` in place of the model's own. Sizes
+    that resize images beyond :data:`MAX_SIDE` pixels a side are refused, naming the flag."""
     cfg = dict(resolve_data_config(model=model))
     if config.input_size:
         cfg["input_size"] = tuple(config.input_size)
@@ -33,7 +39,29 @@ def data_config(model: nn.Module, config: FinetuneConfig) -> dict[str, Any]:
         cfg["input_size"] = (cfg["input_size"][0], config.img_size, config.img_size)
     if config.crop_pct is not None:
         cfg["crop_pct"] = config.crop_pct
+    _check_sizes(cfg, config)
     return cfg
+
+
+def _check_sizes(cfg: Mapping[str, Any], config: DataSettings) -> None:
+    """Refuse an input size, or a crop fraction (evaluation resizes to the input size / crop_pct), that makes images
+    larger than :data:`MAX_SIDE` pixels a side: they would exhaust the memory, blamed on the first image read."""
+    channels, height, width = cfg["input_size"]
+    if max(height, width) > MAX_SIDE:
+        given = (f"--input-size {' '.join(map(str, config.input_size))}" if config.input_size
+                 else f"--img-size {config.img_size}" if config.img_size is not None
+                 else f"the model's input size {height}×{width}")
+        raise LatePhaseError(f"{given} is too large: images of {height}×{width} pixels exceed the {MAX_SIDE} pixels a "
+                             f"side lpconvert resizes to (one {channels}×{MAX_SIDE}×{MAX_SIDE} float32 image already "
+                             f"takes {4 * channels * MAX_SIDE**2 / 2**30:.2g} GiB); pass a smaller size")
+    crop_pct = cfg.get("crop_pct") or DEFAULT_CROP_PCT
+    resized = math.floor(max(height, width) / crop_pct)
+    if resized > MAX_SIDE:
+        least = math.ceil(max(height, width) / MAX_SIDE * 1000) / 1000
+        given = f"--crop-pct {crop_pct:g}" if config.crop_pct is not None else f"the model's crop_pct {crop_pct:g}"
+        raise LatePhaseError(f"{given} resizes the images to {resized} pixels a side before the center crop of "
+                             f"{max(height, width)}, above the {MAX_SIDE} lpconvert allows; use a --crop-pct of at "
+                             f"least {least:g}")
 
 
 def build_transform(data_config: Mapping[str, Any], *, train: bool, train_transform: str = "auto") -> Any:

@@ -16,7 +16,19 @@ from torch import nn
 
 from ..errors import LatePhaseError
 
+#: The one boolean vocabulary of flags, recipes, saved runs and kind options.
 BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+def read_bool(value: Any) -> bool:
+    """`value` as a boolean: a bool, 0 or 1, or a word of :data:`BOOLEAN_WORDS` (any case); ValueError otherwise."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    if isinstance(value, str) and value.strip().lower() in BOOLEAN_WORDS:
+        return BOOLEAN_WORDS[value.strip().lower()]
+    raise ValueError(value)
 
 
 @dataclass(frozen=True)
@@ -51,13 +63,7 @@ class Option:
         if value is None and self.default is None:
             return None
         if self.type is bool:
-            if isinstance(value, bool):
-                return value
-            if isinstance(value, int) and value in (0, 1):
-                return bool(value)
-            if isinstance(value, str) and value.strip().lower() in BOOLEAN_WORDS:
-                return BOOLEAN_WORDS[value.strip().lower()]
-            raise ValueError(value)
+            return read_bool(value)
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ValueError(value)
         if self.type is int:
