@@ -7,21 +7,21 @@
 >>> lpconvert.save_pretrained(averaged, "resnet50-lp")                                 # safetensors, config, card
 """
 
-from . import hub_env  # noqa: F401  (first: a malformed HF_ENDPOINT must not traceback when timm imports the Hub)
+from . import hub_env  # noqa: F401, I001  (first: a malformed HF_ENDPOINT must not traceback when timm imports the Hub)
 from . import compat  # noqa: F401  (second, before torch: a torch / torchvision pair that does not match is one line)
 from . import models  # noqa: F401  (registers lpconvert's architectures (cifar_resnet20, digits_cnn, …) with timm)
 from .collapse import collapse, ensemble_predict, recalibrate_batch_norm, unload
-from .engine import LatePhaseEngine, iterate_members
+from .collapse.soup import choose_alpha, greedy_soup, interpolate
+from .convert.late_phase_config import LatePhaseConfig, late_phase_config
+from .convert.members import late_phase_layers, num_members, select_members
+from .convert.surgery import Plan, convert, convert_from_config, plan
 from .errors import LatePhaseError
-from .late_phase import enter_late_phase
-from .late_phase_config import LatePhaseConfig, late_phase_config
-from .saved_run import load_late_phase
 from .layers import KINDS
-from .loading import load_model
-from .members import late_phase_layers, num_members, select_members
-from .model_folder import save_pretrained
-from .soup import choose_alpha, greedy_soup, interpolate
-from .surgery import Plan, convert, convert_from_config, plan
+from .publish.loading import load_model
+from .publish.model_folder import save_pretrained
+from .run.saved import load_late_phase
+from .train.engine import LatePhaseEngine, iterate_members
+from .train.switch import enter_late_phase
 from .version import lpconvert_version
 
 __version__ = lpconvert_version()

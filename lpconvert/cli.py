@@ -16,13 +16,20 @@ from typing import Any
 
 import click
 
-from .cli_settings import (FLAG_SETTINGS, MODEL_OPTION, build_config, config_options, given_settings, model_argument,
-                           names)
-from .config import SELECT, FinetuneConfig
-from .errors import LatePhaseError, os_error_message, user_message
-from .layers import BN_STATS_MODES
-from .run_dir import exported_checkpoint
-from .soup import SOUPS
+from lpconvert.cli_settings import (
+    FLAG_SETTINGS,
+    MODEL_OPTION,
+    build_config,
+    config_options,
+    given_settings,
+    model_argument,
+    names,
+)
+from lpconvert.collapse.soup import SOUPS
+from lpconvert.config import SELECT, FinetuneConfig
+from lpconvert.errors import LatePhaseError, os_error_message, user_message
+from lpconvert.layers import BN_STATS_MODES
+from lpconvert.run.folder import exported_checkpoint
 
 EXIT_USAGE, EXIT_INTERNAL, EXIT_INTERRUPTED = 2, 1, 130
 
@@ -51,7 +58,7 @@ class _Group(click.Group):
         return result
 
     def invoke(self, ctx: click.Context) -> Any:
-        from .finetune import RunInterrupted
+        from lpconvert.train.finetune import RunInterrupted
 
         try:
             return super().invoke(ctx)
@@ -65,7 +72,7 @@ class _Group(click.Group):
                 click.echo(f"interrupted ({exc}); {saved}: continue with {exc.how}", err=True)
                 ctx.exit(EXIT_INTERRUPTED)
             if isinstance(exc, LatePhaseError):
-                from .data.labels import ClassCountError
+                from lpconvert.data.labels import ClassCountError
 
                 message = exc.for_command(ctx.invoked_subcommand) if isinstance(exc, ClassCountError) else None
                 click.echo(f"error: {message or user_message(exc)}", err=True)
@@ -123,8 +130,8 @@ def _configure_logging(verbose: bool) -> None:
 @click.option("--list-layers", is_flag=True, help="Also list every layer that would be converted.")
 def inspect(model: str, list_layers: bool, **flags: Any) -> None:
     """Report what `finetune` would turn into late-phase layers (random init unless --weights: nothing downloaded)."""
-    from .loading import load_model
-    from .surgery import plan_or_refuse
+    from lpconvert.convert.surgery import plan_or_refuse
+    from lpconvert.publish.loading import load_model
 
     config = FinetuneConfig.from_dict({"model": model, **given_settings(flags)})
     net, _ = load_model(config.model, weights=config.weights, num_classes=config.num_classes, pretrained=False)
@@ -153,7 +160,7 @@ def finetune(model: str | None, model_option: str | None, recipe: str | None, ba
     local-dir:DIR, or a registered lpconvert model (cifar_resnet20, digits_cnn) with --weights.
     Defaults are the paper's ImageNet recipe; many GPUs: torchrun --nproc_per_node N -m lpconvert finetune ...
     """
-    from .finetune import finetune_command, run
+    from lpconvert.train.finetune import finetune_command, run
 
     if baseline:
         flags["K"] = 1
@@ -200,7 +207,7 @@ def _report_table(report: dict[str, Any]) -> str:
 # compare
 # --------------------------------------------------------------------------------------------------------------------
 def _compare_settings() -> tuple[str, ...]:
-    from .compare import NOT_PER_ARM
+    from lpconvert.compare.plan import NOT_PER_ARM
 
     return tuple(name for name in FLAG_SETTINGS if name not in NOT_PER_ARM)
 
@@ -236,8 +243,9 @@ def compare(model: str | None, model_option: str | None, recipe: str | None, arm
     first the verdict against the start, then per-seed values, mean ± std and paired differences (95 % interval,
     p-value). Rerun the same command to continue (display flags such as --quiet or -j may change), or to add seeds.
     """
-    from .compare import parse_arm, plan_comparison, run_comparison
-    from .compare_report import to_markdown
+    from lpconvert.compare.command import run_comparison
+    from lpconvert.compare.plan import parse_arm, plan_comparison
+    from lpconvert.compare.report import to_markdown
 
     flags["include"], flags["exclude"] = names(flags["include"]) or None, names(flags["exclude"]) or None
     base = build_config(model_argument(model, model_option), recipe, flags)
@@ -267,12 +275,12 @@ def demo(output: str, K: int, seeds: int, force: bool, threads: int) -> None:
     Trains a small BatchNorm CNN to a 'pretrained' state (T0), then fine-tunes it late-phase and plain side by
     side through `finetune` (several seeds), collapses, evaluates and saves safetensors.
     """
-    from .demo import run_demo
+    from lpconvert.demo import run_demo
 
     click.echo(run_demo(Path(output), K=K, seeds=seeds, force=force, threads=threads or None))
 
 
-from .cli_evaluate import robustness_options  # noqa: E402 - the corruption and calibration flags of evaluate
+from lpconvert.evaluate.options import robustness_options  # noqa: E402 - the corruption and calibration flags of evaluate
 
 
 @main.command("evaluate")
@@ -317,9 +325,9 @@ def evaluate_command(source: str, data: str | None, dataset: str | None, ood: tu
     Runs sharded under torchrun (`torchrun --nproc_per_node N -m lpconvert evaluate ...`): every process evaluates its
     share of every set, the numbers are one process's, and rank 0 alone prints and writes.
     """
-    from .cli_evaluate import robustness_arguments
-    from .evaluate import evaluate, format_table, to_csv, to_json
-    from .files import atomic_write_bytes
+    from lpconvert.evaluate.command import evaluate, format_table, to_csv, to_json
+    from lpconvert.evaluate.options import robustness_arguments
+    from lpconvert.files import atomic_write_bytes
 
     try:
         sigmas = [float(v) for v in names(flatness)]
@@ -345,8 +353,7 @@ def evaluate_command(source: str, data: str | None, dataset: str | None, ood: tu
 def zoo() -> None:
     """List the recipes of zoo/ with the paper's numbers and lpconvert's (those of zoo/README.md); run one with
     `lpconvert finetune --recipe FILE`."""
-    from .config import list_recipes
-    from .zoo import describe_recipe
+    from lpconvert.zoo import describe_recipe, list_recipes
 
     click.echo("\n".join(describe_recipe(recipe) for recipe in list_recipes()))
 
@@ -373,15 +380,15 @@ def zoo() -> None:
 def collapse_command(source: str, out: str, bn_stats: str, data: str | None, checkpoint: str | None, soup: str,
                      interpolate: str | None, force: bool) -> None:
     """Average the members of a late-phase run or checkpoint into one model of the original architecture."""
-    from .export import collapse_run
-    from .finetune import finetune_command
+    from lpconvert.collapse.command import collapse_run
+    from lpconvert.train.finetune import finetune_command
 
     path = collapse_run(source, out, bn_stats=bn_stats, data=data, which=checkpoint or exported_checkpoint(source),
                         force=force,
                         command=finetune_command(), soup=soup, interpolate=interpolate)
     if soup != "uniform" or interpolate is not None:
-        from .files import PROVENANCE_NAME, read_json_object
-        from .soup import describe
+        from lpconvert.collapse.soup import describe
+        from lpconvert.files import PROVENANCE_NAME, read_json_object
 
         click.echo(f"averaging: {describe(read_json_object(path / PROVENANCE_NAME)['averaging'].get('selection'))}")
     click.echo(f"collapsed model written to {path}")
@@ -399,7 +406,7 @@ def collapse_command(source: str, out: str, bn_stats: str, data: str | None, che
 def push(folder: str, repo: str, private: bool, revision: str | None, create_pr: bool, endpoint: str | None,
          token: str | None, allow_regression: bool) -> None:
     """Publish a collapsed model directory to the Hugging Face Hub in one commit."""
-    from .hub import push as push_folder
+    from lpconvert.publish.hub import push as push_folder
 
     url = push_folder(folder, repo, token=token, endpoint=endpoint, private=private, revision=revision,
                       create_pr=create_pr, allow_regression=allow_regression)

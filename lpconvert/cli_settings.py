@@ -14,9 +14,10 @@ from typing import Any, TypeVar
 
 import click
 
-from .config import LEGACY_SETTINGS, SAME_QUANTITY, FinetuneConfig, field_types, flag, read_recipe, scale_schedule
-from .errors import LatePhaseError
-from .files import read_json_object
+from lpconvert.config import LEGACY_SETTINGS, SAME_QUANTITY, FinetuneConfig, field_types, flag
+from lpconvert.errors import LatePhaseError
+from lpconvert.files import read_json_object
+from lpconvert.zoo import read_recipe, scale_schedule
 
 
 def names(text: str | None) -> tuple[str, ...]:

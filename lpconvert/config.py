@@ -12,25 +12,23 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import tomllib
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from .collapse import input_mismatch
-from .data import DIGITS, hub_name
-from .data.settings import DataSettings
-from .data.memory import IN_MEMORY_MODES, MEMORY_BUDGET
-from .errors import LatePhaseError
-from .optim_settings import OptimSettings
-from .layers import BN_STATS_MODES, check_kind_options, kinds_help, options_help
-from .layers.options import read_bool
-from .soup import SOUPS, parse_alpha
-from .surgery import DEFAULT_TARGETS, resolve_kinds
+from lpconvert.collapse.average import input_mismatch
+from lpconvert.collapse.soup import SOUPS, parse_alpha
+from lpconvert.convert.surgery import DEFAULT_TARGETS, resolve_kinds
+from lpconvert.data import DIGITS, hub_name
+from lpconvert.data.memory import IN_MEMORY_MODES, MEMORY_BUDGET
+from lpconvert.data.settings import DataSettings
+from lpconvert.errors import LatePhaseError
+from lpconvert.layers import BN_STATS_MODES, check_kind_options, kinds_help, options_help
+from lpconvert.layers.options import read_bool
+from lpconvert.train.optim_settings import OptimSettings
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("multistep", "linear", "cosine", "constant")
@@ -39,16 +37,12 @@ AMP_MODES = ("auto", "bf16", "fp16", "off")
 SELECT = ("best", "last")
 TRAIN_TRANSFORMS = ("auto", "timm", "cifar")
 LOGGERS = ("tensorboard",)
-#: Settings that only the command line may set: a recipe cannot make lpconvert replace anything.
-COMMAND_LINE_ONLY = ("force",)
 #: --batch-size when neither it nor --batch-size-per-gpu is given (the two are refused together).
 DEFAULT_BATCH_SIZE = 256
 #: Settings that give one quantity two ways: a command-line flag for one replaces a recipe's (or a saved run's) other.
 SAME_QUANTITY = (("batch_size", "batch_size_per_gpu"), ("img_size", "input_size"))
 #: The --dist-timeout minutes allowed: a second to a week (torch's collectives take a timedelta, which overflows).
 DIST_TIMEOUT_RANGE = (1 / 60, 7 * 24 * 60.0)
-#: Settings that are points (or spans) on the epoch axis: a recipe's scale with an --epochs given apart from it.
-SCHEDULE_POINTS = ("milestones", "anneal_start", "anneal_end", "warmup_epochs", "t0", "swa_start", "swa_anneal_epochs")
 
 
 def _setting(default: Any, help: str, *, choices: tuple[str, ...] = (), path: Literal["file", "dir"] | None = None,
@@ -443,80 +437,3 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
             return os.fspath(value)
         raise LatePhaseError(f"{flag(name)} must be a text value, got {value!r}")
     return value
-
-
-def scale_schedule(recipe: dict[str, Any], epochs: int, keep: set[str] = frozenset()) -> dict[str, tuple[Any, Any]]:
-    """A recipe's schedule (:data:`SCHEDULE_POINTS`, except those in `keep`) stretched in place to `epochs` from the
-    recipe's own ``epochs``, so ``--recipe R --epochs 3`` runs R's schedule in 3 epochs: T0 and the SWA start rounded
-    to whole epochs (and kept before the end), the other points to 1/1000 of an epoch. Returns {setting: (before,
-    after)} for what changed."""
-    before = recipe.get("epochs")
-    try:
-        factor = epochs / float(before)
-    except (TypeError, ValueError, ZeroDivisionError):
-        return {}
-    changed = {}
-    for name in SCHEDULE_POINTS:
-        value = recipe.get(name)
-        if name in keep or value is None or factor == 1:
-            continue
-        try:
-            if name in ("t0", "swa_start"):
-                scaled: Any = min(round(float(value) * factor), max(epochs - 1, 0))
-            elif isinstance(value, (list, tuple)):
-                scaled = [round(float(v) * factor, 3) for v in value]
-            else:
-                scaled = round(float(value) * factor, 3)
-        except (TypeError, ValueError):
-            continue  # refused with its flag's name when the settings are read
-        if scaled != value:
-            recipe[name], changed[name] = scaled, (value, scaled)
-    return changed
-
-
-def read_recipe(path: str | Path) -> dict[str, Any]:
-    """The settings of a recipe file (YAML or TOML); keys are FinetuneConfig fields (dashes allowed).
-
-    A recipe may carry documentation under ``paper:`` / ``measured:`` / ``description:``; those are not settings."""
-    path = Path(path)
-    if not path.is_file():
-        raise LatePhaseError(f"recipe {path} does not exist; `lpconvert zoo` lists the recipes that ship with lpconvert")
-    text = path.read_text()
-    try:
-        if path.suffix == ".toml":
-            raw = tomllib.loads(text)
-        else:
-            import yaml
-
-            raw = yaml.safe_load(text) or {}
-    except Exception as exc:  # yaml.YAMLError / tomllib.TOMLDecodeError
-        raise LatePhaseError(f"cannot parse recipe {path}: {str(exc).splitlines()[0]}") from exc
-    if not isinstance(raw, dict):
-        raise LatePhaseError(f"recipe {path} must be a mapping of settings")
-    settings = raw.get("settings", raw)
-    if not isinstance(settings, dict):
-        raise LatePhaseError(f"recipe {path}: 'settings' must be a mapping of settings")
-    settings = {str(k).replace("-", "_"): v for k, v in settings.items()
-                if k not in ("paper", "measured", "description", "name")}
-    for name in COMMAND_LINE_ONLY:
-        if name in settings:
-            raise LatePhaseError(f"recipe {path} sets '{name}'; that can only come from the command line ({flag(name)})")
-    return settings
-
-
-ZOO = Path(__file__).resolve().parents[1] / "zoo"  # the recipes of a source checkout
-
-
-def list_recipes(folder: Path = ZOO) -> list[dict[str, Any]]:
-    """Name, file, description and the paper's / measured numbers of every recipe in `folder`."""
-    import yaml
-
-    if not folder.is_dir():
-        raise LatePhaseError(f"no recipe folder at {folder}; the zoo ships with the source checkout of lpconvert")
-    recipes = []
-    for path in sorted(folder.glob("*.yaml")):
-        raw = yaml.safe_load(path.read_text()) or {}
-        recipes.append({"name": raw.get("name", path.stem), "file": str(path), "paper": raw.get("paper"),
-                        "measured": raw.get("measured"), "description": " ".join(str(raw.get("description", "")).split())})
-    return recipes
-

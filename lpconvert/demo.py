@@ -1,7 +1,7 @@
 """The offline demo: the whole pipeline on real images that a fresh install already has.
 
 scikit-learn ships 1,797 handwritten 8x8 digits. The demo trains a small BatchNorm CNN on them for a few epochs
-(the "pretrained" checkpoint, T0), then fine-tunes that checkpoint through :func:`lpconvert.finetune.run` — late-phase
+(the "pretrained" checkpoint, T0), then fine-tunes that checkpoint through :func:`lpconvert.train.finetune.run` — late-phase
 (K members of BatchNorm + classifier, averaged at the end) and plain (K = 1, the identical pipeline) — with several
 seeds, and prints initial / plain / late-phase test accuracy. Like every run, each selects its epoch on digits held
 out of the training images (``--val-split``) and is evaluated once on the test digits.
@@ -13,12 +13,12 @@ import shutil
 import statistics
 from pathlib import Path
 
-from .config import FinetuneConfig
-from .data import DIGITS
-from .errors import LatePhaseError
-from .files import atomic_write_json
-from .finetune import run
-from .ownership import DEMO_MARKER, REPLACING, check_replaceable, recognise, swap_into_place
+from lpconvert.config import FinetuneConfig
+from lpconvert.data import DIGITS
+from lpconvert.errors import LatePhaseError
+from lpconvert.files import atomic_write_json
+from lpconvert.run.ownership import DEMO_MARKER, REPLACING, check_replaceable, recognise, swap_into_place
+from lpconvert.train.finetune import run
 
 PRETRAIN_EPOCHS, FINETUNE_EPOCHS = 2, 6
 

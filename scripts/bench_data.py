@@ -34,7 +34,7 @@ import torch
 import lpconvert
 from lpconvert.config import FinetuneConfig
 from lpconvert.data import build_data, train_loader
-from lpconvert.engine import iterate_members
+from lpconvert.train.engine import iterate_members
 
 Round = Callable[[int], tuple[int, float]]  # round number → (images, seconds)
 

@@ -92,7 +92,7 @@ def _values(obj: object, key: str):
 def runnable_others() -> float:
     """Threads of other processes running or waiting for a CPU now (lpconvert's own reading)."""
     sys.path.insert(0, str(REPO))
-    from lpconvert.runtime import busy_cpus
+    from lpconvert.train.runtime import busy_cpus
 
     return busy_cpus()
 

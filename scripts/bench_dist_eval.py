@@ -26,8 +26,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.utils.data import DataLoader, TensorDataset
 
-from lpconvert.evaluation import evaluate_model
-from lpconvert.loading import load_model
+from lpconvert.evaluate.evaluation import evaluate_model
+from lpconvert.publish.loading import load_model
 
 
 def images(shared: Path, count: int) -> TensorDataset:

@@ -127,8 +127,8 @@ def measure(name: str, size: int, args, device, modes=("plain", "sequential")) -
 def measure_loader(name: str, args, device) -> dict[str, float]:
     """The same comparison fed by lpconvert's real data pipeline (decode, augmentation, transfer)."""
     from lpconvert.config import FinetuneConfig
-    from lpconvert.engine import iterate_members
     from lpconvert.data import build_data, train_loader
+    from lpconvert.train.engine import iterate_members
 
     base = timm.create_model(name, num_classes=10).to(device)
     config = FinetuneConfig(model=name, data=args.data, batch_size=args.batch, workers=args.workers,

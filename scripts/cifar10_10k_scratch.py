@@ -6,8 +6,8 @@ plain SGD, late-phase BatchNorm, SWA on top of each, and the θ-accumulation con
     python scripts/cifar10_10k_scratch.py --epochs 10 --t0-fraction 0.6 --gamma-theta 0.1 --seeds 0 \\
         --arms plain late-phase-BN --eval-subset 2000 --output runs/probe-g01
 
-The script only maps the experiment to one comparison (:func:`lpconvert.compare.plan_comparison`, then
-:func:`~lpconvert.compare.run_comparison`); rerunning the same command continues where it stopped. Protocol (issue
+The script only maps the experiment to one comparison (:func:`lpconvert.compare.command.plan_comparison`, then
+:func:`~lpconvert.compare.command.run_comparison`); rerunning the same command continues where it stopped. Protocol (issue
 #13): ``cifar_resnet20`` (or ``--model cifar_wrn16_4``) from random initialisation, trained on a fixed, stratified
 ``--train-subset`` of the CIFAR-10 training images (``subset_seed`` 0: the same images for every arm and seed),
 evaluated on the CIFAR-10 test set (``--eval-subset`` of it; all 10,000 by default — also the per-epoch curve), with
@@ -30,7 +30,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lpconvert.compare import Arm, Comparison, plan_comparison, run_comparison
+from lpconvert.compare.command import run_comparison
+from lpconvert.compare.plan import Arm, Comparison, plan_comparison
 from lpconvert.config import FinetuneConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

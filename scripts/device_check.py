@@ -53,7 +53,7 @@ import timm  # noqa: E402
 import torch  # noqa: E402
 
 import lpconvert  # noqa: E402
-from lpconvert.optim import VECTORIZE_MAX_PIXELS  # noqa: E402
+from lpconvert.train.optim import VECTORIZE_MAX_PIXELS  # noqa: E402
 
 SCRIPTS = Path(__file__).resolve().parent
 sys.path.insert(0, str(SCRIPTS))

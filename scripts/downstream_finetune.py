@@ -25,10 +25,10 @@ import torch
 
 import lpconvert
 from lpconvert.config import FinetuneConfig
-from lpconvert.evaluate import evaluate
-from lpconvert.finetune import run
+from lpconvert.evaluate.command import evaluate
 from lpconvert.layers import LatePhaseBatchNorm
-from lpconvert.loading import load_model
+from lpconvert.publish.loading import load_model
+from lpconvert.train.finetune import run
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 

@@ -49,7 +49,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import lpconvert
-from lpconvert.stats import paired_difference, summary
+from lpconvert.compare.stats import paired_difference, summary
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 ARMS = ("base", "base + rank-1", "late-phase rank-1")
@@ -433,7 +433,7 @@ def code_version() -> dict:
 
 
 def show(stats: dict | None, digits: int = 3, signed: bool = False) -> str:
-    """A :func:`lpconvert.stats.summary` or :func:`~lpconvert.stats.paired_difference` as "mean ± std" (the mean alone
+    """A :func:`lpconvert.compare.stats.summary` or :func:`~lpconvert.compare.stats.paired_difference` as "mean ± std" (the mean alone
     for one seed, "–" for none)."""
     fmt = f"{{:{'+' if signed else ''}.{digits}f}}"
     if stats is None:
@@ -444,7 +444,7 @@ def show(stats: dict | None, digits: int = 3, signed: bool = False) -> str:
 
 
 def show_summary(values: list[float]) -> str:
-    """mean ± std over seeds (:func:`lpconvert.stats.summary`)."""
+    """mean ± std over seeds (:func:`lpconvert.compare.stats.summary`)."""
     return show(summary(values) if values else None)
 
 

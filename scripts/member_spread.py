@@ -20,7 +20,7 @@ import math
 import torch
 
 from lpconvert import load_late_phase, load_model
-from lpconvert.members import late_phase_layers
+from lpconvert.convert.members import late_phase_layers
 
 
 def spread(run: str, which: str) -> dict[str, float]:

@@ -23,7 +23,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from lpconvert.compare import Arm, Comparison, command_line, plan_comparison, run_comparison
+from lpconvert.compare.command import run_comparison
+from lpconvert.compare.plan import Arm, Comparison, command_line, plan_comparison
 from lpconvert.config import FinetuneConfig
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

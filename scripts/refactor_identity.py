@@ -39,7 +39,7 @@ RUNS: dict[str, list[str]] = {
 #: An interrupted run: stopped after 7 iterations as SIGINT stops it (``run(..., stop_after=7)``).
 STOP = """import sys
 from lpconvert.config import FinetuneConfig
-from lpconvert.finetune import run
+from lpconvert.train.finetune import run
 try:
     run(FinetuneConfig(model="digits_cnn", data="sklearn-digits", batch_size=40, workers=0, quiet=True,
                        pretrained=False, epochs=2, lr=0.05, threads=1, seed=3, K=2, output=sys.argv[1]), stop_after=7)
@@ -47,8 +47,8 @@ except Exception as stop:
     print(type(stop).__name__)
 """
 #: Keys whose values differ between any two runs of the same settings (times, paths, versions).
-VOLATILE = re.compile(r"seconds|_s$|per_s|time|started|finished|date|path|dir|version|command|collapsed_from|root|"
-                      r"threads|pid|host|eta|duration")
+VOLATILE = re.compile(r"seconds|_s$|per_s|time|started|finished|created|date|path|dir|version|command|collapsed_from|"
+                      r"root|threads|pid|host|eta|duration")
 
 
 def lpconvert(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
@@ -58,10 +58,13 @@ def lpconvert(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Com
                           cwd=cwd)
 
 
-def clean(value: Any) -> Any:
-    """`value` without volatile keys; absolute paths masked."""
+def clean(value: Any, parent: str = "") -> Any:
+    """`value` without volatile keys; absolute paths masked; a published file's SHA-256 left out (safetensors writes
+    its header's metadata in hash order, so the bytes of equal tensors differ between processes: the tensors
+    themselves are compared by :func:`tensors_digest`)."""
     if isinstance(value, dict):
-        return {k: clean(v) for k, v in value.items() if not VOLATILE.search(str(k))}
+        return {k: clean(v, k) for k, v in value.items()
+                if not VOLATILE.search(str(k)) and not (parent.endswith(".safetensors") and k == "sha256")}
     if isinstance(value, list):
         return [clean(v) for v in value]
     if isinstance(value, str):
@@ -106,7 +109,7 @@ def main() -> None:
     parser.add_argument("--compare", nargs=2, type=Path)
     args = parser.parse_args()
     if args.compare:
-        before, after = (json.loads(p.read_text()) for p in args.compare)
+        before, after = (clean(json.loads(p.read_text())) for p in args.compare)
         differing = [k for k in sorted(set(before) | set(after)) if before.get(k) != after.get(k)]
         for key in differing:
             print(f"DIFFERS {key}:\n  before {str(before.get(key))[:400]}\n  after  {str(after.get(key))[:400]}")

@@ -4,7 +4,7 @@ and after temperature scaling, OOD AUROC against CIFAR-100, and accuracy under t
     python scripts/robustness.py                                     # writes zoo/results/cifar10_robustness.{md,json}
     python scripts/robustness.py --corruption-subset 1000 --severities 1,3,5
 
-Everything goes through ``lpconvert.evaluate.evaluate`` (the command ``lpconvert evaluate``):
+Everything goes through ``lpconvert.evaluate.command.evaluate`` (the command ``lpconvert evaluate``):
 
 1. each model on the 10,000 CIFAR-10 test images with ``--calibration-split 0.5`` (a fixed stratified half fits the
    temperature, the other half reports) and ``--ood cifar100`` (CIFAR-100's 10,000 test images);
@@ -24,10 +24,16 @@ from pathlib import Path
 
 import torch
 
-from lpconvert.corruptions import CORRUPTIONS, LIBRARY, SEVERITIES, generated_sets, library_versions
-from lpconvert.evaluate import eval_set, evaluate
+from lpconvert.evaluate.command import eval_set, evaluate
+from lpconvert.evaluate.corruptions import (
+    CORRUPTIONS,
+    LIBRARY,
+    SEVERITIES,
+    generated_sets,
+    library_versions,
+)
 from lpconvert.files import atomic_write_bytes, atomic_write_json
-from lpconvert.loading import load_model
+from lpconvert.publish.loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"

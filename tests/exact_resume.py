@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lpconvert.config import FinetuneConfig
-from lpconvert.finetune import RunInterrupted, run
+from lpconvert.train.finetune import RunInterrupted, run
 
 
 def assert_resume_is_exact(settings: dict, tmp_path: Path, stop_after: int = 2) -> None:

@@ -10,7 +10,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from lpconvert.compare import Comparison
+    from lpconvert.compare.plan import Comparison
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 
@@ -38,8 +38,8 @@ def planned_by_cli(command: str, monkeypatch) -> Comparison:
 
     from click.testing import CliRunner
 
-    from lpconvert import compare
     from lpconvert.cli import main
+    from lpconvert.compare import command as compare
 
     planned = []
 
@@ -61,7 +61,7 @@ def planned_by_cli(command: str, monkeypatch) -> Comparison:
 def resolved(comparison: Comparison) -> dict:
     """What a comparison trains and evaluates: every arm's full configuration (seed 0), the seeds, OOD sets, folder —
     equal for equal experiments whether the arms were given as text (CLI) or as values (a script)."""
-    from lpconvert.compare import arm_config
+    from lpconvert.compare.plan import arm_config
 
     return {"arms": {a.name: arm_config(comparison.base, a, seed=0, output=Path("run")).to_dict()
                      for a in comparison.arms},

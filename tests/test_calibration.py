@@ -11,10 +11,16 @@ import pytest
 import torch
 from evaluation_sets import cifar_tree, invoke, predict, tree_images
 
-from lpconvert.calibration import _nll_at, apply_temperature, calibrate, calibration_split, fit_temperature
 from lpconvert.errors import LatePhaseError
-from lpconvert.evaluate import evaluate
-from lpconvert.metrics import ClassificationMeter, brier, nll
+from lpconvert.evaluate.calibration import (
+    _nll_at,
+    apply_temperature,
+    calibrate,
+    calibration_split,
+    fit_temperature,
+)
+from lpconvert.evaluate.command import evaluate
+from lpconvert.evaluate.metrics import ClassificationMeter, brier, nll
 
 
 @pytest.fixture(scope="module")

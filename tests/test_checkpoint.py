@@ -18,19 +18,19 @@ import yaml
 from huggingface_hub import ModelCard, metadata_load
 from torch import nn
 
-from lpconvert import model_folder
 from lpconvert.errors import LatePhaseError
 from lpconvert.files import (
     atomic_save_torch,
     atomic_write_bytes,
     atomic_write_json,
+    prepare_tensors,
 )
-from lpconvert.files import prepare_tensors
-from lpconvert.loading import ModelSource, load_model
-from lpconvert.model_folder import read_output_dir, save_pretrained
-from lpconvert.ownership import recognise
-from lpconvert.run_state import RunCheckpoint
-from lpconvert.weights import load_weights, read_state_dict
+from lpconvert.publish import model_folder
+from lpconvert.publish.loading import ModelSource, load_model
+from lpconvert.publish.model_folder import read_output_dir, save_pretrained
+from lpconvert.publish.weights import load_weights, read_state_dict
+from lpconvert.run.ownership import recognise
+from lpconvert.train.state import RunCheckpoint
 
 
 def atomic_save_safetensors(tensors, path):
@@ -509,8 +509,8 @@ def test_atomic_writes_replace_and_clean_up(tmp_path, monkeypatch):
 def test_training_checkpoints_round_trip_weights_only(tmp_path):
     import random
 
-    from lpconvert.late_phase_config import LatePhaseConfig, LatePhaseTarget
-    from lpconvert.run_state import History, Position
+    from lpconvert.convert.late_phase_config import LatePhaseConfig, LatePhaseTarget
+    from lpconvert.train.state import History, Position
 
     checkpoint = RunCheckpoint(
         config={"model": "x"}, source={}, late_phase=LatePhaseConfig(3, [LatePhaseTarget("batchnorm", ("bn1",))]),

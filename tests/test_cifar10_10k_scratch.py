@@ -8,11 +8,11 @@ import json
 from pathlib import Path
 
 import pytest
-
-from lpconvert.compare import LATE_SETTINGS, Comparison, arm_config, branches
-from lpconvert.config import FinetuneConfig, read_recipe
-
 from script_module import compare_commands, load_script, planned_by_cli, resolved
+
+from lpconvert.compare.plan import LATE_SETTINGS, Comparison, arm_config, branches
+from lpconvert.config import FinetuneConfig
+from lpconvert.zoo import read_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "zoo" / "results" / "cifar10_10k_scratch"

@@ -164,8 +164,8 @@ def test_data_errors(tmp_path, monkeypatch):
 
 def test_resume_refuses_other_settings_and_non_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(lpconvert.finetune.RunInterrupted):
-        lpconvert.finetune.run(
+    with pytest.raises(lpconvert.train.finetune.RunInterrupted):
+        lpconvert.train.finetune.run(
             lpconvert.config.FinetuneConfig(model="digits_cnn", pretrained=False, data="sklearn-digits", K=2,
                                             epochs=1, batch_size=40, workers=0, quiet=True, output="run"),
             stop_after=3,

@@ -6,12 +6,13 @@ import pytest
 import safetensors.torch
 import torch
 
-from lpconvert import compare as compare_module
-from lpconvert.compare import parse_arm, plan_comparison, run_comparison
+from lpconvert.compare import command as compare_module
+from lpconvert.compare.command import run_comparison
+from lpconvert.compare.plan import parse_arm, plan_comparison
+from lpconvert.compare.stats import paired_difference
 from lpconvert.config import FinetuneConfig
 from lpconvert.errors import LatePhaseError
-from lpconvert.finetune import DIGITS, run
-from lpconvert.stats import paired_difference
+from lpconvert.train.finetune import DIGITS, run
 
 BASE = dict(model="digits_cnn", pretrained=False, data=DIGITS, batch_size=40, workers=0, quiet=True, lr=0.05,
             schedule="constant", K=3, t0=1, epochs=2, late_phase=("batchnorm", "classifier"))
@@ -87,8 +88,8 @@ def test_paired_difference_matches_a_hand_computation():
 
 
 def test_seeds_to_resolve_and_the_verdict_lines_from_known_numbers():
-    from lpconvert.compare_report import verdict_lines
-    from lpconvert.stats import seeds_to_resolve
+    from lpconvert.compare.report import verdict_lines
+    from lpconvert.compare.stats import seeds_to_resolve
 
     # spread 0.2 of the paired differences: n seeds resolve 0.1 points once t_{0.975, n−1} · 0.2/√n ≤ 0.1
     assert seeds_to_resolve(0.2, 0.1) == 18  # t_{0.975,17} = 2.110: 2.110 · 0.2/√18 = 0.0995; n = 17 gives 0.1028

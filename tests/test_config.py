@@ -5,9 +5,10 @@ import dataclasses
 import pytest
 
 from lpconvert.cli import build_config
-from lpconvert.config import CHOICES, SELECT, FinetuneConfig, list_recipes, read_recipe
+from lpconvert.config import CHOICES, SELECT, FinetuneConfig
 from lpconvert.errors import LatePhaseError
-from lpconvert.optim import lr_factor
+from lpconvert.train.optim import lr_factor
+from lpconvert.zoo import list_recipes, read_recipe
 
 
 def test_defaults_are_the_paper_imagenet_recipe():

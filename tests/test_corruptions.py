@@ -11,10 +11,15 @@ import pytest
 from evaluation_sets import CLASSES, cifar_tree, invoke, predict, tree_images
 from PIL import Image
 
-from lpconvert import corruptions
-from lpconvert.corruptions import CORRUPTIONS, corrupt_image, corruption_summary, generated_sets
 from lpconvert.errors import LatePhaseError
-from lpconvert.evaluate import eval_set, evaluate
+from lpconvert.evaluate import corruptions
+from lpconvert.evaluate.command import eval_set, evaluate
+from lpconvert.evaluate.corruptions import (
+    CORRUPTIONS,
+    corrupt_image,
+    corruption_summary,
+    generated_sets,
+)
 
 TYPES, LEVELS = ("gaussian_noise", "contrast"), (1, 3)
 

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from exact_resume import assert_resume_is_exact
 from PIL import Image
 
 import lpconvert.models  # noqa: F401  (registers cifar_lenet5_bn)
@@ -29,10 +30,8 @@ from lpconvert.data import (
 )
 from lpconvert.data.settings import DataSettings
 from lpconvert.errors import LatePhaseError
-from lpconvert.evaluate import evaluate
-from lpconvert.finetune import run
-
-from exact_resume import assert_resume_is_exact
+from lpconvert.evaluate.command import evaluate
+from lpconvert.train.finetune import run
 
 MODEL = "cifar_lenet5_bn"
 CLASSES = ("ant", "bee", "cat")

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import timm
 import torch
-
 from script_module import load_script
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "device_check.py"

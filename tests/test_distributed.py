@@ -15,18 +15,18 @@ import timm
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.utils.data import DataLoader, TensorDataset
 from test_finetune import FAST, _digits_run, _free_port
+from torch.utils.data import DataLoader, TensorDataset
 
 import lpconvert
-import lpconvert.training
+import lpconvert.train.loop
 from lpconvert.config import FinetuneConfig
 from lpconvert.data import build_data, eval_loader, recalibration_loader
 from lpconvert.errors import LatePhaseError
-from lpconvert.evaluation import evaluate_model
-from lpconvert.finetune import RunInterrupted, run
-from lpconvert.runtime import Runtime
-from lpconvert.training import evaluate_averaged
+from lpconvert.evaluate.evaluation import evaluate_model
+from lpconvert.train.finetune import RunInterrupted, run
+from lpconvert.train.loop import evaluate_averaged
+from lpconvert.train.runtime import Runtime
 
 WORLD = 2
 
@@ -102,7 +102,7 @@ def test_two_processes_evaluate_what_one_process_evaluates(tmp_path):
 def _on_iteration(n: int, action):
     """Make `action` happen inside the training loop at iteration `n` (the learning-rate factor is computed once per
     iteration); returns the undo."""
-    original, calls = lpconvert.training.lr_factor, []
+    original, calls = lpconvert.train.loop.lr_factor, []
 
     def hooked(*args, **kwargs):
         calls.append(1)
@@ -110,8 +110,8 @@ def _on_iteration(n: int, action):
             action()
         return original(*args, **kwargs)
 
-    lpconvert.training.lr_factor = hooked
-    return lambda: setattr(lpconvert.training, "lr_factor", original)
+    lpconvert.train.loop.lr_factor = hooked
+    return lambda: setattr(lpconvert.train.loop, "lr_factor", original)
 
 
 def _fail(out):
@@ -198,9 +198,9 @@ def test_a_failure_on_one_rank_ends_every_rank_at_once_with_its_line(tmp_path):
 def _node_worker(rank, port, out):
     import logging
 
-    from lpconvert.distributed import local_main_first
-    from lpconvert.job import log_batch
-    from lpconvert.runtime import init_runtime
+    from lpconvert.train.distributed import local_main_first
+    from lpconvert.train.job import log_batch
+    from lpconvert.train.runtime import init_runtime
 
     _join(rank, port)
     lines = []

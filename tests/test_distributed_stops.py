@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from test_distributed import WORLD, _rank_pid
 from test_finetune import _free_port
 

@@ -3,12 +3,12 @@
 import copy
 from functools import partial
 
+import algorithm1
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import algorithm1
 import lpconvert
 from lpconvert import LatePhaseEngine
 
@@ -336,7 +336,7 @@ def test_vectorized_mode_is_exact_or_refused_for_sequence_layouts(batch_first):
         model = lpconvert.convert(AttentionNet(batch_first).double(), K=K, targets="layernorm,classifier", sigma0=0.5,
                                   seed=2)
         if mode == "vectorized" and not batch_first:
-            assert lpconvert.engine.time_major_modules(model) == {"attn": "MultiheadAttention"}
+            assert lpconvert.train.engine.time_major_modules(model) == {"attn": "MultiheadAttention"}
             with pytest.raises(lpconvert.LatePhaseError, match=r"^vectorized mode stacks the members' minibatches "
                                r"along dim 0, but attn \(MultiheadAttention\) reads \(time, batch\) inputs "
                                r"\(batch_first=False\); use mode='sequential', or a batch-first model$"):
@@ -358,5 +358,5 @@ def test_a_late_phase_time_major_recurrent_layer_is_found_through_its_template()
         model.add_module("rnn", nn.GRU(4, 4, batch_first=batch_first))
         lp = lpconvert.convert(model, K=2, targets="rank1")
         assert type(lp.rnn).__name__ == "Rank1RecurrentLayer"
-        assert lpconvert.engine.time_major_modules(lp) == expected
-        assert (lpconvert.engine.why_not_vectorized(lp) is None) is batch_first
+        assert lpconvert.train.engine.time_major_modules(lp) == expected
+        assert (lpconvert.train.engine.why_not_vectorized(lp) is None) is batch_first

@@ -14,7 +14,7 @@ from evaluation_sets import cifar_tree, invoke, noise_tree, tar_tree
 from test_finetune import _free_port
 
 from lpconvert.errors import LatePhaseError
-from lpconvert.evaluate import default_workers, ood_names
+from lpconvert.evaluate.command import default_workers, ood_names
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 import lpconvert
 from lpconvert.config import FinetuneConfig
-from lpconvert.finetune import DIGITS, RunInterrupted, run
+from lpconvert.train.finetune import DIGITS, RunInterrupted, run
 
 FAST = dict(data=DIGITS, batch_size=40, workers=0, quiet=True, lr=0.05, schedule="constant", log_every=5)
 
@@ -253,7 +253,7 @@ def test_a_run_traces_the_model_once(tmp_path, monkeypatch, resume):
 def test_a_late_phase_that_may_wreck_the_run_is_warned_about(tmp_path, monkeypatch, caplog):
     """γθ = 1 with K = 4: θ steps on 4 times a plain step from T0 on; a fall of validation top-1 over the first
     late-phase epoch is named too. γθ = 1/K (the default) warns about neither."""
-    from lpconvert import finetune
+    from lpconvert.train import finetune
 
     real, scores = finetune.evaluate_averaged, iter([80.0, 60.0, 61.0])
 
@@ -261,14 +261,14 @@ def test_a_late_phase_that_may_wreck_the_run_is_warned_about(tmp_path, monkeypat
         return {**real(*args), "top1": next(scores)}
 
     monkeypatch.setattr(finetune, "evaluate_averaged", scored)
-    with caplog.at_level("WARNING", logger="lpconvert.finetune"):
+    with caplog.at_level("WARNING", logger="lpconvert.train.finetune"):
         run(_digits_run(tmp_path, "risky", K=4, t0=1, epochs=3, gamma_theta=1.0))
     messages = [r.getMessage() for r in caplog.records]
     assert any("4 times a plain step" in m and "--gamma-theta" in m for m in messages), messages
     assert any("fell from 80.00 to 60.00" in m and "--lr" in m for m in messages), messages
     monkeypatch.undo()
     caplog.clear()
-    with caplog.at_level("WARNING", logger="lpconvert.finetune"):
+    with caplog.at_level("WARNING", logger="lpconvert.train.finetune"):
         run(_digits_run(tmp_path, "default", K=4, t0=1, epochs=2))
     assert not [r for r in caplog.records if "--gamma-theta" in r.getMessage()]
 
@@ -276,7 +276,7 @@ def test_a_late_phase_that_may_wreck_the_run_is_warned_about(tmp_path, monkeypat
 def test_threads_are_capped_recorded_and_sync_bn_needs_a_gpu(tmp_path, monkeypatch):
     """--threads sets torch's thread count for the run and lands in lpconvert.json; without it a process never runs
     more threads than its share of the CPUs; --sync-bn on a CPU is refused before anything is written."""
-    from lpconvert.runtime import cpu_threads, default_threads
+    from lpconvert.train.runtime import cpu_threads, default_threads
 
     before = torch.get_num_threads()
     try:
@@ -287,7 +287,7 @@ def test_threads_are_capped_recorded_and_sync_bn_needs_a_gpu(tmp_path, monkeypat
     finally:
         torch.set_num_threads(before)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1, 2, 3})
-    monkeypatch.setattr("lpconvert.runtime.busy_cpus", lambda: 0.0)  # a quiet machine (the load: test_startup.py)
+    monkeypatch.setattr("lpconvert.train.runtime.busy_cpus", lambda: 0.0)  # a quiet machine (the load: test_startup.py)
     torch.set_num_threads(8)
     default_threads.cache_clear()
     try:

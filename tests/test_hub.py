@@ -1,4 +1,4 @@
-"""Publishing with lpconvert.hub.push against the in-memory Hub server, using the real huggingface_hub client."""
+"""Publishing with lpconvert.publish.hub.push against the in-memory Hub server, using the real huggingface_hub client."""
 
 from __future__ import annotations
 
@@ -11,18 +11,17 @@ import pytest
 import timm
 import torch
 from hub_server import TEST_TOKEN, HubServer, configure_client
-
 from huggingface_hub import ModelCard, hf_hub_download, metadata_load
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lpconvert.data.transforms import build_transform
 from lpconvert.errors import LatePhaseError
-from lpconvert.hub import push
-from lpconvert.loading import ModelSource, load_model
-from lpconvert.model_card import REPO_ID_PLACEHOLDER
-from lpconvert.model_folder import save_pretrained
-from lpconvert.tensorboard import write_scalars
+from lpconvert.publish.hub import push
+from lpconvert.publish.loading import ModelSource, load_model
+from lpconvert.publish.model_card import REPO_ID_PLACEHOLDER
+from lpconvert.publish.model_folder import save_pretrained
+from lpconvert.train.tensorboard import write_scalars
 
 EXPECTED_FILES = {"model.safetensors", "config.json", "README.md", "lpconvert.json"}
 BOB_TOKEN = "hf_bob_token"

@@ -8,13 +8,13 @@ from functools import partial
 import pytest
 import timm
 import torch
+from algorithm1 import reference_algorithm1
 
 import lpconvert
-from algorithm1 import reference_algorithm1
 from lpconvert import LatePhaseEngine
 from lpconvert.config import FinetuneConfig
+from lpconvert.convert.surgery import plan_or_refuse
 from lpconvert.layers import HypernetLayer
-from lpconvert.surgery import plan_or_refuse
 
 K = 3
 

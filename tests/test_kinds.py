@@ -19,13 +19,20 @@ from typing import Callable
 import pytest
 import torch
 import torch.nn.functional as F
+from algorithm1 import reference_algorithm1
 from torch import nn
 
 import lpconvert
-from algorithm1 import reference_algorithm1
 from lpconvert import KINDS, LatePhaseConfig, LatePhaseEngine, LatePhaseError
-from lpconvert.engine import EXECUTION_MODES, shared_batch_norms
-from lpconvert.layers import MemberSelection, Option, StackedLayer, member_mean, options_help, register_kind
+from lpconvert.layers import (
+    MemberSelection,
+    Option,
+    StackedLayer,
+    member_mean,
+    options_help,
+    register_kind,
+)
+from lpconvert.train.engine import EXECUTION_MODES, shared_batch_norms
 
 K = 3
 SIGMA0 = 0.3

@@ -9,8 +9,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from lpconvert import LatePhaseError
-from lpconvert.layers import (LatePhaseBatchNorm, LatePhaseLayerNorm, LatePhaseLinear, MemberSelection, Option,
-                              Rank1Layer, member_mean, options_help)
+from lpconvert.layers import (
+    LatePhaseBatchNorm,
+    LatePhaseLayerNorm,
+    LatePhaseLinear,
+    MemberSelection,
+    Option,
+    Rank1Layer,
+    member_mean,
+    options_help,
+)
 
 
 def test_batchnorm_statistics_are_estimated_per_member_slice():

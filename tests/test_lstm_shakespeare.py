@@ -8,11 +8,10 @@ import math
 
 import pytest
 import torch
+from script_module import load_script
 from torch import nn
 
 import lpconvert
-
-from script_module import load_script
 
 
 @pytest.fixture(scope="module")
@@ -104,11 +103,11 @@ def test_tiny_experiment_end_to_end(script, shared_dir, tmp_path):
 
 
 def test_report_statistics_are_lpconvert_stats(script):
-    """mean ± std over seeds and the paired differences of the report come from lpconvert.stats (summary,
+    """mean ± std over seeds and the paired differences of the report come from lpconvert.compare.stats (summary,
     paired_difference); rendering the committed results JSON reproduces the committed report byte for byte."""
     from pathlib import Path
 
-    from lpconvert.stats import paired_difference, summary
+    from lpconvert.compare.stats import paired_difference, summary
 
     assert not hasattr(script, "mean_std")  # no own copy of the statistics
     assert script.show(summary([2.0, 2.5, 3.0])) == "2.500 ± 0.500"

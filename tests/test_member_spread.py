@@ -5,12 +5,12 @@ import pytest
 import safetensors.torch
 import timm
 import torch
+from script_module import load_script
 
 import lpconvert
 from lpconvert.config import FinetuneConfig
-from lpconvert.finetune import DIGITS, run
-from lpconvert.members import late_phase_layers
-from script_module import load_script
+from lpconvert.convert.members import late_phase_layers
+from lpconvert.train.finetune import DIGITS, run
 
 member_spread = load_script("member_spread")
 

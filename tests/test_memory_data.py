@@ -10,6 +10,7 @@ import pytest
 import timm
 import torch
 from click.testing import CliRunner
+from exact_resume import assert_resume_is_exact
 from PIL import Image
 from torchvision.transforms import functional as TF
 
@@ -29,8 +30,6 @@ from lpconvert.data import (
 from lpconvert.data.memory import BatchAugment
 from lpconvert.data.settings import DataSettings
 from lpconvert.errors import LatePhaseError
-
-from exact_resume import assert_resume_is_exact
 
 MODEL = "cifar_lenet5_bn"
 CLASSES = ("ant", "bee", "cat", "dog")

@@ -9,8 +9,8 @@ from torch import nn
 from torchmetrics.functional.classification import multiclass_calibration_error
 
 from lpconvert.errors import LatePhaseError
-from lpconvert.evaluation import evaluate_model, flatness
-from lpconvert.metrics import (
+from lpconvert.evaluate.evaluation import evaluate_model, flatness
+from lpconvert.evaluate.metrics import (
     ClassificationMeter,
     auroc,
     ece,

@@ -1,8 +1,8 @@
 """The card tells a Hub visitor only what is true: whether the checkpoint beat its start (with the uncertainty one
 run has), what loading needs, and — for a start no epoch beat — that it is the start, unchanged."""
 
-from lpconvert.loading import ModelSource
-from lpconvert.model_card import render_model_card, sampling_error
+from lpconvert.publish.loading import ModelSource
+from lpconvert.publish.model_card import render_model_card, sampling_error
 
 DATASET = {"type": "cifar10", "name": "cifar10", "split": "train", "held_out": True, "num_images": 100}
 TEST = {"name": "cifar10", "split": "test", "num_images": 10_000}

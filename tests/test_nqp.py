@@ -1,8 +1,7 @@
 
 import numpy as np
-import torch
 import pytest
-
+import torch
 from script_module import load_script
 
 nqp = load_script("nqp")

@@ -7,10 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from lpconvert.compare import arm_config, branches
-
 from script_module import compare_commands, load_script, planned_by_cli, resolved
+
+from lpconvert.compare.plan import arm_config, branches
 
 ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS = "../shared/weights/cifar10_resnet"

@@ -6,10 +6,10 @@ from functools import partial
 
 import pytest
 import torch
+from algorithm1 import reference_algorithm1
 from torch import nn
 
 import lpconvert
-from algorithm1 import reference_algorithm1
 from lpconvert import LatePhaseEngine
 
 K = 3

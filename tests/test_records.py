@@ -15,10 +15,10 @@ from PIL import Image
 import lpconvert
 from lpconvert.config import FinetuneConfig
 from lpconvert.data import build_data, build_datasets
-from lpconvert.data.transforms import data_config
 from lpconvert.data.settings import DataSettings
+from lpconvert.data.transforms import data_config
 from lpconvert.errors import LatePhaseError
-from lpconvert.finetune import DIGITS, run
+from lpconvert.train.finetune import DIGITS, run
 
 BN_TEXT = "running statistics are the members' mean statistics"
 DIGITS_RUN = dict(model="digits_cnn", data=DIGITS, batch_size=100, lr=0.05)
@@ -178,11 +178,11 @@ def test_input_size_flags_are_checked(values, message):
 def test_timm_input_size_flags_on_the_command_line(monkeypatch):
     from click.testing import CliRunner
 
-    import lpconvert.finetune
+    import lpconvert.train.finetune
     from lpconvert.cli import main
 
     seen = []
-    monkeypatch.setattr(lpconvert.finetune, "run", lambda config, command=None: seen.append(config) or {})
+    monkeypatch.setattr(lpconvert.train.finetune, "run", lambda config, command=None: seen.append(config) or {})
     for flags in (["--input-size", "3", "40", "48", "--crop-pct", "0.9"], ["--img-size", "40"]):
         result = CliRunner().invoke(main, ["finetune", "cifar_resnet20", *flags], catch_exceptions=False)
         assert result.exit_code == 0, result.output

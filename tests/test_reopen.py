@@ -1,4 +1,4 @@
-"""One way to reopen a run (lpconvert.saved_run): a run with its own input size, crop, hold-out and class order is
+"""One way to reopen a run (lpconvert.run.saved): a run with its own input size, crop, hold-out and class order is
 read back the same way by `evaluate RUN`, `evaluate RUN/model`, `collapse` + `evaluate`, and its own report."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from lpconvert.collapse.command import collapse_run
 from lpconvert.config import FinetuneConfig
-from lpconvert.evaluate import evaluate
-from lpconvert.export import collapse_run
-from lpconvert.finetune import run
-from lpconvert.saved_run import load_run, reading
+from lpconvert.evaluate.command import evaluate
+from lpconvert.run.saved import load_run, reading
+from lpconvert.train.finetune import run
 
 CLASSES = ("ant", "bee", "cat")
 

@@ -7,7 +7,7 @@ import pytest
 
 from lpconvert.config import FinetuneConfig
 from lpconvert.errors import LatePhaseError
-from lpconvert.finetune import DIGITS, run
+from lpconvert.train.finetune import DIGITS, run
 
 
 def _config(tmp_path, **overrides):

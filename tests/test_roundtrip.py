@@ -5,8 +5,8 @@ import copy
 import pytest
 import timm
 import torch
-import torchvision
 import torch.nn.functional as F
+import torchvision
 
 import lpconvert
 from lpconvert.layers import LatePhaseBatchNorm, StackedLayer

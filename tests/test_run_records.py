@@ -17,12 +17,12 @@ from PIL import Image
 from torch import nn
 
 from lpconvert.cli import main
-from lpconvert.collapse import input_mismatch
+from lpconvert.collapse.average import input_mismatch
 from lpconvert.config import DIST_TIMEOUT_RANGE, LEGACY_SETTINGS, FinetuneConfig
 from lpconvert.errors import LatePhaseError
-from lpconvert.finetune import DIGITS, RunInterrupted, run
-from lpconvert.hub import push
-from lpconvert.tensorboard import EVENTS_NAME
+from lpconvert.publish.hub import push
+from lpconvert.train.finetune import DIGITS, RunInterrupted, run
+from lpconvert.train.tensorboard import EVENTS_NAME
 
 DIGITS_RUN = dict(model="digits_cnn", pretrained=False, data=DIGITS, K=2, epochs=2, batch_size=40, lr=0.05,
                   workers=0, quiet=True, threads=1, log="tensorboard")

@@ -21,9 +21,9 @@ from PIL import Image
 import lpconvert
 from lpconvert.cli import main
 from lpconvert.config import FinetuneConfig
-from lpconvert.finetune import RunInterrupted, run
-from lpconvert.ownership import MARKER
-from lpconvert.run_dir import RunLock
+from lpconvert.run.folder import RunLock
+from lpconvert.run.ownership import MARKER
+from lpconvert.train.finetune import RunInterrupted, run
 
 DIGITS = ["--data", "sklearn-digits", "--batch-size", "40", "--workers", "0", "--quiet", "--no-pretrained",
           "--schedule", "constant", "--epochs", "1", "--K", "2"]
@@ -150,7 +150,7 @@ def test_a_second_process_on_the_same_run_is_refused_and_a_crashed_one_blocks_no
     finally:
         lock.release()
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from pathlib import Path; "
-                               "from lpconvert.run_dir import RunLock; RunLock(Path('run')).acquire(); "
+                               "from lpconvert.run.folder import RunLock; RunLock(Path('run')).acquire(); "
                                "print('locked', flush=True); time.sleep(600)"], stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "locked"
     holder.send_signal(signal.SIGKILL)  # a crash
@@ -276,7 +276,7 @@ def test_disk_full_is_one_line_and_debug_shows_the_traceback(workdir, monkeypatc
     def full(self, path):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(lpconvert.run_state.RunCheckpoint, "save", full)
+    monkeypatch.setattr(lpconvert.train.state.RunCheckpoint, "save", full)
     # the first checkpoint written is the starting one, epoch 0 (a candidate for --select best)
     assert_one_line(invoke("finetune", "digits_cnn", *DIGITS, "--output", "a"), "No space left on device", "best.pt")
     with pytest.raises(OSError):
@@ -297,7 +297,7 @@ def test_every_member_gets_its_share_across_epochs(workdir):
 @pytest.mark.parametrize("scores, exported_K", [((90.0, 50.0), 1), ((50.0, 90.0), 3)])
 def test_the_best_epoch_is_exported_before_or_after_t0(workdir, monkeypatch, scores, exported_K):
     """--t0 1: epoch 1 is plain (K = 1), epoch 2 late-phase; whichever is best is exported as what it is."""
-    from lpconvert import finetune
+    from lpconvert.train import finetune
 
     real = finetune.evaluate_averaged
     seen = iter(scores)
@@ -425,8 +425,8 @@ def test_collapse_refuses_a_broken_checkpoint(workdir, finished_run, key, value,
 
 def test_save_pretrained_refuses_non_finite_weights(workdir):
     from lpconvert.errors import LatePhaseError
-    from lpconvert.loading import load_model
-    from lpconvert.model_folder import save_pretrained
+    from lpconvert.publish.loading import load_model
+    from lpconvert.publish.model_folder import save_pretrained
 
     model, source = load_model("digits_cnn", pretrained=False)
     with torch.no_grad():
@@ -440,8 +440,8 @@ def test_save_pretrained_refuses_non_finite_weights(workdir):
 
 def test_evaluating_a_model_whose_outputs_overflow_says_so(workdir):
     from lpconvert.errors import LatePhaseError
-    from lpconvert.evaluation import evaluate_model
-    from lpconvert.loading import load_model
+    from lpconvert.evaluate.evaluation import evaluate_model
+    from lpconvert.publish.loading import load_model
 
     _weights(workdir, "overflowing")
     model, _ = load_model("digits_cnn", weights=workdir / "overflowing.safetensors")

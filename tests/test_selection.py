@@ -15,11 +15,11 @@ import timm
 import torch
 from PIL import Image
 
-from lpconvert.compare import Arm, arm_config
+from lpconvert.compare.plan import Arm, arm_config
 from lpconvert.config import FinetuneConfig
 from lpconvert.data import DIGITS, MemoryImages, build_data
 from lpconvert.errors import LatePhaseError
-from lpconvert.finetune import run
+from lpconvert.train.finetune import run
 
 MODEL = "cifar_lenet5_bn"
 CLASSES = ("ant", "bee", "cat", "dog")
@@ -113,7 +113,7 @@ def test_the_test_split_is_read_only_after_the_last_epoch(tmp_path, monkeypatch)
     image exactly once (the exported model's one evaluation)."""
     from torch.utils.data import Dataset
 
-    from lpconvert import finetune, job
+    from lpconvert.train import finetune, job
 
     events: list[str] = []
 
@@ -156,7 +156,7 @@ def test_the_test_split_is_read_only_after_the_last_epoch(tmp_path, monkeypatch)
 def test_evaluate_recalibrates_on_the_runs_own_training_images(tmp_path):
     """A run that held digits out recalibrated on the rest: `lpconvert evaluate --bn-stats recalibrate` re-estimates
     on the same batches and scores exactly the run's one test figure."""
-    from lpconvert.evaluate import evaluate
+    from lpconvert.evaluate.command import evaluate
 
     report = run(FinetuneConfig(model="digits_cnn", pretrained=False, K=2, epochs=1, lr=0.05, select="last",
                                 bn_stats="recalibrate", recalibrate_batches=5, late_phase=("batchnorm",),
@@ -197,7 +197,7 @@ def test_without_a_validation_set_nothing_is_chosen_and_a_folder_named_test_is_a
     report = run(config)
     assert not (tmp_path / "run" / "checkpoints" / "best.pt").exists()
     assert report["select"] == "last" and report["epoch"] == 3 and report["validation"] == "test"
-    from lpconvert.saved_run import load_late_phase
+    from lpconvert.run.saved import load_late_phase
 
     _, checkpoint = load_late_phase(tmp_path / "run")  # the default: what the run exported
     assert checkpoint.position.epoch == 3 and checkpoint.history.best_epoch is None

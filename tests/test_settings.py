@@ -12,7 +12,7 @@ from lpconvert.cli_settings import build_config
 from lpconvert.config import FinetuneConfig
 from lpconvert.data.settings import DataSettings
 from lpconvert.errors import LatePhaseError
-from lpconvert.optim_settings import OptimSettings
+from lpconvert.train.optim_settings import OptimSettings
 
 
 def test_the_sections_are_the_runs_settings_by_name():

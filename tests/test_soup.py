@@ -13,13 +13,20 @@ import torch
 from click.testing import CliRunner
 
 import lpconvert
+from lpconvert.collapse.soup import (
+    ALPHA_GRID,
+    choose_alpha,
+    collapse_members,
+    greedy_soup,
+    interpolate,
+    keep_members,
+)
 from lpconvert.config import FinetuneConfig
 from lpconvert.data import digits_datasets
 from lpconvert.errors import LatePhaseError
-from lpconvert.finetune import DIGITS, run
-from lpconvert.loading import ModelSource
-from lpconvert.model_card import render_model_card
-from lpconvert.soup import ALPHA_GRID, choose_alpha, collapse_members, greedy_soup, interpolate, keep_members
+from lpconvert.publish.loading import ModelSource
+from lpconvert.publish.model_card import render_model_card
+from lpconvert.train.finetune import DIGITS, run
 
 BN_FOLD_TEXT = "running statistics are the members' mean statistics"
 

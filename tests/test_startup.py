@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import lpconvert_launcher
-from lpconvert import compat, runtime
+from lpconvert import compat
+from lpconvert.train import runtime
 
 REPO = Path(__file__).resolve().parents[1]
 

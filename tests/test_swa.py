@@ -8,8 +8,8 @@ import torch
 
 from lpconvert.config import FinetuneConfig
 from lpconvert.errors import LatePhaseError
-from lpconvert.finetune import DIGITS, RunInterrupted, run
-from lpconvert.optim import lr_factor
+from lpconvert.train.finetune import DIGITS, RunInterrupted, run
+from lpconvert.train.optim import lr_factor
 
 FAST = dict(model="digits_cnn", pretrained=False, data=DIGITS, batch_size=120, workers=0, quiet=True, lr=0.05,
             schedule="constant", log_every=5, late_phase=("batchnorm", "classifier"))

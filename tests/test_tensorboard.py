@@ -13,12 +13,12 @@ from hub_server import TEST_TOKEN, HubServer, configure_client
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lpconvert.cli import main
+from lpconvert.collapse.command import collapse_run
 from lpconvert.config import FinetuneConfig
-from lpconvert.export import collapse_run
-from lpconvert.finetune import DIGITS, RunInterrupted, run
-from lpconvert.hub import push
-from lpconvert.ownership import recognise
-from lpconvert.tensorboard import EVENTS_NAME, write_scalars
+from lpconvert.publish.hub import push
+from lpconvert.run.ownership import recognise
+from lpconvert.train.finetune import DIGITS, RunInterrupted, run
+from lpconvert.train.tensorboard import EVENTS_NAME, write_scalars
 
 ROWS = [
     {"epoch": 0, "val_top1": 10.5, "val_top5": 50.25, "val_nll": 2.25, "val_ece": 0.125},

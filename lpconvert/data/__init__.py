@@ -10,8 +10,12 @@ loaders :func:`train_loader`, :func:`eval_loader`, :func:`recalibration_loader`.
   :func:`hub_splits`)
 * :mod:`~lpconvert.data.labels` — class folders → the model's label indices (:func:`class_to_index`)
 * :mod:`~lpconvert.data.transforms` — the model's preprocessing and training augmentation (:func:`build_transform`)
+* :mod:`~lpconvert.data.settings` — the data section of a run's settings (:class:`DataSettings`): all that
+  :func:`build_data` reads
 * :mod:`~lpconvert.data.datasets` — labelled image datasets of every source, subsets, the scikit-learn digits,
-  :func:`build_data`, fingerprints
+  :func:`build_data`
+* :mod:`~lpconvert.data.fingerprint` — which files or rows each split of a run held (:func:`data_fingerprint`)
+* :mod:`~lpconvert.data.selection` — a fixed, stratified selection / report split of an evaluation set
 * :mod:`~lpconvert.data.sampler` — the seeded, resumable batch order and seeded augmentation
 * :mod:`~lpconvert.data.memory` — small image sets decoded once into memory, augmented batch-wise (:func:`memory_data`)
 * :mod:`~lpconvert.data.loaders` — the training, validation and recalibration loaders
@@ -27,15 +31,16 @@ from lpconvert.data.datasets import (
     Source,
     build_data,
     build_datasets,
-    data_fingerprint,
     digits_datasets,
     stratified_indices,
 )
+from lpconvert.data.fingerprint import data_fingerprint
 from lpconvert.data.hfds import HubImages, HubSplit, hub_dataset_id, hub_name, hub_splits
 from lpconvert.data.labels import class_to_index
 from lpconvert.data.loaders import eval_loader, recalibration_loader, train_loader
 from lpconvert.data.memory import MemoryImages, MemorySamples, memory_data
 from lpconvert.data.sampler import EpochBatchSampler, SeededSamples
+from lpconvert.data.settings import DataSettings
 from lpconvert.data.transforms import build_transform
 
 __all__ = [
@@ -44,6 +49,7 @@ __all__ = [
     "DIGITS_MEAN",
     "DIGITS_STD",
     "Data",
+    "DataSettings",
     "EpochBatchSampler",
     "HubImages",
     "HubSplit",

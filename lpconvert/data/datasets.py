@@ -15,7 +15,6 @@ set that needs no download.
 from __future__ import annotations
 
 import copy
-import hashlib
 import io
 import logging
 import math
@@ -37,8 +36,10 @@ from torchvision.datasets.folder import default_loader, has_file_allowed_extensi
 from lpconvert.data.archives import TarPath, data_splits
 from lpconvert.data.hfds import HubImages, HubSplit, hub_sources
 from lpconvert.data.labels import class_to_index, output_names
+from lpconvert.data.fingerprint import data_fingerprint, digits_fingerprint
 from lpconvert.data.memory import memory_data
 from lpconvert.data.sampler import SeededSamples
+from lpconvert.data.settings import DIGITS
 from lpconvert.data.transforms import build_transform, data_config
 from lpconvert.errors import LatePhaseError, one_line
 
@@ -63,7 +64,6 @@ __all__ = [
     "stratified_indices",
 ]
 
-DIGITS = "sklearn-digits"  # --data value of the built-in real data set (the offline demo)
 
 # Mean and std of all 1,797 scikit-learn digit images after scaling the pixels (0..16) to [0, 1].
 DIGITS_MEAN = 0.3053
@@ -398,10 +398,10 @@ def build_data(config: DataSettings, model: nn.Module, sources: tuple[Source, So
         train, test = digits_datasets()  # one split for every seed: the T0 model never sees a test digit
         names = [str(d) for d in range(10)]
         if config.val_split == 0:
-            return Data(SeededSamples(train, config.seed), test, _digits_fingerprint(train, test, val_role="test"),
+            return Data(SeededSamples(train, config.seed), test, digits_fingerprint(train, test, val_role="test"),
                         names, val_role="test")
         train, val = hold_out(train, test, config.val_split, config.subset_seed)
-        return Data(SeededSamples(train, config.seed), val, _digits_fingerprint(train, val, test), names, test,
+        return Data(SeededSamples(train, config.seed), val, digits_fingerprint(train, val, test), names, test,
                     "held-out")
     test_source: Source | None = None
     if sources is None and config.dataset is not None:
@@ -467,62 +467,6 @@ def hold_out(train: LabelledImages | TensorDataset, evaluation: Dataset, fractio
     return train, validation
 
 
-def _digits_fingerprint(train: TensorDataset, val: TensorDataset, test: TensorDataset | None = None, *,
-                        val_role: str = "held-out") -> dict[str, Any]:
-    """The digits' sizes, in all and per split (the model card names each figure's image count)."""
-    parts = {"train": train, "val": val, **({"test": test} if test is not None else {})}
-    splits: dict[str, dict[str, Any]] = {name: {"num_files": len(part)} for name, part in parts.items()}
-    if val_role == "test":
-        splits["val"]["split"] = "test"
-    if test is not None:
-        splits["val"]["held_out"] = True
-    return {"dataset": DIGITS, "num_files": sum(len(part) for part in parts.values()), **splits}
-
-
 def _num_classes(model: nn.Module) -> int | None:
     head = model.get_classifier() if hasattr(model, "get_classifier") else None
     return getattr(head, "out_features", None) or getattr(model, "num_classes", None)
-
-
-# ---------------------------------------------------------------------------------------------------- provenance
-
-
-def validated_on_held_out(fingerprint: Mapping[str, Any] | None) -> bool:
-    """Whether the run with this data fingerprint validated on images held out of its training split (``--val-split``):
-    recorded as ``val.held_out`` since runs may have a test set beside a validation split; before, a test set in the
-    fingerprint meant a hold-out."""
-    fingerprint = fingerprint or {}
-    return bool((fingerprint.get("val") or {}).get("held_out", "test" in fingerprint))
-
-
-def data_fingerprint(dataset_or_dir: LabelledImages | str | os.PathLike) -> dict[str, Any]:
-    """``{"root", "num_files", "sha256"}``: the files of a folder, or the samples of an ImageFolder (subset
-    included; a tree inside a tar archive gives the same as the extracted tree), and the SHA-256 of their sorted
-    relative POSIX paths, one per line. File contents are not read. A Hugging Face split (:class:`HubImages`) gives
-    ``{"root": "hfds/NAME", "split", "num_files", "sha256"}``, the SHA-256 of its data's version (the datasets
-    library's fingerprint) and the rows used."""
-    if isinstance(dataset_or_dir, HubImages):
-        split, rows = dataset_or_dir.split, [str(row) for row, _ in dataset_or_dir.samples]
-        return {"root": split.dataset, "split": split.split, "num_files": len(rows),
-                "sha256": _sha256_lines([split.version, *rows])}
-    if isinstance(dataset_or_dir, ImageFolder):
-        root = Path(dataset_or_dir.root)
-        files = [Path(path).relative_to(root).as_posix() for path, _ in dataset_or_dir.samples]
-    elif isinstance(dataset_or_dir, (str, os.PathLike)):
-        root = Path(dataset_or_dir)
-        if not root.is_dir():
-            raise LatePhaseError(f"cannot fingerprint {root}: not a directory")
-        files = [
-            (Path(folder) / name).relative_to(root).as_posix()
-            for folder, _, names in os.walk(root)
-            for name in names
-        ]
-    else:
-        raise LatePhaseError(
-            f"cannot fingerprint a {type(dataset_or_dir).__name__}; pass a directory or a dataset of build_datasets"
-        )
-    return {"root": str(root), "num_files": len(files), "sha256": _sha256_lines(sorted(files))}
-
-
-def _sha256_lines(lines: Sequence[str]) -> str:
-    return hashlib.sha256("".join(f"{line}\n" for line in lines).encode()).hexdigest()

@@ -12,7 +12,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["DataSettings"]
+__all__ = ["DIGITS", "DataSettings"]
+
+#: ``--data`` value of the built-in real data set: scikit-learn's handwritten digits (the offline demo).
+DIGITS = "sklearn-digits"
 
 
 @dataclass(frozen=True)

@@ -8,21 +8,29 @@ their ``precedence``.
 import importlib
 import pkgutil
 
-from .base import LatePhaseLayer, MemberSelection, StackedLayer, member_mean
-from .discovery import Discovery
-from .options import Option
-from .registry import (KINDS, aliases, check_kind_options, kind_names, kinds_help, options_help, register_kind,
-                       resolve_kinds)
+from lpconvert.layers.base import LatePhaseLayer, MemberSelection, StackedLayer, member_mean
+from lpconvert.layers.discovery import Discovery
+from lpconvert.layers.options import Option
+from lpconvert.layers.registry import (
+    KINDS,
+    aliases,
+    check_kind_options,
+    kind_names,
+    kinds_help,
+    options_help,
+    register_kind,
+    resolve_kinds,
+)
 
 for _module in pkgutil.iter_modules(__path__):
     importlib.import_module(f"{__name__}.{_module.name}")
 
-from .batchnorm import BN_STATS_MODES, LatePhaseBatchNorm  # noqa: E402
-from .classifier import LatePhaseLinear  # noqa: E402
-from .hypernet import HypernetLayer  # noqa: E402
-from .norm import LatePhaseGroupNorm, LatePhaseLayerNorm  # noqa: E402
-from .rank1 import Rank1Layer  # noqa: E402
-from .rank1_recurrent import Rank1RecurrentLayer  # noqa: E402
+from lpconvert.layers.batchnorm import BN_STATS_MODES, LatePhaseBatchNorm  # noqa: E402
+from lpconvert.layers.classifier import LatePhaseLinear  # noqa: E402
+from lpconvert.layers.hypernet import HypernetLayer  # noqa: E402
+from lpconvert.layers.norm import LatePhaseGroupNorm, LatePhaseLayerNorm  # noqa: E402
+from lpconvert.layers.rank1 import Rank1Layer  # noqa: E402
+from lpconvert.layers.rank1_recurrent import Rank1RecurrentLayer  # noqa: E402
 
 __all__ = [
     "BN_STATS_MODES",

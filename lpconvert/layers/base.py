@@ -18,9 +18,9 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..errors import LatePhaseError
-from .discovery import Discovery
-from .options import Option
+from lpconvert.errors import LatePhaseError
+from lpconvert.layers.discovery import Discovery
+from lpconvert.layers.options import Option
 
 
 class MemberSelection:
@@ -206,7 +206,7 @@ class LatePhaseLayer(nn.Module):
     def keep_members(self, members: Sequence[int]) -> None:
         """Reduce this layer, in place, to the rows `members` (in that order) of every member tensor: a layer of
         ``len(members)`` members, whose :meth:`collapse` is Eq. 1 over those members only. The caller updates the
-        model's shared :class:`MemberSelection` and configuration (:func:`lpconvert.soup.keep_members`)."""
+        model's shared :class:`MemberSelection` and configuration (:func:`lpconvert.collapse.soup.keep_members`)."""
         members = [int(k) for k in members]
         if not members or any(not 0 <= k < self.num_members for k in members):
             raise LatePhaseError(f"member indices must lie in [0, {self.num_members - 1}], got {members}")

@@ -9,9 +9,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import LatePhaseError
-from .base import StackedLayer, member_mean
-from .registry import register_kind
+from lpconvert.errors import LatePhaseError
+from lpconvert.layers.base import StackedLayer, member_mean
+from lpconvert.layers.registry import register_kind
 
 BN_STATS_MODES = ("fold", "mean", "recalibrate")
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import StackedLayer
-from .discovery import Discovery
-from .registry import register_kind
+from lpconvert.layers.base import StackedLayer
+from lpconvert.layers.discovery import Discovery
+from lpconvert.layers.registry import register_kind
 
 
 @register_kind

@@ -21,11 +21,11 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..errors import LatePhaseError
-from .base import LatePhaseLayer, MemberSelection, _hollow_copy, member_mean
-from .discovery import Discovery
-from .options import Option
-from .registry import register_kind
+from lpconvert.errors import LatePhaseError
+from lpconvert.layers.base import LatePhaseLayer, MemberSelection, _hollow_copy, member_mean
+from lpconvert.layers.discovery import Discovery
+from lpconvert.layers.options import Option
+from lpconvert.layers.registry import register_kind
 
 
 @register_kind

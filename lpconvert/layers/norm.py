@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import StackedLayer
-from .registry import register_kind
+from lpconvert.layers.base import StackedLayer
+from lpconvert.layers.registry import register_kind
 
 
 @register_kind

@@ -14,7 +14,7 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import LatePhaseError
+from lpconvert.errors import LatePhaseError
 
 #: The one boolean vocabulary of flags, recipes, saved runs and kind options.
 BOOLEAN_WORDS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}

@@ -13,12 +13,12 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from ..errors import LatePhaseError
-from .base import LatePhaseLayer, MemberSelection, _hollow_copy, mean_outer, perturb_factors
-from .discovery import Discovery
-from .options import Option
-from .rank1_recurrent import Rank1RecurrentLayer
-from .registry import register_kind
+from lpconvert.errors import LatePhaseError
+from lpconvert.layers.base import LatePhaseLayer, MemberSelection, _hollow_copy, mean_outer, perturb_factors
+from lpconvert.layers.discovery import Discovery
+from lpconvert.layers.options import Option
+from lpconvert.layers.rank1_recurrent import Rank1RecurrentLayer
+from lpconvert.layers.registry import register_kind
 
 
 @register_kind

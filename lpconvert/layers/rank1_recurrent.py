@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from ..errors import LatePhaseError
-from .base import LatePhaseLayer, MemberSelection, _hollow_copy, mean_outer, perturb_factors
+from lpconvert.errors import LatePhaseError
+from lpconvert.layers.base import LatePhaseLayer, MemberSelection, _hollow_copy, mean_outer, perturb_factors
 
 
 class Rank1RecurrentLayer(LatePhaseLayer):

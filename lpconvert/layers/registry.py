@@ -14,9 +14,9 @@ from typing import Any
 
 from torch import nn
 
-from ..errors import LatePhaseError
-from .base import LatePhaseLayer
-from .options import check_options
+from lpconvert.errors import LatePhaseError
+from lpconvert.layers.base import LatePhaseLayer
+from lpconvert.layers.options import check_options
 
 KINDS: dict[str, type[LatePhaseLayer]] = {}
 
