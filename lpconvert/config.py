@@ -10,7 +10,6 @@ it came from a flag, a recipe or Python code.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import typing
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from lpconvert.data.memory import IN_MEMORY_MODES, MEMORY_BUDGET
 from lpconvert.data.settings import DataSettings
 from lpconvert.errors import LatePhaseError
 from lpconvert.layers import BN_STATS_MODES, check_kind_options, kinds_help, options_help
-from lpconvert.layers.options import read_bool
+from lpconvert.layers.options import READERS
 from lpconvert.train.optim_settings import OptimSettings
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -404,30 +403,13 @@ def _coerce(name: str, value: Any, hint: Any) -> Any:
         items = value.split(",") if isinstance(value, str) else value if isinstance(value, (list, tuple)) else [value]
         return tuple(_coerce(name, v.strip() if isinstance(v, str) else v, item) for v in items
                      if not (isinstance(v, str) and not v.strip()))
-    if hint is bool:
+    if hint in READERS:
         try:
-            return read_bool(value)
-        except ValueError:
-            raise LatePhaseError(f"{flag(name)} must be true or false (or yes/no, 1/0), got {value!r}") from None
-    if hint is int:
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise LatePhaseError(f"{flag(name)} must be an integer, got {value!r}")
-    if hint is float:
-        if isinstance(value, str):
-            try:
-                value = float(value)
-            except ValueError:
-                raise LatePhaseError(f"{flag(name)} must be a number, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise LatePhaseError(f"{flag(name)} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise LatePhaseError(f"{flag(name)} must be a finite number, got {value}")
-        return int(value) if name == "milestones" and float(value).is_integer() else float(value)
+            read = READERS[hint](value)
+        except (ValueError, OverflowError):
+            what = {bool: "true or false (or yes/no, 1/0)", int: "an integer", float: "a finite number"}[hint]
+            raise LatePhaseError(f"{flag(name)} must be {what}, got {value!r}") from None
+        return int(read) if name == "milestones" and float(read).is_integer() else read
     if hint is str:
         if isinstance(value, str):
             return value

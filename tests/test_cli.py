@@ -128,7 +128,7 @@ def test_inspect_reports_the_plan():
         (["finetune", "digits_cnn", "--t0", "5", "--epochs", "3", *DIGITS], ["--t0 must be smaller", "got 5"]),
         (["finetune", "digits_cnn", *DIGITS, "--batch-size", "5000"], ["fewer than one batch", "--batch-size"]),
         (["finetune", "digits_cnn", "--recipe", "missing.yaml"], ["missing.yaml", "lpconvert zoo"]),
-        (["finetune", "digits_cnn", "--milestones", "5,x", *DIGITS], ["--milestones must be a number", "'x'"]),
+        (["finetune", "digits_cnn", "--milestones", "5,x", *DIGITS], ["--milestones must be a finite number", "'x'"]),
         (["collapse", ".", "--out", "elsewhere"], ["not an lpconvert run directory"]),
         (["inspect", "resnet18", "--include", "nothing.*"], ["'nothing.*' matches no"]),
     ],

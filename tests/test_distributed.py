@@ -282,14 +282,14 @@ def _torchrun(tmp_path, name: str, *args: str) -> tuple[int, list[str]]:
 
 
 def test_torchrun_sigterm_to_one_rank_exits_130_on_every_rank_with_one_line(tmp_path):
-    code, (rank0, rank1, torchrun) = _torchrun(tmp_path, "stopped", "--epochs", "15", "--checkpoint-every", "2",
+    code, (rank0, rank1, torchrun) = _torchrun(tmp_path, "stopped", "--epochs", "5", "--checkpoint-every", "2",
                                               "--log-every", "2")
     line = f"interrupted (SIGTERM); a checkpoint was saved: continue with --resume {tmp_path / 'run'}"
     assert code != 0 and torchrun.count("exitcode  : 130") == WORLD, torchrun  # both workers ended with 130
     assert [out.strip().splitlines()[-1] for out in (rank0, rank1)] == [line, line]
     assert "Traceback" not in rank0 + rank1
     checkpoint = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
-    assert checkpoint["position"]["epoch"] < 15 and checkpoint["position"]["iteration"] % 2 == 0
-    code, _ = _torchrun(tmp_path, "resumed", "--resume", str(tmp_path / "run"), "--epochs", "15",
+    assert checkpoint["position"]["epoch"] < 5 and checkpoint["position"]["iteration"] % 2 == 0
+    code, _ = _torchrun(tmp_path, "resumed", "--resume", str(tmp_path / "run"), "--epochs", "5",
                         "--checkpoint-every", "2", "--log-every", "2")
     assert code == 0 and (tmp_path / "run" / "model" / "model.safetensors").is_file()

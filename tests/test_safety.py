@@ -221,7 +221,7 @@ INVALID = {  # case: (setup, arguments of `lpconvert finetune`, fragments of the
                                        ["Eq. 2 gives non-finite outputs", "lower --sigma0 (now 1e+20)"]),
     "int8 weights": (lambda r: _weights(r, "int8"), [*DIGITS_CNN, "--weights", "int8.safetensors"],
                      ["torch.int8", "dequantize"]),
-    "recipe: a word for a number": (_recipe("  lr: fast\n"), RECIPE, ["--lr must be a number, got 'fast'"]),
+    "recipe: a word for a number": (_recipe("  lr: fast\n"), RECIPE, ["--lr must be a finite number, got 'fast'"]),
     "recipe: an unknown key": (_recipe("  learning_rate: 0.1\n"), RECIPE, ["unknown setting", "learning_rate"]),
     "recipe: a number for a list of names": (_recipe("  late_phase: 3\n"), RECIPE, ["--late-phase must be a text value"]),
     "RGB data for a grayscale model": (lambda r: _image_tree(r / "images"), ["digits_cnn", *CIFAR_LIKE, "--num-classes", "2"],

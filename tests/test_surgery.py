@@ -250,7 +250,7 @@ def test_a_model_without_the_kind_asked_for_is_told_what_would_work():
     ({"hypernet": {"tolerance": "abc"}}, r"hypernet\.tolerance must be a finite number >= 0, got 'abc'$"),
     ({"hypernet": {"tolerance": -1e-3}}, r"hypernet\.tolerance must be a finite number >= 0, got -0\.001$"),
     ({"hypernet": {"rank": 0}}, r"hypernet\.rank must be an integer >= 1, got 0$"),
-    ({"hypernet": {"rank": 2.0}}, r"hypernet\.rank must be an integer >= 1, got 2\.0$"),
+    ({"hypernet": {"rank": 2.5}}, r"hypernet\.rank must be an integer >= 1, got 2\.5$"),
     ({"hypernet": {"rank": True}}, r"hypernet\.rank must be an integer >= 1, got True$"),
     ({"hypernet": {"allow_error": "nope"}}, r"hypernet\.allow_error must be a boolean \(true/false/yes/no/1/0\)"),
     ({"rank1": {"input_weights": 2}}, r"rank1\.input_weights must be a boolean"),

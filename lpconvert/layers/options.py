@@ -31,6 +31,30 @@ def read_bool(value: Any) -> bool:
     raise ValueError(value)
 
 
+def read_int(value: Any) -> int:
+    """`value` as an integer: an int (not a bool), an integral float, or integer text; ValueError otherwise."""
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit():
+        return int(value)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    raise ValueError(value)
+
+
+def read_float(value: Any) -> float:
+    """`value` as a finite number: an int or float (not a bool), or numeric text; ValueError otherwise."""
+    if isinstance(value, str):
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(value)
+    return float(value)
+
+
+#: How each scalar type is read from a flag, a recipe, a saved run or a kind option: the one schema of values.
+READERS: dict[type, Any] = {bool: read_bool, int: read_int, float: read_float}
+
+
 @dataclass(frozen=True)
 class Option:
     """One option of a kind.
@@ -62,18 +86,9 @@ class Option:
         when it is not one, or out of range. None stands for an option whose default is None (not set)."""
         if value is None and self.default is None:
             return None
+        number = READERS[self.type](value)
         if self.type is bool:
-            return read_bool(value)
-        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
-            raise ValueError(value)
-        if self.type is int:
-            if isinstance(value, float):
-                raise ValueError(value)
-            number: int | float = int(value)
-        else:
-            number = float(value)
-            if not math.isfinite(number):
-                raise ValueError(value)
+            return number
         if self.minimum is not None and number < self.minimum:
             raise ValueError(value)
         return number
