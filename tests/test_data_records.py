@@ -17,6 +17,7 @@ import timm
 import torch
 from click.testing import CliRunner
 from huggingface_hub import utils as hub_utils
+from image_trees import write_files
 from PIL import Image
 from torch.utils.data import TensorDataset
 
@@ -49,16 +50,9 @@ def _png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def _folder(root: Path, files: dict[str, bytes]) -> Path:
-    for name, payload in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(payload)
-    return root
-
-
 def _tree(root: Path, splits: tuple[str, ...], classes: tuple[str, ...], per_class: int) -> Path:
     """ImageFolder splits of `per_class` distinct 8×8 PNGs per class."""
-    return _folder(root, {f"{split}/{name}/{i}.png": _png(hash((split, name, i)) % 2**32)
+    return write_files(root, {f"{split}/{name}/{i}.png": _png(hash((split, name, i)) % 2**32)
                           for split in splits for name in classes for i in range(per_class)})
 
 
@@ -177,7 +171,7 @@ def test_only_folders_are_classes_in_a_tar_read_in_place(tmp_path: Path) -> None
     archive = tmp_path / "train.tar"
     archive.write_bytes(_tar_bytes(files))
     in_place, _ = build_datasets(resolve_data_dirs(train_dir=archive)[0], None, data_config=CFG, num_classes=None)
-    extracted, _ = build_datasets(_folder(tmp_path / "train", files), None, data_config=CFG, num_classes=None)
+    extracted, _ = build_datasets(write_files(tmp_path / "train", files), None, data_config=CFG, num_classes=None)
     assert in_place.classes == extracted.classes == ["cat", "dog"] and in_place.targets == [0, 1]
 
     # a tree of class archives only (ImageNet's training archive): each archive is a class

@@ -15,6 +15,7 @@ import pytest
 import timm
 import torch
 from exact_resume import assert_resume_is_exact
+from image_trees import write_files
 from PIL import Image
 
 import lpconvert.models  # noqa: F401  (registers cifar_lenet5_bn)
@@ -45,13 +46,6 @@ def _png(rng: np.random.Generator, size: int = 32) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, format="PNG")
     return buffer.getvalue()
-
-
-def _folder(root: Path, files: dict[str, bytes]) -> Path:
-    for name, payload in files.items():
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        (root / name).write_bytes(payload)
-    return root
 
 
 def _tar_bytes(files: dict[str, bytes], mode: str = "w") -> bytes:
@@ -99,7 +93,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, str
     rng = np.random.default_rng(0)
     files = {f"{split}/{name}/{i}.png": _png(rng) for split, count in COUNTS.items() for name in CLASSES
              for i in range(count)}
-    _folder(root / "folder", files)
+    write_files(root / "folder", files)
     _plain_tar(root / "images.tar", {f"images/{name}": payload for name, payload in files.items()})
     rows = {split: [(files[f"{split}/{name}/{i}.png"], y) for y, name in enumerate(CLASSES) for i in range(count)]
             for split, count in COUNTS.items()}
@@ -159,7 +153,7 @@ def test_validation_split_is_the_first_of_val_validation_test(tmp_path: Path) ->
     one = {"a/0.png": _png(rng), "b/0.png": _png(rng)}
     root, order = tmp_path / "root", ("train", "test", "validation", "val")
     for upto, split in enumerate(order):  # add the splits one by one: the last one added is preferred
-        _folder(root / split, one)
+        write_files(root / split, one)
         whole = _plain_tar(tmp_path / f"{split}.tar", {f"{s}/{n}": p for s in order[:upto + 1] for n, p in one.items()})
         for train, val in (resolve_data_dirs(root), resolve_data_dirs(whole)):
             assert train.name == "train" and (val.name if val else None) == (None if split == "train" else split)
@@ -185,7 +179,7 @@ def test_imagenet_tar_of_class_tars_is_read_in_place_with_imagenet_labels(tmp_pa
                                                   for wnid in ("n01443537", "n01440764")})
     tree, _ = resolve_data_dirs(train_dir=archive)
     _, in_tar = build_datasets(None, tree, data_config=CFG, num_classes=1000)  # the evaluation transform
-    _, in_folder = build_datasets(None, _folder(tmp_path / "train", files), data_config=CFG, num_classes=1000)
+    _, in_folder = build_datasets(None, write_files(tmp_path / "train", files), data_config=CFG, num_classes=1000)
     assert isinstance(tree, TarPath) and in_tar.targets == in_folder.targets == [0, 0, 0, 1, 1, 1]
     assert in_tar.class_to_idx == {"n01440764": 0, "n01443537": 1}
     assert all(torch.equal(in_tar[i][0], in_folder[i][0]) for i in range(6))
@@ -217,7 +211,7 @@ def test_tar_read_in_place_refuses_what_it_cannot_read(tmp_path: Path) -> None:
 def test_class_map_file_and_the_datasets_class_order(tmp_path: Path) -> None:
     rng = np.random.default_rng(4)
     cat, dog = _png(rng), _png(rng)
-    _folder(tmp_path / "folder", {f"{split}/{name}/0.png": png for split in ("train", "val")
+    write_files(tmp_path / "folder", {f"{split}/{name}/0.png": png for split in ("train", "val")
                                   for name, png in (("cat", cat), ("dog", dog))})
     (tmp_path / "classes.txt").write_text("dog\ncat\n")
     model = timm.create_model(MODEL, num_classes=2)

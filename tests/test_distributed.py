@@ -281,6 +281,7 @@ def _torchrun(tmp_path, name: str, *args: str) -> tuple[int, list[str]]:
     return process.returncode, outputs + [errors]
 
 
+@pytest.mark.slow  # two torchrun launches of the CLI (46 s on 2 cores); the in-process 2-rank stop test runs always
 def test_torchrun_sigterm_to_one_rank_exits_130_on_every_rank_with_one_line(tmp_path):
     code, (rank0, rank1, torchrun) = _torchrun(tmp_path, "stopped", "--epochs", "5", "--checkpoint-every", "2",
                                               "--log-every", "2")

@@ -61,6 +61,7 @@ def _evaluate_args(tiny_test, out):
             "--device", "cpu", "--json", str(out)]
 
 
+@pytest.mark.slow  # torchrun of the CLI (22 s on 2 cores); tests/test_distributed.py evaluates on 2 ranks in-process
 def test_torchrun_two_processes_evaluate_what_one_process_evaluates_and_print_once(tiny_test, tmp_path,
                                                                                   monkeypatch):
     """`torchrun --nproc_per_node 2 -m lpconvert evaluate` (gloo on the CPU; 40 images in batches of 12: the shards

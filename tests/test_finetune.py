@@ -104,7 +104,7 @@ def _ddp_worker(rank, world_size, port, config_dict):
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("mode", ["sequential", "vectorized"])
+@pytest.mark.parametrize("mode", ["sequential", pytest.param("vectorized", marks=pytest.mark.slow)])  # 17 s each
 def test_two_processes_equal_one_process_on_the_same_global_batch(tmp_path, mode):
     """GroupNorm model (no batch statistics): DDP over 2 gloo processes computes what 1 process computes."""
     common = dict(model="digits_cnn_gn", pretrained=False, K=3, epochs=1, late_phase=("groupnorm", "classifier"),

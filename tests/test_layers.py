@@ -70,17 +70,18 @@ def test_tensors_left_out_of_the_members_stay_shared():
 
 
 def test_an_option_reads_text_and_python_values_strictly():
-    """A kind's option converts command-line text and Python values alike: booleans only from true/false/yes/no/1/0,
-    integers not from fractions, numbers finite and in range."""
+    """A kind's option converts command-line text and Python values alike (the flags' schema): booleans only from
+    true/false/yes/no/1/0, integers not from fractions (an integral float is its integer), numbers finite and in
+    range."""
     flag = Option(bool, False, "a flag")
     given = ("true", "YES", " 1 ", "false", "No", "0", True, False, 1, 0)
     assert [flag.coerce(v) for v in given] == [True, True, True, False, False, False, True, False, True, False]
     number, count = Option(float, 1e-3, "a bound", minimum=0), Option(int, None, "a size", minimum=1)
     assert [number.coerce(v) for v in ("1e-2", 0, " 3 ", 0.5)] == [0.01, 0.0, 3.0, 0.5]
-    assert [count.coerce(v) for v in ("4", 7, None)] == [4, 7, None]
+    assert [count.coerce(v) for v in ("4", 7, None, 2.0)] == [4, 7, None, 2]
     for option, bad in ((flag, ("maybe", "", "2", 2, 1.0, None, "nan")),
                         (number, ("nan", float("inf"), "-inf", "-1", -0.5, True, "abc", None)),
-                        (count, ("2.5", 2.0, "0", 0, False, "x"))):
+                        (count, ("2.5", 2.5, "0", 0, False, "x"))):
         for value in bad:
             with pytest.raises(ValueError):
                 option.coerce(value)

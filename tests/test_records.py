@@ -10,7 +10,7 @@ import safetensors.torch
 import timm
 import torch
 import yaml
-from PIL import Image
+from image_trees import two_class_tree
 
 import lpconvert
 from lpconvert.config import FinetuneConfig
@@ -33,22 +33,11 @@ RUNS = {
 }
 
 
-def _images(root, size=36, per_class=6):
-    """A CIFAR-like ImageFolder: train/ and val/ with two classes of `per_class` RGB PNGs each."""
-    for split in ("train", "val"):
-        for label in ("a", "b"):
-            (root / split / label).mkdir(parents=True)
-            for i in range(per_class):
-                Image.new("RGB", (size, size), (40 * i, 200 if label == "a" else 20, 60)).save(
-                    root / split / label / f"{i}.png")
-    return root
-
-
 def _config(tmp_path, name, **overrides):
     values = dict(RUNS[name], pretrained=False, epochs=1, workers=0, quiet=True, schedule="constant", select="last",
                   output=str(tmp_path / "run"))
     if "data" not in values:
-        values["data"] = str(_images(tmp_path / "images"))
+        values["data"] = str(two_class_tree(tmp_path / "images", size=36, per_class=6))
     return FinetuneConfig(**{**values, **overrides})
 
 
@@ -140,7 +129,7 @@ def test_card_config_and_provenance_match_the_run(tmp_path, name):
 def test_input_size_flags_set_the_transforms(tmp_path):
     """--img-size 40 on 36-px images of a 32-px model: training and evaluation tensors are 40×40; --input-size sets C H
     W, --crop-pct the evaluation crop."""
-    images = _images(tmp_path / "images")
+    images = two_class_tree(tmp_path / "images", size=36, per_class=6)
     model = timm.create_model("cifar_resnet20", num_classes=2)
     config = FinetuneConfig(model="cifar_resnet20", data=str(images), img_size=40, crop_pct=0.9)
     resolved = data_config(model, config.data_settings)
@@ -154,7 +143,7 @@ def test_input_size_flags_set_the_transforms(tmp_path):
 
 def test_the_runs_data_uses_the_input_size_flags(tmp_path):
     """build_data (what a run trains and validates on) follows --img-size."""
-    images = _images(tmp_path / "images")
+    images = two_class_tree(tmp_path / "images", size=36, per_class=6)
     config = FinetuneConfig(model="cifar_resnet20", data=str(images), img_size=40, data_in_memory="off", workers=0)
     data = build_data(config.data_settings, timm.create_model("cifar_resnet20", num_classes=2))
     assert data.train[(0, 0)][0].shape == data.val[0][0].shape == (3, 40, 40)

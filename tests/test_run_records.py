@@ -13,7 +13,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from hub_server import TEST_TOKEN, HubServer, configure_client
-from PIL import Image
+from image_trees import two_class_tree
 from torch import nn
 
 from lpconvert.cli import main
@@ -57,17 +57,6 @@ def _copy(run_dir: Path, to: Path) -> Path:
     return Path(shutil.copytree(run_dir, to))
 
 
-def _images(root: Path, size: int = 32, per_class: int = 4) -> Path:
-    """train/ and val/ of two classes of RGB PNGs."""
-    for split in ("train", "val"):
-        for label in ("a", "b"):
-            (root / split / label).mkdir(parents=True)
-            for i in range(per_class):
-                Image.new("RGB", (size, size), (40 * i, 200 if label == "a" else 20, 60)).save(
-                    root / split / label / f"{i}.png")
-    return root
-
-
 # --- 1. --dist-timeout ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("minutes", [1e300, 1e12, 10081, 0, 1e-9, -5])
 def test_a_dist_timeout_torch_cannot_wait_is_refused_in_one_line(tmp_path, minutes):
@@ -93,7 +82,7 @@ def test_an_input_size_given_channels_last_is_refused():
 
 
 def test_an_input_size_with_channels_the_model_does_not_take_is_refused_before_anything_is_written(tmp_path):
-    images = _images(tmp_path / "images")
+    images = two_class_tree(tmp_path / "images")
     result = invoke("finetune", "cifar_lenet5_bn", "--no-pretrained", "--num-classes", 2, "--data", images,
                     "--input-size", 1, 32, 32, "--epochs", 1, "--workers", 0, "--output", tmp_path / "run")
     one_line_error(result, "--input-size 1 32 32 does not fit cifar_lenet5_bn (its first layer conv1 takes 3 "
@@ -188,7 +177,7 @@ def test_only_the_event_file_lpconvert_wrote_is_published(tmp_path, interrupted,
 
 # --- 5. BatchNorm recalibration on images the model cannot take ----------------------------------------------------
 def test_recalibrating_on_images_the_model_cannot_take_is_one_line_and_writes_nothing(tmp_path):
-    images = _images(tmp_path / "images")
+    images = two_class_tree(tmp_path / "images")
     run(FinetuneConfig(model="cifar_lenet5_bn", pretrained=False, num_classes=2, data=str(images), K=2, epochs=1,
                        batch_size=4, workers=0, quiet=True, threads=1, select="last", output=str(tmp_path / "run")))
     result = invoke("collapse", tmp_path / "run", "--bn-stats", "recalibrate", "--data", DIGITS,
